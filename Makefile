@@ -1,0 +1,35 @@
+# One virtual environment for everything; torch is installed first and pinned so that no install
+# step can pull the multi-GB CUDA wheels by accident (override TORCH_SPEC on a GPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export NSLENS_HOME ?= $(CURDIR)/.cache/nslens
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test lint bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/nslens demo
+
+test: venv
+	$(PY) -m pytest tests
+
+lint: venv
+	$(VENV)/bin/ruff check nslens tests experiments benchmarks
+
+bench-quick: venv
+	$(PY) benchmarks/bench_erasure.py --quick
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,214 @@
+"""The ``nslens`` command line: thin wrappers over the library (parse, call, print)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Range-based neuron attribution and intervention (NeuronLens) on nnsight.")
+console = Console(stderr=True)
+out_console = Console(width=None if sys.stdout.isatty() else 140)
+
+ModelOpt = typer.Option("embedded", "--model", "-m", help="Hub id, local directory or 'embedded'.")
+DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="synthetic, ag_news, dbpedia_14, emotion, sst2, "
+                          "imdb, or a .csv/.jsonl path.")
+LayerOpt = typer.Option(-2, "--layer", "-l", help="Decoder layer (negative counts from the end).")
+NOpt = typer.Option(400, "--n-per-class", help="Samples per concept before the train/test split.")
+BatchOpt = typer.Option(16, "--batch-size")
+RemoteOpt = typer.Option(False, "--remote", help="Run traces on NDIF (needs a hub id and NDIF_API_KEY).")
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator:
+    """A rich progress bar fed by the library's (task, done, total) callback."""
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        def callback(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = bar.add_task(desc, total=total)
+            bar.update(tasks[desc], completed=done, total=total)
+
+        yield callback
+
+
+def _config(model: str, dataset: str, layer: int, n_per_class: int, batch_size: int, remote: bool, **kw):
+    from .pipeline import RunConfig
+
+    cfg = RunConfig(model=model, dataset=dataset, layer=layer, n_per_class=n_per_class, batch_size=batch_size,
+                    remote=remote, **kw)
+    cfg.validate()
+    return cfg
+
+
+def _print_table(tab) -> None:
+    t = Table(title=f"Concept erasure (operator: {tab.operator})", show_lines=False)
+    for h in ("concept", "Acc", "Conf", "CAcc", "CConf", "N ΔAcc", "N ΔConf", "N ΔCAcc", "N ΔCConf",
+              "R ΔAcc", "R ΔConf", "R ΔCAcc", "R ΔCConf"):
+        t.add_column(h, justify="right" if h != "concept" else "left")
+    for r in tab.rows():
+        t.add_row(str(r[0]), *(f"{v:.3f}" if j < 4 else f"{v:+.3f}" for j, v in enumerate(r[1:])))
+    out_console.print(t)
+    out_console.print("N = neuron masking (ungated), R = range masking (gated); deltas vs base; last row: 10% "
+                      "trimmed mean across concepts.")
+
+
+@app.command("record")
+def record_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors for the statistics."),
+    model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
+    batch_size: int = BatchOpt, remote: bool = RemoteOpt,
+    position: str = typer.Option("last", help="last or all tokens."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Record per-concept activation statistics at a site (training split)."""
+    from .models import load_model, resolve_site
+    from .pipeline import prepare_data, record_stats
+
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed)
+    m = load_model(cfg.model, remote=cfg.remote)
+    site = resolve_site(m, cfg.layer)
+    with _progress() as cb:
+        data = prepare_data(m, site, cfg, cb)
+        rec = record_stats(m, site, data, cfg, cb)
+    rec.stats.save(out)
+    console.print(f"[green]wrote[/] {out} ({int(rec.stats.count.sum())} samples, {site.d_model} neurons, "
+                  f"{rec.stats.n_concepts} concepts, layer {site.layer})")
+
+
+@app.command("ranges")
+def ranges_cmd(
+    stats: Path = typer.Argument(..., help="Statistics file from `nslens record`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the range masks."),
+    method: str = typer.Option("max", help="max or probeless (probe needs `nslens run`, which keeps samples)."),
+    fraction: float = typer.Option(0.3, help="Top fraction of neurons per concept, in (0, 1]."),
+    tau: float = typer.Option(2.5, help="Range half-width in standard deviations."),
+) -> None:
+    """Rank neurons and write one range mask per concept."""
+    from .ranges import build_range_masks
+    from .stats import ConceptStats
+
+    st = ConceptStats.load(stats)
+    masks = build_range_masks(st, method=method, fraction=fraction, tau=tau)
+    for i, mk in enumerate(masks):
+        mk.save(out / f"{i:02d}_{mk.concept}.safetensors")
+    console.print(f"[green]wrote[/] {len(masks)} masks of {len(masks[0])} neurons to {out}")
+
+
+@app.command("erase")
+def erase_cmd(
+    ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
+    model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
+    batch_size: int = BatchOpt, remote: bool = RemoteOpt,
+    operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
+    positions: str = typer.Option("all", help="all or last."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
+) -> None:
+    """Evaluate neuron vs range masking of every concept on the test split."""
+    from .erasure import erasure_table
+    from .models import load_model, resolve_site
+    from .ops import make_operator
+    from .pipeline import prepare_data
+    from .ranges import load_masks
+
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
+                  positions=positions, seed=seed)
+    op = make_operator(operator)
+    m = load_model(cfg.model, remote=cfg.remote)
+    site = resolve_site(m, cfg.layer)
+    masks = load_masks(ranges, expect=site.describe())
+    with _progress() as cb:
+        data = prepare_data(m, site, cfg, cb)
+        if len(masks) != len(data.label_ids):
+            raise ValueError(f"{len(masks)} masks in {ranges} but the dataset has {len(data.label_ids)} concepts")
+        tab = erasure_table(m, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
+                            positions=positions, batch_size=batch_size, remote=remote, progress=cb)
+    _print_table(tab)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
+            out.with_suffix(f".{ext}").write_text(text)
+
+
+@app.command("run")
+def run_cmd(
+    config: Path = typer.Argument(..., help="Run config (.toml or .json); keys are RunConfig's fields."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory to create."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """The whole pipeline from a config file; writes a run directory with artifacts, tables and a report."""
+    from .erasure import ErasureTable
+    from .pipeline import RunConfig, run_pipeline
+
+    cfg = RunConfig.from_file(config)
+    with _progress() as cb:
+        run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
+    for op in cfg.operators:
+        _print_table(ErasureTable.from_json((run / f"erasure_{op}.json").read_text()))
+    console.print(f"[green]run written to[/] {run} (report: {run / 'report.md'})")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (replaced if it exists)."),
+    fraction: float = typer.Option(0.5, help="Top fraction of neurons per concept."),
+    operators: str = typer.Option("zero,adaptive", help="Comma-separated operators to compare."),
+) -> None:
+    """The whole pipeline on the embedded model and synthetic concepts (offline, about a minute)."""
+    from .erasure import ErasureTable
+    from .pipeline import RunConfig, run_pipeline
+    from .synthetic import build_embedded_model, embedded_model_dir
+
+    if not (embedded_model_dir() / "config.json").exists():
+        with _progress() as cb:
+            build_embedded_model(progress=lambda d, t: cb("train embedded model", d, t))
+    cfg = RunConfig(fraction=fraction, operators=[o.strip() for o in operators.split(",") if o.strip()],
+                    n_per_class=200, batch_size=32)
+    cfg.validate()
+    with _progress() as cb:
+        run = run_pipeline(cfg, out, progress=cb, overwrite=True)
+    summary = json.loads((run / "summary.json").read_text())
+    out_console.print(f"embedded model, layer {summary['site']['layer']} of {summary['site']['n_layers']}, "
+                      f"top {fraction:.0%} ({summary['neurons_per_concept']} of {summary['site']['d_model']} "
+                      f"neurons) per concept, tau {cfg.tau}, {summary['n_test']} test samples")
+    for op in summary["erasure"]:
+        _print_table(ErasureTable.from_json((run / f"erasure_{op}.json").read_text()))
+    console.print(f"[green]run written to[/] {run}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one red line and exit code 1, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and friends
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

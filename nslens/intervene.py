@@ -1,0 +1,97 @@
+"""Applying a range mask + operator at a site, as tensor code inside an nnsight trace.
+
+Range-gated (NeuronLens, Eq. 2): h_j <- phi(h_j) only where lo_j <= h_j <= hi_j, for the selected neurons j.
+Ungated (classic neuron masking): h_j <- phi(h_j) everywhere for the selected neurons. Every other value is
+passed through untouched (``index_copy`` of the selected columns into an out-of-place copy).
+
+The model itself is never modified: an intervention lives in the trace that applies it, so the next trace sees
+the clean model (``applied`` offers the same guarantee for code that needs a persistent edit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .models import Site, read_site, write_site
+from .ops import Operator
+from .ranges import RangeMask
+
+__all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "edit_hidden"]
+
+INTERVENE_POSITIONS = ("all", "last")
+
+
+@dataclass
+class Intervention:
+    """A mask, an operator, gated or not, at all positions (the edited model) or the last one only."""
+
+    mask: RangeMask
+    operator: Operator
+    gated: bool = True
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.positions not in INTERVENE_POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
+        if self.operator.values is not None and self.operator.values.numel() != len(self.mask):
+            raise ValueError(f"mean replacement has {self.operator.values.numel()} values for "
+                             f"{len(self.mask)} selected neurons")
+
+    @property
+    def tau(self) -> float:
+        return float(self.mask.meta.get("tau", 2.5))
+
+    @property
+    def kind(self) -> str:
+        return "range" if self.gated else "neuron"
+
+    def describe(self) -> dict[str, Any]:
+        return {"concept": self.mask.concept, "kind": self.kind, "operator": self.operator.describe(),
+                "positions": self.positions, "neurons": len(self.mask)}
+
+
+def edit_hidden(h: torch.Tensor, iv: Intervention) -> torch.Tensor:
+    """The edited copy of hidden states ``h`` ``[batch, seq, d]`` (pure tensor code; local or remote)."""
+    m = iv.mask
+    idx = m.neurons.to(h.device)
+    x = h.index_select(-1, idx)
+    x32 = x.float()
+    mu, sigma = m.mu.to(h.device), m.sigma.to(h.device)
+    y = iv.operator(x32, mu, sigma, iv.tau)
+    if iv.gated:
+        inside = (x32 >= m.lo.to(h.device)) & (x32 <= m.hi.to(h.device))
+        y = torch.where(inside, y, x32)
+    y = y.to(h.dtype)
+    if iv.positions == "last":
+        y = torch.cat([x[:, :-1], y[:, -1:]], dim=1)
+    return h.index_copy(-1, idx, y)
+
+
+def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequence[Intervention] | None) -> None:
+    """Call inside ``model.trace``: edit the site with one intervention, or a sequence applied in order."""
+    if interventions is None:
+        return
+    ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    if not ivs:
+        return
+    h = read_site(model, site)
+    for iv in ivs:
+        h = edit_hidden(h, iv)
+    write_site(model, site, h)
+
+
+@contextlib.contextmanager
+def applied(model: Any, site: Site, interventions: Intervention | Sequence[Intervention]) -> Iterator[Any]:
+    """Persistently edit ``model`` for the block (every trace inside sees the intervention); the edit is removed
+    in ``finally``, so afterwards the model is exactly the clean model again."""
+    with model.edit(inplace=True):
+        apply_in_trace(model, site, interventions)
+    try:
+        yield model
+    finally:
+        model.clear_edits()

@@ -1,0 +1,229 @@
+"""Model loading and the *site*: the residual-stream output of one decoder layer.
+
+Everything nslens does to a model happens inside nnsight traces at a site, so the same code runs on a local,
+a bitsandbytes-quantized or a remote (NDIF) model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "QUANTIZE_MODES",
+    "SUPPORTED_FAMILIES",
+    "Site",
+    "load_model",
+    "model_family",
+    "model_id",
+    "read_site",
+    "resolve_site",
+    "site_module",
+    "write_site",
+]
+
+logger = logging.getLogger(__name__)
+
+#: model_type -> dotted path of the decoder-layer list. Each layer's output is the residual stream after it.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gpt2": "transformer.h",
+}
+QUANTIZE_MODES = ("nf4", "int8")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where nslens reads and edits: the output of decoder layer ``layer`` (0-based, already resolved)."""
+
+    layer: int
+    path: str
+    n_layers: int
+    d_model: int
+    family: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": self.layer, "path": self.path, "n_layers": self.n_layers, "d_model": self.d_model,
+                "family": self.family}
+
+
+def _hf_config(model: Any) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError("model has no `config`; pass an nnsight-wrapped Hugging Face causal LM")
+    if getattr(cfg, "model_type", None) not in SUPPORTED_FAMILIES and getattr(cfg, "text_config", None) is not None:
+        return cfg.text_config  # multimodal wrappers (e.g. Gemma-3) keep the decoder config here
+    return cfg
+
+
+def model_family(model: Any) -> str:
+    """The model_type, checked against the supported layouts."""
+    cfg = _hf_config(model)
+    family = getattr(cfg, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"unknown model family {family!r}; supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
+        )
+    return family
+
+
+def model_id(model: Any) -> str:
+    """A stable name for artifacts: the hub id or local path the model was loaded from."""
+    name = getattr(model, "_nslens_id", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return str(name) or "in-memory"
+
+
+def resolve_site(model: Any, layer: int = -2) -> Site:
+    """The residual-stream site after decoder layer ``layer``; negative layers count from the end (-2 =
+    penultimate, the paper's default)."""
+    family = model_family(model)
+    cfg = _hf_config(model)
+    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"layer must be an integer, got {layer!r}")
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range for a model with {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    idx = layer % n_layers
+    return Site(layer=idx, path=f"{SUPPORTED_FAMILIES[family]}.{idx}", n_layers=n_layers, d_model=d_model,
+                family=family)
+
+
+def site_module(model: Any, site: Site) -> Any:
+    """The nnsight Envoy of the site's decoder layer."""
+    obj = model
+    for part in site.path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def read_site(model: Any, site: Site) -> torch.Tensor:
+    """Inside a trace: the hidden states ``[batch, seq, d_model]`` at the site.
+
+    transformers 5 decoder layers return a tensor, 4.x a tuple whose first item is the hidden states; ``[0]``
+    of a tensor would silently select batch row 0, so the type is checked.
+    """
+    out = site_module(model, site).output
+    return out[0] if isinstance(out, tuple) else out
+
+
+def write_site(model: Any, site: Site, value: torch.Tensor) -> None:
+    """Inside a trace: replace the site's hidden states (keeping a tuple's other items)."""
+    env = site_module(model, site)
+    out = env.output
+    env.output = (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _prepare_tokenizer(tok: Any) -> Any:
+    tok.padding_side = "left"  # the last position is every row's last real token
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _quantization_config(quantize: str | None, dtype: torch.dtype | None) -> Any:
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ValueError("quantize needs bitsandbytes: pip install 'nslens[quant]'") from e
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(
+    name_or_path: Any,
+    *,
+    tokenizer: Any = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    quantize: str | None = None,
+    remote: bool = False,
+) -> Any:
+    """Load a causal LM as an nnsight ``TransformersModel`` with its tokenizer passed explicitly.
+
+    ``name_or_path`` is a hub id, a local directory, ``"embedded"`` (the offline default, built on first use) or
+    an already-built ``PreTrainedModel`` (then ``tokenizer`` is required). The tokenizer pads on the left and has
+    a pad token. ``remote=True`` returns a meta model whose traces run on NDIF (needs a hub id).
+    """
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    torch_dtype = _resolve_dtype(dtype)
+    if isinstance(name_or_path, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok)")
+        if remote:
+            raise ValueError("remote=True needs a hub model id, not an in-memory model")
+        model = TransformersModel(name_or_path, tokenizer=_prepare_tokenizer(tokenizer))
+        model_family(model)
+        return model
+
+    name = str(name_or_path)
+    if name == "embedded":
+        from .synthetic import build_embedded_model
+
+        name = str(build_embedded_model())
+        label = "embedded"
+    else:
+        label = name
+    is_local = Path(name).exists()
+    if remote:
+        if is_local:
+            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path {name!r}")
+        if quantize:
+            raise ValueError("quantize applies to local models; remote models run as NDIF hosts them")
+    if not is_local and not remote and "/" not in name:
+        raise ValueError(f"model {name!r} is neither a local directory, 'embedded', nor a hub id (org/name)")
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
+    tok = _prepare_tokenizer(tok)
+    if remote:
+        model = TransformersModel(name, tokenizer=tok)
+    else:
+        kwargs: dict[str, Any] = {}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        qcfg = _quantization_config(quantize, torch_dtype)
+        if qcfg is not None:
+            kwargs["quantization_config"] = qcfg
+            kwargs.setdefault("device_map", "auto")
+        hf = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+        model = TransformersModel(hf, tokenizer=tok)
+    model._nslens_id = label  # type: ignore[attr-defined]
+    model_family(model)
+    return model

@@ -1,0 +1,234 @@
+"""The whole NeuronLens pipeline from a config: data -> record -> ranges -> erasure -> run directory.
+
+A run directory holds everything a user keeps: ``config.json``, ``stats.safetensors``, ``ranges/*.safetensors``
+(+ JSON sidecars), ``erasure_<operator>.{md,csv,json}``, ``summary.json`` and ``report.md``. It is built in a
+temporary directory and renamed into place at the end, so a failed or interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset
+from .erasure import ErasureTable, erasure_table, predict
+from .intervene import INTERVENE_POSITIONS
+from .models import Site, load_model, model_id, resolve_site
+from .ops import OPERATORS, make_operator
+from .rank import RANKING_METHODS, check_fraction
+from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
+from .record import POSITIONS, Progress, RecordResult, record
+
+__all__ = ["PreparedData", "RunConfig", "prepare_data", "run_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Field docs are the CLI/config documentation."""
+
+    model: str = "embedded"
+    """Hub id, local directory, or 'embedded' (the offline default)."""
+    dataset: str = "synthetic"
+    """'synthetic', a paper dataset (ag_news, dbpedia_14, emotion, sst2, imdb) or a .csv/.jsonl path."""
+    label_words: list[str] | None = None
+    """Words the model answers with (default: the dataset's)."""
+    layer: int = -2
+    """Decoder layer whose output is the site; negative counts from the end (-2 = penultimate)."""
+    method: str = "max"
+    """Saliency ranking: max, probeless or probe."""
+    fraction: float = 0.3
+    """Top fraction of neurons selected per concept, in (0, 1]."""
+    tau: float = DEFAULT_TAU
+    """Range half-width in standard deviations."""
+    operators: list[str] = field(default_factory=lambda: ["zero"])
+    """Operators to evaluate (zero, dampen, mean, adaptive)."""
+    alpha: float = 0.125
+    """Dampening factor."""
+    beta: float = 0.5
+    """Adaptive-dampening factor."""
+    n_per_class: int = 400
+    """Samples per concept drawn (balanced) before the train/test split."""
+    test_size: float = 0.3
+    """Fraction of samples held out for the erasure evaluation."""
+    k_shot: int = 1
+    """Demonstrations per class in the few-shot prompt."""
+    max_words: int = 64
+    """Texts are cut to this many words inside prompts."""
+    only_correct: bool = False
+    """Keep only samples the clean model classifies correctly (the paper's protocol for Llama)."""
+    max_correct_per_class: int = 2000
+    """Cap per concept when only_correct is set."""
+    batch_size: int = 16
+    record_position: str = "last"
+    """Where activations are recorded: last (the label-predicting token) or all tokens."""
+    positions: str = "all"
+    """Where interventions apply: all positions (the edited model) or the last one."""
+    dtype: str | None = None
+    quantize: str | None = None
+    remote: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_fraction(self.fraction)
+        check_tau(self.tau)
+        if self.method not in RANKING_METHODS:
+            raise ValueError(f"unknown ranking method {self.method!r}; choose one of {', '.join(RANKING_METHODS)}")
+        for op in self.operators:
+            if op not in OPERATORS:
+                raise ValueError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
+        if not self.operators:
+            raise ValueError("no operators given; choose from " + ", ".join(OPERATORS))
+        if self.record_position not in POSITIONS:
+            raise ValueError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
+        if self.positions not in INTERVENE_POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
+        if self.n_per_class < 4:
+            raise ValueError(f"n_per_class must be >= 4, got {self.n_per_class}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """Read a ``.toml`` or ``.json`` config; unknown keys are an error listing the valid ones."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"config file not found: {path}")
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ValueError(f"config must be .toml or .json, got {path.name}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class PreparedData:
+    """The train/test split, prompts and label tokens a run uses."""
+
+    train: ConceptDataset
+    test: ConceptDataset
+    prompter: FewShotPrompter
+    label_ids: list[int]
+
+    def prompts(self, ds: ConceptDataset) -> list[str]:
+        return self.prompter.prompts(ds.texts)
+
+
+def _load_concepts(cfg: RunConfig) -> ConceptDataset:
+    if cfg.dataset == "synthetic":
+        ds = load_dataset("synthetic", n_per_class=cfg.n_per_class, seed=cfg.seed + 1)
+    else:
+        ds = load_dataset(cfg.dataset)
+    if cfg.label_words:
+        ds.label_words = list(cfg.label_words)
+        ds.__post_init__()
+    return ds.balanced(cfg.n_per_class, seed=cfg.seed)
+
+
+def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None) -> PreparedData:
+    """Balanced sampling, seeded stratified split, few-shot prompter, label tokens (checked for collisions) and,
+    with ``only_correct``, the filter to samples the clean model gets right."""
+    ds = _load_concepts(cfg)
+    ds.check_concepts(min_samples=4)
+    label_ids = label_token_ids(model.tokenizer, ds.label_words or ds.label_names)
+    train, test = ds.split(cfg.test_size, seed=cfg.seed)
+    prompter = FewShotPrompter.from_dataset(train, k=cfg.k_shot, seed=cfg.seed, max_words=cfg.max_words)
+    if cfg.only_correct:
+        kept = []
+        for part in (train, test):
+            p = predict(model, site, prompter.prompts(part.texts), np.asarray(label_ids)[part.labels],
+                        batch_size=cfg.batch_size, remote=cfg.remote, progress=progress, desc="filter correct")
+            idx = np.flatnonzero(p.correct)
+            cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
+            keep = np.concatenate([idx[part.labels[idx] == c][:cap] for c in range(part.n_concepts)])
+            kept.append(part.subset(np.sort(keep)))
+        train, test = kept
+        train.check_concepts(min_samples=2)
+        test.check_concepts(min_samples=1)
+    return PreparedData(train, test, prompter, label_ids)
+
+
+def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
+                 progress: Progress | None = None) -> RecordResult:
+    return record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
+                  batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=cfg.method == "probe",
+                  remote=cfg.remote, progress=progress,
+                  meta={"dataset": cfg.dataset, **data.train.source, "seed": cfg.seed})
+
+
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | None = None,
+                 model: Any = None, overwrite: bool = False) -> Path:
+    """Run everything and write the run directory; returns its path."""
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"run directory {out} exists and is not empty (pass overwrite)")
+    if model is None:
+        model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, remote=cfg.remote)
+    site = resolve_site(model, cfg.layer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        data = prepare_data(model, site, cfg, progress)
+        rec = record_stats(model, site, data, cfg, progress)
+        rec.stats.save(tmp / "stats.safetensors")
+        masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
+                                  samples=rec.samples, sample_labels=rec.sample_labels)
+        for i, m in enumerate(masks):
+            m.save(tmp / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
+        tables: dict[str, ErasureTable] = {}
+        for op_name in cfg.operators:
+            op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
+            tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
+                                positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
+                                progress=progress)
+            tables[op_name] = tab
+            for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
+                (tmp / f"erasure_{op_name}.{ext}").write_text(text)
+        summary = {
+            "model_id": model_id(model), "site": site.describe(), "dataset": cfg.dataset,
+            "n_train": len(data.train), "n_test": len(data.test), "neurons_per_concept": len(masks[0]),
+            "erasure": {k: t.summary() for k, t in tables.items()},
+        }
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        from .report import write_report
+
+        write_report(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "concept"
+
+
+def load_run_masks(run_dir: str | Path, site: Site | None = None) -> list[RangeMask]:
+    from .ranges import load_masks
+
+    return load_masks(Path(run_dir) / "ranges", expect=site.describe() if site else None)

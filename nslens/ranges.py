@@ -1,0 +1,185 @@
+"""Attribution ranges: for a concept's selected neurons, [mu - tau*sigma, mu + tau*sigma] (paper Eq. AR).
+
+A ``RangeMask`` is the artifact users keep: ``.safetensors`` with ``neurons`` (int64), ``lo``, ``hi``, ``mu``,
+``sigma`` (float32) and its metadata as JSON (in the file's metadata and in a ``.json`` sidecar). Loading it for a
+model with another layer count, d_model or layer is an error that says what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .rank import check_fraction, rank, select_top
+from .stats import ConceptStats
+
+__all__ = ["DEFAULT_TAU", "RangeMask", "atomic_path", "build_range_masks", "check_tau", "load_masks"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TAU = 2.5  # the paper's value (~98.76 % of a Gaussian); the authors' CLI defaulted to 2.0
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file name next to ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_tau(tau: float) -> None:
+    if not (isinstance(tau, (int, float)) and np.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive number, got {tau!r}")
+
+
+@dataclass
+class RangeMask:
+    """The selected neurons of one concept with their attribution ranges (all tensors ``[k]``)."""
+
+    neurons: torch.Tensor  # int64
+    lo: torch.Tensor
+    hi: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.neurons = torch.as_tensor(self.neurons, dtype=torch.int64)
+        for name in ("lo", "hi", "mu", "sigma"):
+            setattr(self, name, torch.as_tensor(getattr(self, name), dtype=torch.float32))
+        k = self.neurons.numel()
+        for name in ("lo", "hi", "mu", "sigma"):
+            if getattr(self, name).shape != (k,):
+                raise ValueError(f"RangeMask.{name} has shape {tuple(getattr(self, name).shape)}, expected ({k},)")
+        if k == 0:
+            raise ValueError("RangeMask selects no neurons")
+        if bool((self.lo > self.hi).any()):
+            raise ValueError("RangeMask has lo > hi for some neurons")
+
+    def __len__(self) -> int:
+        return int(self.neurons.numel())
+
+    @property
+    def concept(self) -> str:
+        return str(self.meta.get("concept", "?"))
+
+    # ------------------------------------------------------------------------------------------- io
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        meta = {"nslens": json.dumps(self.meta, default=str), "format": "nslens.rangemask/1"}
+        tensors = {"neurons": self.neurons.contiguous(), "lo": self.lo.contiguous(), "hi": self.hi.contiguous(),
+                   "mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            Path(tmp).write_text(json.dumps(self.meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect: dict[str, Any] | None = None) -> RangeMask:
+        """Load a mask; ``expect`` (e.g. ``site.describe()``) must agree on d_model, n_layers and layer."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"range file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read range file {path}: {e}") from e
+        if md.get("format") != "nslens.rangemask/1":
+            raise ValueError(f"{path} is not an nslens range mask (format {md.get('format')!r})")
+        missing = sorted({"neurons", "lo", "hi", "mu", "sigma"} - set(tensors))
+        if missing:
+            raise ValueError(f"range file {path} lacks tensors {missing}")
+        mask = cls(**tensors, meta=json.loads(md.get("nslens", "{}")))
+        if expect is not None:
+            mask.validate(expect, source=str(path))
+        return mask
+
+    def validate(self, expect: dict[str, Any], source: str = "range mask") -> None:
+        diffs = [f"{k}: mask has {self.meta.get(k)!r}, model has {expect[k]!r}"
+                 for k in ("d_model", "n_layers", "layer") if k in expect and self.meta.get(k) != expect[k]]
+        if diffs:
+            raise ValueError(f"{source} was made for another model/site: " + "; ".join(diffs))
+        if "d_model" in expect and int(self.neurons.max()) >= int(expect["d_model"]):
+            raise ValueError(f"{source} selects neuron {int(self.neurons.max())} >= d_model {expect['d_model']}")
+
+
+def build_range_masks(
+    stats: ConceptStats,
+    *,
+    method: str = "max",
+    fraction: float = 0.3,
+    tau: float = DEFAULT_TAU,
+    samples: np.ndarray | None = None,
+    sample_labels: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+) -> list[RangeMask]:
+    """One ``RangeMask`` per concept: rank, keep the top ``fraction``, attribute [mu -/+ tau*sigma].
+
+    Neurons whose concept-conditioned sigma is 0 keep the degenerate range [mu, mu] (range-gated operators then
+    fire only on exactly mu); their number is logged and stored in the metadata.
+    """
+    check_tau(tau)
+    check_fraction(fraction)
+    stats.check(min_samples=2)
+    if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
+        raise ValueError("statistics contain NaN/inf; re-record with finite activations")
+    scores = rank(method, stats, samples, sample_labels)
+    sigma_all = stats.std()
+    from . import __version__
+
+    masks = []
+    for c, name in enumerate(stats.label_names):
+        idx = select_top(scores[c], fraction)
+        mu, sigma = stats.mean[c, idx], sigma_all[c, idx]
+        n_zero = int((sigma == 0).sum())
+        if n_zero:
+            logger.warning("concept %r: %d selected neurons have sigma = 0 (degenerate range [mu, mu])", name, n_zero)
+        md = {
+            **{k: v for k, v in stats.meta.items() if k not in ("n_samples",)},
+            "tau": float(tau), "ranking": method, "fraction": float(fraction), "concept": name,
+            "concept_index": c, "samples_used": int(stats.count[c]), "sigma_zero_neurons": n_zero,
+            "nslens_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(meta or {}),
+        }
+        masks.append(RangeMask(torch.as_tensor(idx), mu - tau * sigma, mu + tau * sigma, mu, sigma, md))
+    return masks
+
+
+def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -> list[RangeMask]:
+    """All masks of a directory, in concept order."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    files = [f for f in files if f.name != "stats.safetensors"]
+    if not files:
+        raise ValueError(f"no range masks (*.safetensors) in {directory}")
+    masks = [RangeMask.load(f, expect=expect) for f in files]
+    return sorted(masks, key=lambda m: m.meta.get("concept_index", 0))

@@ -1,0 +1,140 @@
+"""Record site activations per concept, batch by batch, inside nnsight traces.
+
+Each batch's reduction to Welford partials happens *inside* the trace (``batch_partials``), so only
+O(concepts x d_model) numbers leave it -- the same code is what ships to NDIF for a remote model. The forward
+pass stops right after the site (``tracer.stop()``): the layers above it are never computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import Site, model_id, read_site
+from .stats import ConceptStats, batch_partials
+
+__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "prepare_remote", "record", "tokenize"]
+
+logger = logging.getLogger(__name__)
+
+POSITIONS = ("last", "all")
+#: progress callback: (task description, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RecordResult:
+    """Streaming statistics, plus the raw vectors when asked for (``[N, d]`` float32, dataset order)."""
+
+    stats: ConceptStats
+    samples: np.ndarray | None = None
+    sample_labels: np.ndarray | None = None
+
+
+def prepare_remote(remote: bool | str) -> None:
+    """Ship nslens' tensor code by value with remote requests (NDIF does not have nslens installed)."""
+    if remote:
+        import nnsight
+
+        nnsight.register("nslens")
+
+
+def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Left-padded batch encoding (the last column is every row's last real token)."""
+    tok = model.tokenizer
+    if tok.padding_side != "left":
+        raise ValueError("the tokenizer must pad on the left; load the model with nslens.load_model")
+    return dict(tok(list(prompts), return_tensors="pt", padding=True))
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def record(
+    model: Any,
+    site: Site,
+    prompts: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    label_names: Sequence[str],
+    *,
+    batch_size: int = 16,
+    position: str = "last",
+    keep_samples: bool = False,
+    remote: bool | str = False,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+) -> RecordResult:
+    """Per-concept statistics of the site's activations over ``prompts``.
+
+    ``position="last"`` reads each prompt's last token (the paper's protocol: the position that predicts the
+    label); ``"all"`` reads every real (non-padding) token, each labelled with its prompt's concept.
+    ``keep_samples`` also returns the raw last-token vectors (for the probe ranking and the analyses); it is
+    only allowed with ``position="last"`` so the memory stays N x d.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(prompts) != len(labels):
+        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
+    if len(prompts) == 0:
+        raise ValueError("nothing to record: the dataset is empty")
+    if keep_samples and position != "last":
+        raise ValueError("keep_samples needs position='last'")
+    c = len(label_names)
+    prepare_remote(remote)
+    stats = ConceptStats.empty(c, site.d_model, list(label_names), meta={
+        "model_id": model_id(model), **site.describe(), "position": position, **(meta or {})})
+    kept: list[np.ndarray] = []
+    parts = batches(len(prompts), batch_size)
+    for i, sl in enumerate(parts):
+        enc = tokenize(model, prompts[sl])
+        lab = torch.as_tensor(labels[sl])
+        part = _record_batch(model, site, enc, lab, c, position, keep_samples, remote)
+        if not bool(part["finite"]):
+            raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
+                             f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
+        stats.update(part)
+        if keep_samples:
+            kept.append(part["x"].float().numpy())
+        if progress is not None:
+            progress("record", i + 1, len(parts))
+    stats.meta["n_samples"] = int(len(prompts))
+    samples = np.concatenate(kept) if keep_samples else None
+    return RecordResult(stats, samples, labels.copy() if keep_samples else None)
+
+
+def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: torch.Tensor, c: int,
+                  position: str, keep: bool, remote: bool | str) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        with model.trace(enc, remote=remote) as tracer:
+            h = read_site(model, site)
+            if position == "last":
+                x = h[:, -1, :]
+                part = batch_partials(x, lab, c)
+                if keep:
+                    part["x"] = x.detach().cpu()
+            else:
+                w = enc["attention_mask"].reshape(-1)
+                x = h.reshape(-1, h.shape[-1])
+                part = batch_partials(x, lab.repeat_interleave(h.shape[1]), c, weights=w)
+            part = part.save()
+            tracer.stop()
+    return part
+
+
+def bytes_per_batch(n_concepts: int, d_model: int) -> int:
+    """What one recorded batch sends back (float64 partials), independent of batch size and sequence length."""
+    return int(8 * (n_concepts * (1 + 3 * d_model)) + 1)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

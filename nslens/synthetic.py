@@ -1,0 +1,240 @@
+"""The embedded default: a synthetic concept task and a tiny Llama trained on it, fully offline.
+
+Four topic-like concepts whose texts share part of their vocabulary (pairwise shared words plus generic and
+function words), so that the trained model's residual neurons respond to several concepts (polysemantic) with
+concept-dependent activation ranges. The model is trained on the same few-shot prompts the pipeline uses (random
+demonstrations, loss on every token and extra weight on the query's label) so it (a) classifies the query and
+(b) is a small language model of the synthetic text, whose held-out perplexity the side-effect checks measure.
+
+Everything is seeded; building takes well under two minutes on 2 CPU cores and is cached under ``NSLENS_HOME``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .data import ConceptDataset, FewShotPrompter
+
+__all__ = [
+    "EMBEDDED_VERSION",
+    "SYNTHETIC_LABELS",
+    "build_embedded_model",
+    "embedded_model_dir",
+    "synthetic_concepts",
+    "synthetic_text",
+]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_VERSION = "v1"
+SYNTHETIC_LABELS = ["sports", "science", "business", "politics"]
+
+_TOPIC = {
+    "sports": "game team player coach match season goal score league champion stadium race win tournament ball "
+    "pitch striker medal trophy referee",
+    "science": "atom cell gene planet telescope experiment theory molecule physics chemistry lab data orbit species "
+    "fossil protein quantum neuron laser microbe",
+    "business": "market stock company profit shares bank investor revenue trade merger price deal startup economy "
+    "sales firm earnings budget loan contract",
+    "politics": "election vote senate party minister law government policy campaign president parliament debate "
+    "bill court treaty reform governor candidate diplomat cabinet",
+}
+# words shared by two concepts: the source of polysemantic neurons
+_SHARED = {
+    ("sports", "business"): "sponsor salary transfer brand",
+    ("science", "business"): "technology patent research funding",
+    ("politics", "business"): "regulation tariff sanction subsidy",
+    ("sports", "politics"): "olympics boycott nation rival",
+    ("science", "politics"): "vaccine space agency climate",
+    ("sports", "science"): "fitness injury speed record",
+}
+_GENERIC = "people year week month day report news plan group city country world team leader program story " \
+    "official result source update issue".split()
+_FUNCTION = "the a of in on and to with for after over at by from this its their said says was is has will new " \
+    "big first last more".split()
+
+
+def _word_pools() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    topic = {k: v.split() for k, v in _TOPIC.items()}
+    shared: dict[str, list[str]] = {k: [] for k in _TOPIC}
+    for (a, b), words in _SHARED.items():
+        shared[a] += words.split()
+        shared[b] += words.split()
+    return topic, shared
+
+
+def synthetic_text(label: int | None, rng: random.Random) -> str:
+    """One synthetic sentence for concept ``label`` (or a topic-free sentence when ``label`` is None)."""
+    topic, shared = _word_pools()
+    n = rng.randint(8, 16)
+    words: list[str] = []
+    name = SYNTHETIC_LABELS[label] if label is not None else None
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.35:
+            words.append(rng.choice(_FUNCTION))
+        elif name is None or r < 0.50:
+            words.append(rng.choice(_GENERIC))
+        elif r < 0.68:
+            words.append(rng.choice(shared[name]))
+        elif r < 0.72:  # a stray word from another topic: concepts overlap
+            other = rng.choice([k for k in SYNTHETIC_LABELS if k != name])
+            words.append(rng.choice(topic[other]))
+        else:
+            words.append(rng.choice(topic[name]))
+    return " ".join(words)
+
+
+def synthetic_concepts(n_per_class: int = 400, seed: int = 1) -> ConceptDataset:
+    """The synthetic concept dataset (balanced, shuffled, deterministic in ``seed``)."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+    rng = random.Random(seed)
+    labels = [c for c in range(len(SYNTHETIC_LABELS)) for _ in range(n_per_class)]
+    rng.shuffle(labels)
+    texts = [synthetic_text(c, rng) for c in labels]
+    return ConceptDataset(texts, np.asarray(labels), list(SYNTHETIC_LABELS), name="synthetic",
+                          source={"generator": f"nslens.synthetic {EMBEDDED_VERSION}", "seed": seed})
+
+
+def synthetic_corpus(n_lines: int, seed: int) -> list[str]:
+    """Held-out running text (mixed topics and topic-free lines) for perplexity."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_lines):
+        label = rng.choice([None, 0, 1, 2, 3])
+        out.append(" ".join(synthetic_text(label, rng) for _ in range(rng.randint(2, 4))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def _vocabulary() -> list[str]:
+    topic, shared = _word_pools()
+    words: list[str] = []
+    for pool in (*topic.values(), *shared.values(), _GENERIC, _FUNCTION, SYNTHETIC_LABELS):
+        words += pool
+    prompt_words = "Classify the text into one of these categories Text Label".split()
+    words += prompt_words + list(".,:;!?'\"-()/") + ["\n"]
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w, None)
+    return list(seen)
+
+
+def build_tokenizer():  # -> PreTrainedTokenizerFast
+    """A word-level tokenizer over the synthetic vocabulary (newline and punctuation are tokens)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + _vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[A-Za-z0-9_']+|[^\sA-Za-z0-9_']"), behavior="removed",
+                                            invert=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", padding_side="left")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def embedded_model_dir() -> Path:
+    """Where the embedded model is cached: ``$NSLENS_HOME/embedded-<version>`` (default ``~/.cache/nslens``)."""
+    home = Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens"))
+    return home / f"embedded-{EMBEDDED_VERSION}"
+
+
+def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1):
+    import torch
+
+    prompts, labels = [], []
+    for _ in range(batch):
+        demos = []
+        for c in range(len(SYNTHETIC_LABELS)):
+            demos += [(synthetic_text(c, rng), c) for _ in range(rng.randint(0, k_max))]
+        rng.shuffle(demos)
+        p = FewShotPrompter(list(SYNTHETIC_LABELS), demos)
+        c = rng.randrange(len(SYNTHETIC_LABELS))
+        prompts.append(p(synthetic_text(c, rng)) + " " + SYNTHETIC_LABELS[c])
+        labels.append(c)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    targets = ids.clone()
+    targets[att == 0] = -100
+    return ids, att, targets, torch.tensor(labels)
+
+
+def build_embedded_model(
+    out_dir: str | Path | None = None,
+    *,
+    steps: int = 700,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Train the tiny Llama on the synthetic task and save it (model + tokenizer) to ``out_dir``.
+
+    Written to a temporary directory and renamed into place, so an interrupted build leaves nothing behind.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir) if out_dir is not None else embedded_model_dir()
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    label_ids = torch.tensor(tok.convert_tokens_to_ids(SYNTHETIC_LABELS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, os.cpu_count() or 1))
+    for step in range(steps):
+        ids, att, targets, y = _training_batch(rng, tok, batch=24)
+        logits = model(input_ids=ids, attention_mask=att).logits
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               targets[:, 1:].reshape(-1), ignore_index=-100)
+        # the label is the last token; its prediction comes from position -2
+        cls = torch.nn.functional.cross_entropy(logits[:, -2], label_ids[y])
+        loss = lm + cls
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step + 1, steps)
+        if step % 100 == 0:
+            logger.info("embedded model step %d/%d loss %.3f (cls %.3f)", step, steps, loss.item(), cls.item())
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "nslens_embedded.json").write_text(json.dumps(
+            {"version": EMBEDDED_VERSION, "steps": steps, "seed": seed, "labels": SYNTHETIC_LABELS}, indent=2))
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
