@@ -8,7 +8,7 @@ export NSLENS_HOME ?= $(CURDIR)/.cache/nslens
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint bench-quick clean
+.PHONY: venv demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,6 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check nslens tests experiments benchmarks
-
-bench-quick: venv
-	$(PY) benchmarks/bench_erasure.py --quick
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

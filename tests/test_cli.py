@@ -1,0 +1,58 @@
+"""The CLI: a clear one-line error and exit code 1 on bad input (no traceback), real runs on the embedded model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nslens(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "nslens.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["record", "--out", "x.safetensors", "--layer", "9"], "layer 9 out of range"),
+    (["record", "--out", "x.safetensors", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["ranges", "missing.safetensors", "--out", "r"], "statistics file not found"),
+    (["erase", "--ranges", "nowhere"], "no range masks"),
+    (["erase", "--ranges", "nowhere", "--operator", "clamp"], "unknown operator 'clamp'"),
+    (["run", "missing.toml"], "config file not found"),
+    (["record", "--out", "x.safetensors", "--model", "no-such-model"], "neither a local directory"),
+])
+def test_bad_input_is_one_line_and_exit_1(embedded, tmp_path, args, message):
+    r = nslens(*args, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_record_ranges_erase_roundtrip(embedded, tmp_path):
+    r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "24", "--batch-size", "32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", "--tau", "0", cwd=tmp_path)
+    assert r.returncode == 1 and "tau must be a positive number" in r.stderr
+    r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "ranges").glob("*.safetensors"))) == 4
+    r = nslens("erase", "--ranges", "ranges", "--n-per-class", "24", "--batch-size", "32", "--out", "tab",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Concept erasure" in r.stdout and "trimmed mean" in r.stdout
+    assert (tmp_path / "tab.md").exists() and (tmp_path / "tab.csv").exists()
+    # masks made for layer 2 do not fit layer 1
+    r = nslens("erase", "--ranges", "ranges", "--layer", "1", cwd=tmp_path)
+    assert r.returncode == 1 and "made for another model/site: layer: mask has 2, model has 1" in r.stderr
+
+
+def test_run_from_config(embedded, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('fraction = 0.5\nn_per_class = 24\nbatch_size = 32\noperators = ["zero"]\n')
+    r = nslens("run", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "report.md").exists() and "Concept erasure" in r.stdout

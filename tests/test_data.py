@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from nslens.data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset, load_local_dataset
+
+
+def toy(n=40):
+    labels = np.arange(n) % 4
+    return ConceptDataset([f"text {i}" for i in range(n)], labels, ["a", "b", "c", "d"], name="toy")
+
+
+def test_balanced_and_stratified_split_are_seeded():
+    ds = ConceptDataset([str(i) for i in range(100)], np.r_[np.zeros(70, int), np.ones(30, int)], ["x", "y"])
+    b = ds.balanced(20, seed=3)
+    assert b.class_counts().tolist() == [20, 20]
+    assert b.texts == ds.balanced(20, seed=3).texts and b.texts != ds.balanced(20, seed=4).texts
+    tr, te = b.split(0.25, seed=0)
+    assert te.class_counts().tolist() == [5, 5] and tr.class_counts().tolist() == [15, 15]
+    assert not set(tr.texts) & set(te.texts)
+    assert tr.texts == b.split(0.25, seed=0)[0].texts
+
+
+def test_few_shot_prompt_shape():
+    ds = toy()
+    p = FewShotPrompter.from_dataset(ds, k=2, seed=0, max_words=3)
+    text = p("one two three four five")
+    assert text.startswith("Classify the text into one of these categories: a, b, c, d.\n\n")
+    assert text.endswith("\nText: one two three\nLabel:")
+    assert text.count("Label:") == 2 * 4 + 1
+    for word in "abcd":
+        assert text.count(f"Label: {word}\n") == 2
+    assert p.prompts(["x"]) == [p("x")]
+
+
+def test_label_tokens_and_collisions(embedded):
+    ids = label_token_ids(embedded.tokenizer, ["sports", "science"])
+    assert ids == embedded.tokenizer.convert_tokens_to_ids(["sports", "science"])
+    # unknown words both map to <unk>: their first tokens collide
+    with pytest.raises(ValueError, match=r"label words share their first token: 'zebra' and 'yak'"):
+        label_token_ids(embedded.tokenizer, ["sports", "zebra", "yak"])
+
+
+def test_local_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("text,label\nhello,pos\nbye,neg\nhi,pos\n")
+    ds = load_local_dataset(csv_path)
+    assert ds.label_names == ["neg", "pos"] and ds.labels.tolist() == [1, 0, 1]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in [("a", 0), ("b", 1), ("c", 2)]))
+    ds2 = load_dataset(str(jl), text_column="sentence", label_column="y")
+    assert ds2.labels.tolist() == [0, 1, 2] and ds2.texts == ["a", "b", "c"]
+
+
+def test_bad_datasets(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("body,label\nhello,1\n")
+    with pytest.raises(ValueError, match=r"missing column 'text'; columns are \['body', 'label'\]"):
+        load_local_dataset(p)
+    p.write_text("text,cls\nhello,1\n")
+    with pytest.raises(ValueError, match="missing column 'label'"):
+        load_local_dataset(p)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; choose 'synthetic'"):
+        load_dataset("nope")
+    with pytest.raises(ValueError, match="fewer than 2 samples: b \\(1\\)"):
+        ConceptDataset(["x", "y", "z"], [0, 0, 1], ["a", "b"]).check_concepts(2)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ConceptDataset(["x"], [3], ["a", "b"])

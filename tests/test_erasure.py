@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from scipy.stats import trim_mean
+
+import nslens
+from nslens.erasure import ErasureTable, Predictions, concept_metrics, erasure_table, predict
+
+
+def test_concept_metrics_by_hand():
+    p = Predictions(np.array([1, 0, 1, 1, 0, 1], bool), np.array([0.9, 0.2, 0.8, 0.7, 0.1, 0.6]), np.zeros(6))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    m = concept_metrics(p, labels, 0)
+    assert m == pytest.approx({"acc": 0.5, "conf": 0.55, "cacc": 0.75, "cconf": 0.55})
+
+
+def test_summary_is_scipy_trimmed_mean(rng):
+    rows = [{k: float(v) for k, v in zip(("acc", "conf", "cacc", "cconf"), rng.random(4))} for _ in range(14)]
+    tab = ErasureTable([str(i) for i in range(14)], rows, rows, rows)
+    s = tab.summary()
+    assert s["base"]["acc"] == pytest.approx(trim_mean([r["acc"] for r in rows], 0.1))
+    back = ErasureTable.from_json(tab.to_json())
+    assert back.summary() == s
+    assert tab.to_markdown().count("\n|") == 14 + 3 and len(tab.to_csv().splitlines()) == 16
+
+
+def test_predict_matches_plain_forward(embedded, site, synth):
+    from conftest import encode, plain_forward
+
+    prompts = synth["test_prompts"][:8]
+    ids = nslens.label_token_ids(embedded.tokenizer, synth["ds"].label_words)
+    gold = np.asarray(ids)[synth["test"].labels[:8]]
+    p = predict(embedded, site, prompts, gold, batch_size=3)
+    logits = plain_forward(embedded, encode(embedded, prompts)).logits[:, -1].float()
+    probs = logits.softmax(-1).numpy()
+    np.testing.assert_allclose(p.conf, probs[np.arange(8), gold], rtol=1e-5)
+    np.testing.assert_array_equal(p.correct, logits.argmax(-1).numpy() == gold)
+
+
+def test_end_to_end_target_accuracy_drops(embedded, site, synth):
+    tr, te = synth["train"], synth["test"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    rec = nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+    masks = nslens.build_range_masks(rec.stats, method="max", fraction=0.5)
+    tab = erasure_table(embedded, site, synth["test_prompts"], te.labels, ids, masks, nslens.zero(), batch_size=32)
+    s = tab.summary()
+    assert s["base"]["acc"] > 0.9
+    assert s["range"]["acc"] < -0.2 and s["neuron"]["acc"] < -0.2  # the target concept is erased
+    # range masking spares the other concepts' confidence at least as well as neuron masking
+    assert s["range"]["cconf"] >= s["neuron"]["cconf"]
+    with pytest.raises(ValueError, match="1 masks for 4 concepts"):
+        erasure_table(embedded, site, synth["test_prompts"], te.labels, ids, masks[:1], nslens.zero())

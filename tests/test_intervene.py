@@ -1,0 +1,143 @@
+import pytest
+import torch
+from conftest import encode, plain_forward
+
+import nslens
+from nslens.intervene import Intervention, applied, apply_in_trace, edit_hidden
+from nslens.ops import adaptive_dampen, dampen, mean_replace, zero
+from nslens.ranges import RangeMask
+
+
+def mask_for(h: torch.Tensor, neurons, tau=1.0):
+    """A mask whose ranges cover about the middle of each neuron's observed values."""
+    idx = torch.tensor(neurons)
+    vals = h[..., idx].reshape(-1, len(neurons))
+    mu, sigma = vals.mean(0), vals.std(0, unbiased=False)
+    return RangeMask(idx, mu - tau * sigma, mu + tau * sigma, mu, sigma, {"tau": tau, "concept": "x"})
+
+
+@pytest.fixture(scope="module")
+def batch(embedded, site, synth):
+    enc = encode(embedded, synth["test_prompts"][:6])
+    h = plain_forward(embedded, enc).hidden_states[site.layer + 1]
+    return enc, h
+
+
+def test_gated_zero_changes_exactly_in_range_values(batch):
+    _, h = batch
+    mask = mask_for(h, [3, 17, 40])
+    out = edit_hidden(h, Intervention(mask, zero(), gated=True))
+    sel = h[..., mask.neurons]
+    inside = (sel >= mask.lo) & (sel <= mask.hi)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(out[..., mask.neurons], torch.where(inside, torch.zeros_like(sel), sel))
+    other = torch.ones(h.shape[-1], dtype=torch.bool)
+    other[mask.neurons] = False
+    assert torch.equal(out[..., other], h[..., other])  # every other value bit-identical
+
+
+def test_ungated_zeroes_whole_neurons(batch):
+    _, h = batch
+    mask = mask_for(h, [5, 6])
+    out = edit_hidden(h, Intervention(mask, zero(), gated=False))
+    assert torch.equal(out[..., mask.neurons], torch.zeros_like(out[..., mask.neurons]))
+    keep = [j for j in range(h.shape[-1]) if j not in (5, 6)]
+    assert torch.equal(out[..., keep], h[..., keep])
+
+
+def test_last_position_only(batch):
+    _, h = batch
+    mask = mask_for(h, [1, 2])
+    out = edit_hidden(h, Intervention(mask, zero(), gated=False, positions="last"))
+    assert torch.equal(out[:, :-1], h[:, :-1])
+    assert torch.equal(out[:, -1, mask.neurons], torch.zeros(h.shape[0], 2))
+
+
+def hook_reference(embedded, site, enc, mask, phi, gated):
+    """The same edit written as a plain torch forward hook on the raw HF module."""
+    def hook(module, args, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        hs = hs.clone()
+        for k, j in enumerate(mask.neurons.tolist()):
+            col = hs[..., j]
+            new = phi(col, mask.mu[k], mask.sigma[k])
+            hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), new, col) if gated else new
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    layer = embedded._module.model.layers[site.layer]
+    return plain_forward(embedded, enc, hook=hook, layer_module=layer).logits
+
+
+OPS = {
+    "zero": (zero(), lambda x, mu, s: torch.zeros_like(x)),
+    "dampen": (dampen(0.125), lambda x, mu, s: 0.125 * x),
+    "mean": (mean_replace(), lambda x, mu, s: torch.full_like(x, float(mu))),
+    "adaptive": (adaptive_dampen(0.5),
+                 lambda x, mu, s: torch.clamp(0.5 * (x - mu).abs() / (1.0 * s), max=0.5) * x),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("gated", [True, False])
+def test_trace_edit_equals_plain_hook(embedded, site, batch, op, gated):
+    enc, h = batch
+    mask = mask_for(h, list(range(0, 64, 3)))
+    operator, phi = OPS[op]
+    with torch.no_grad():
+        with embedded.trace(enc):
+            apply_in_trace(embedded, site, Intervention(mask, operator, gated=gated))
+            logits = embedded.output.logits.save()
+    ref = hook_reference(embedded, site, enc, mask, phi, gated)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    clean = plain_forward(embedded, enc).logits
+    assert not torch.allclose(logits, clean)
+    # nothing persists: the next trace is bit-identical to the clean model
+    with torch.no_grad():
+        with embedded.trace(enc):
+            after = embedded.output.logits.save()
+    assert torch.equal(after, clean)
+
+
+def test_remote_local_equals_local(embedded, site, batch):
+    enc, h = batch
+    iv = Intervention(mask_for(h, [0, 9, 33]), adaptive_dampen(0.5), gated=True)
+    out = {}
+    for remote in (False, "local"):
+        with torch.no_grad():
+            with embedded.trace(enc, remote=remote):
+                apply_in_trace(embedded, site, iv)
+                lg = embedded.output.logits.save()
+        out[remote] = lg
+    assert torch.equal(out[False], out["local"])
+
+
+def test_applied_context_is_removed(embedded, site, batch):
+    enc, h = batch
+    iv = Intervention(mask_for(h, [4, 8]), zero(), gated=False)
+    clean = plain_forward(embedded, enc).logits
+    with torch.no_grad():
+        with applied(embedded, site, iv):
+            with embedded.trace(enc):
+                edited = embedded.output.logits.save()
+        with embedded.trace(enc):
+            after = embedded.output.logits.save()
+    assert not torch.equal(edited, clean)
+    assert torch.equal(after, clean)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        with applied(embedded, site, iv):
+            raise RuntimeError("boom")
+    with torch.no_grad():
+        with embedded.trace(enc):
+            after2 = embedded.output.logits.save()
+    assert torch.equal(after2, clean)
+
+
+def test_bad_positions(batch):
+    _, h = batch
+    with pytest.raises(ValueError, match="unknown positions 'first'; choose one of all, last"):
+        Intervention(mask_for(h, [1]), zero(), positions="first")
+
+
+def test_public_api_exports():
+    for name in nslens.__all__:
+        assert hasattr(nslens, name), name

@@ -1,0 +1,70 @@
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from nslens.pipeline import RunConfig, run_pipeline
+from nslens.ranges import load_masks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(**kw):
+    base = dict(fraction=0.5, operators=["zero"], n_per_class=24, batch_size=32, method="max")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_directory_contents(embedded, tmp_path):
+    run = run_pipeline(small_cfg(operators=["zero", "dampen"], method="probe"), tmp_path / "run", model=embedded)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "summary.json", "report.md", "stats.safetensors", "ranges",
+            "erasure_zero.md", "erasure_zero.csv", "erasure_zero.json", "erasure_dampen.json"} <= names
+    masks = load_masks(run / "ranges", expect={"d_model": 64, "n_layers": 4, "layer": 2})
+    assert [m.concept for m in masks] == ["sports", "science", "business", "politics"]
+    assert all(len(m) == 32 and m.meta["ranking"] == "probe" for m in masks)
+    report = (run / "report.md").read_text()
+    assert "Concept erasure" in report and "dampen(a=0.125)" in report
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_only_correct_keeps_correct_samples(embedded, tmp_path):
+    run = run_pipeline(small_cfg(only_correct=True), tmp_path / "r", model=embedded)
+    tab = json.loads((run / "erasure_zero.json").read_text())
+    assert all(row["acc"] == 1.0 for row in tab["base"])
+
+
+def test_failed_run_leaves_nothing(embedded, tmp_path, monkeypatch):
+    import nslens.pipeline as pl
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pl, "erasure_table", boom)
+    with pytest.raises(RuntimeError):
+        run_pipeline(small_cfg(), tmp_path / "run", model=embedded)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_files(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('fraction = 0.2\noperators = ["mean"]\n')
+    cfg = RunConfig.from_file(p)
+    assert cfg.fraction == 0.2 and cfg.operators == ["mean"] and cfg.tau == 2.5
+    p.write_text("fractoin = 0.2\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['fractoin'\]; valid keys: model, dataset"):
+        RunConfig.from_file(p)
+    p.write_text("operators = ['clamp']\n")
+    with pytest.raises(ValueError, match="unknown operator 'clamp'"):
+        RunConfig.from_file(p)
+    for f in (ROOT / "experiments" / "configs").glob("*.toml"):
+        RunConfig.from_file(f)
+
+
+def test_table3_experiment_smoke(embedded, tmp_path):
+    mod = runpy.run_path(str(ROOT / "experiments" / "table3.py"))
+    mod["main"](["--model", "embedded", "--datasets", "synthetic", "--limit", "24", "--out", str(tmp_path),
+                 "--batch-size", "32"])
+    text = (tmp_path / "table3.md").read_text()
+    assert "| synthetic |" in text and (tmp_path / "synthetic" / "report.md").exists()

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from nslens.rank import rank, rank_probe, select_top
+from nslens.stats import ConceptStats
+
+
+def planted(rng, n=300, d=20, c=3):
+    y = rng.integers(0, c, size=n)
+    x = rng.normal(size=(n, d))
+    plant = {0: 7, 1: 13, 2: 2}
+    for k, j in plant.items():
+        x[y == k, j] += 6.0  # neuron j's mean is planted far away for concept k
+    return x, y, plant
+
+
+@pytest.mark.parametrize("method", ["max", "probeless", "probe"])
+def test_planted_neuron_ranks_first(rng, method):
+    x, y, plant = planted(rng)
+    st = ConceptStats.from_samples(x, y, ["a", "b", "c"])
+    scores = rank(method, st, samples=x, labels=y)
+    for k, j in plant.items():
+        assert select_top(scores[k], 0.05)[0] == j
+
+
+def test_probeless_matches_definition(rng):
+    x, y, _ = planted(rng)
+    st = ConceptStats.from_samples(x, y, ["a", "b", "c"])
+    q = np.stack([x[y == k].mean(0) for k in range(3)])
+    expected = np.stack([sum(np.abs(q[k] - q[o]) for o in range(3) if o != k) for k in range(3)])
+    np.testing.assert_allclose(rank("probeless", st), expected, rtol=1e-10)
+    np.testing.assert_allclose(rank("max", st), np.stack([np.abs(x[y == k]).mean(0) for k in range(3)]), rtol=1e-12)
+
+
+def test_select_top_fraction():
+    s = np.array([0.1, 0.9, 0.5, 0.7])
+    assert select_top(s, 0.5).tolist() == [1, 3]
+    assert select_top(s, 1.0).tolist() == [1, 3, 2, 0]
+    assert select_top(s, 0.01).tolist() == [1]
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            select_top(s, bad)
+
+
+def test_bad_methods(rng):
+    st = ConceptStats.from_samples(rng.normal(size=(10, 3)), np.r_[[0] * 5, [1] * 5], ["a", "b"])
+    with pytest.raises(ValueError, match="unknown ranking method 'foo'; choose one of max, probeless, probe"):
+        rank("foo", st)
+    with pytest.raises(ValueError, match="needs raw samples"):
+        rank("probe", st)
+    with pytest.raises(ValueError, match="needs raw samples"):
+        rank_probe(None, None, 2)

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+from conftest import encode, plain_forward
+
+import nslens
+from nslens.record import record
+from nslens.stats import ConceptStats
+
+
+def test_record_equals_numpy_on_raw_site_values(embedded, site, synth):
+    prompts, tr = synth["train_prompts"][:40], synth["train"]
+    labels = tr.labels[:40]
+    res = record(embedded, site, prompts, labels, tr.label_names, batch_size=7, keep_samples=True)
+    # independent reference: the raw HF module's hidden states, one prompt at a time (no padding at all)
+    ref_x = []
+    for p in prompts:
+        enc = encode(embedded, [p])
+        ref_x.append(plain_forward(embedded, enc).hidden_states[site.layer + 1][0, -1].numpy())
+    ref_x = np.stack(ref_x).astype(np.float64)
+    np.testing.assert_allclose(res.samples, ref_x, rtol=1e-4, atol=1e-5)
+    ref = ConceptStats.from_samples(ref_x, labels, tr.label_names)
+    np.testing.assert_array_equal(res.stats.count, ref.count)
+    np.testing.assert_allclose(res.stats.mean, ref.mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.stats.std(), ref.std(), rtol=1e-3, atol=1e-5)
+    # whatever the batch split
+    res2 = record(embedded, site, prompts, labels, tr.label_names, batch_size=40)
+    np.testing.assert_allclose(res2.stats.mean, res.stats.mean, rtol=1e-5, atol=1e-6)
+    assert res.stats.meta["layer"] == site.layer and res.stats.meta["n_samples"] == 40
+
+
+def test_remote_local_equals_local(embedded, site, synth):
+    prompts, labels = synth["train_prompts"][:12], synth["train"].labels[:12]
+    a = record(embedded, site, prompts, labels, synth["train"].label_names, batch_size=5)
+    b = record(embedded, site, prompts, labels, synth["train"].label_names, batch_size=5, remote="local")
+    np.testing.assert_array_equal(a.stats.mean, b.stats.mean)
+    np.testing.assert_array_equal(a.stats.m2, b.stats.m2)
+
+
+def test_all_positions_count_real_tokens(embedded, site, synth):
+    prompts, labels = synth["train_prompts"][:6], synth["train"].labels[:6]
+    res = record(embedded, site, prompts, labels, synth["train"].label_names, batch_size=4, position="all")
+    n_tokens = [len(embedded.tokenizer(p)["input_ids"]) for p in prompts]
+    expected = np.bincount(labels, weights=n_tokens, minlength=4)
+    np.testing.assert_array_equal(res.stats.count, expected)
+
+
+def test_progress_and_bad_inputs(embedded, site, synth):
+    calls = []
+    record(embedded, site, synth["train_prompts"][:5], synth["train"].labels[:5], synth["train"].label_names,
+           batch_size=2, progress=lambda *a: calls.append(a))
+    assert calls == [("record", 1, 3), ("record", 2, 3), ("record", 3, 3)]
+    with pytest.raises(ValueError, match="unknown position 'first'; choose one of last, all"):
+        record(embedded, site, ["a"], [0], ["x", "y"], position="first")
+    with pytest.raises(ValueError, match="dataset is empty"):
+        record(embedded, site, [], [], ["x", "y"])
+    with pytest.raises(ValueError, match="2 prompts but 1 labels"):
+        record(embedded, site, ["a", "b"], [0], ["x", "y"])
+
+
+def test_nonfinite_activations_are_an_error(embedded, synth):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(embedded._module.config)
+    hf.load_state_dict(embedded._module.state_dict())
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model = nslens.load_model(hf.eval(), tokenizer=embedded.tokenizer)
+    site = nslens.resolve_site(model, -2)
+    with pytest.raises(ValueError, match=r"non-finite activations \(NaN/inf\) at model.layers.2 in batch 0"):
+        record(model, site, synth["train_prompts"][:3], [0, 1, 2], synth["train"].label_names)
