@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest tests
 
 lint: venv
-	$(VENV)/bin/ruff check nslens tests experiments benchmarks
+	$(VENV)/bin/ruff check nslens tests experiments
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

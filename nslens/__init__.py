@@ -11,8 +11,8 @@ from .erasure import ErasureTable, erasure_table, predict  # noqa: E402
 from .intervene import Intervention, applied, apply_in_trace, edit_hidden  # noqa: E402
 from .models import Site, load_model, read_site, resolve_site, write_site  # noqa: E402
 from .ops import Operator, adaptive_dampen, dampen, make_operator, mean_replace, zero  # noqa: E402
-from .rank import rank, select_top  # noqa: E402
 from .ranges import RangeMask, build_range_masks, load_masks  # noqa: E402
+from .rank import rank, select_top  # noqa: E402
 from .record import RecordResult, record  # noqa: E402
 from .stats import ConceptStats  # noqa: E402
 

@@ -8,7 +8,6 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -114,7 +113,7 @@ def erase_cmd(
     operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
     positions: str = typer.Option("all", help="all or last."),
     seed: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
 ) -> None:
     """Evaluate neuron vs range masking of every concept on the test split."""
     from .erasure import erasure_table

@@ -24,8 +24,8 @@ from .erasure import ErasureTable, erasure_table, predict
 from .intervene import INTERVENE_POSITIONS
 from .models import Site, load_model, model_id, resolve_site
 from .ops import OPERATORS, make_operator
-from .rank import RANKING_METHODS, check_fraction
 from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
+from .rank import RANKING_METHODS, check_fraction
 from .record import POSITIONS, Progress, RecordResult, record
 
 __all__ = ["PreparedData", "RunConfig", "prepare_data", "run_pipeline"]

@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,7 @@ def build_range_masks(
             **{k: v for k, v in stats.meta.items() if k not in ("n_samples",)},
             "tau": float(tau), "ranking": method, "fraction": float(fraction), "concept": name,
             "concept_index": c, "samples_used": int(stats.count[c]), "sigma_zero_neurons": n_zero,
-            "nslens_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "nslens_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **(meta or {}),
         }
         masks.append(RangeMask(torch.as_tensor(idx), mu - tau * sigma, mu + tau * sigma, mu, sigma, md))

@@ -8,7 +8,6 @@ pass stops right after the site (``tracer.stop()``): the layers above it are nev
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from .models import Site, model_id, read_site
 from .stats import ConceptStats, batch_partials
 
-__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "prepare_remote", "record", "tokenize"]
+__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "prepare_remote", "record", "tokenize"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +133,3 @@ def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: tor
 def bytes_per_batch(n_concepts: int, d_model: int) -> int:
     """What one recorded batch sends back (float64 partials), independent of batch size and sequence length."""
     return int(8 * (n_concepts * (1 + 3 * d_model)) + 1)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -3,7 +3,7 @@
 Four topic-like concepts whose texts share part of their vocabulary (pairwise shared words plus generic and
 function words), so that the trained model's residual neurons respond to several concepts (polysemantic) with
 concept-dependent activation ranges. The model is trained on the same few-shot prompts the pipeline uses (random
-demonstrations, loss on every token and extra weight on the query's label) so it (a) classifies the query and
+demonstrations, loss on every token and extra weight on the query's label) mixed with plain synthetic text so it (a) classifies the query and
 (b) is a small language model of the synthetic text, whose held-out perplexity the side-effect checks measure.
 
 Everything is seeded; building takes well under two minutes on 2 CPU cores and is cached under ``NSLENS_HOME``.
@@ -35,7 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = "v1"
+EMBEDDED_VERSION = "v2"
 SYNTHETIC_LABELS = ["sports", "science", "business", "politics"]
 
 _TOPIC = {
@@ -156,10 +156,15 @@ def embedded_model_dir() -> Path:
     return home / f"embedded-{EMBEDDED_VERSION}"
 
 
-def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1):
+def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 6):
+    """``batch`` few-shot prompts ending in their label, plus ``n_plain`` rows of running synthetic text after an
+    end-of-text token (how lm-eval's perplexity tasks present a document)."""
     import torch
 
     prompts, labels = [], []
+    for line in synthetic_corpus(n_plain, seed=rng.randrange(2**31)):
+        prompts.append(f"{tok.eos_token} {line}")
+        labels.append(-1)
     for _ in range(batch):
         demos = []
         for c in range(len(SYNTHETIC_LABELS)):
@@ -214,7 +219,8 @@ def build_embedded_model(
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                targets[:, 1:].reshape(-1), ignore_index=-100)
         # the label is the last token; its prediction comes from position -2
-        cls = torch.nn.functional.cross_entropy(logits[:, -2], label_ids[y])
+        is_prompt = y >= 0
+        cls = torch.nn.functional.cross_entropy(logits[is_prompt, -2], label_ids[y[is_prompt]])
         loss = lm + cls
         opt.zero_grad()
         loss.backward()
