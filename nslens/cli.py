@@ -136,9 +136,11 @@ def erase_cmd(
                             positions=positions, batch_size=batch_size, remote=remote, progress=cb)
     _print_table(tab)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from .ranges import atomic_path
+
         for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
-            out.with_suffix(f".{ext}").write_text(text)
+            with atomic_path(out.with_suffix(f".{ext}")) as tmp:
+                Path(tmp).write_text(text)
 
 
 @app.command("run")

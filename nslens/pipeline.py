@@ -192,6 +192,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         data = prepare_data(model, site, cfg, progress)
         rec = record_stats(model, site, data, cfg, progress)
         rec.stats.save(tmp / "stats.safetensors")
+        if rec.samples is not None:
+            rec.save_samples(tmp / "samples.safetensors")
         masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
                                   samples=rec.samples, sample_labels=rec.sample_labels)
         for i, m in enumerate(masks):

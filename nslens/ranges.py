@@ -178,7 +178,7 @@ def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -
     """All masks of a directory, in concept order."""
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
-    files = [f for f in files if f.name != "stats.safetensors"]
+    files = [f for f in files if f.name not in ("stats.safetensors", "samples.safetensors")]
     if not files:
         raise ValueError(f"no range masks (*.safetensors) in {directory}")
     masks = [RangeMask.load(f, expect=expect) for f in files]

@@ -7,9 +7,11 @@ pass stops right after the site (``tracer.stop()``): the layers above it are nev
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,19 @@ class RecordResult:
     stats: ConceptStats
     samples: np.ndarray | None = None
     sample_labels: np.ndarray | None = None
+
+    def save_samples(self, path: str | Path) -> Path:
+        """Raw vectors and their labels as ``.safetensors`` (written to a temp file, then renamed)."""
+        from safetensors.numpy import save_file
+
+        from .ranges import atomic_path
+
+        if self.samples is None or self.sample_labels is None:
+            raise ValueError("no raw samples were kept: record with keep_samples=True")
+        with atomic_path(path) as tmp:
+            save_file({"samples": self.samples, "labels": self.sample_labels}, tmp,
+                      metadata={"label_names": json.dumps(self.stats.label_names), "format": "nslens.samples/1"})
+        return Path(path)
 
 
 def prepare_remote(remote: bool | str) -> None:
@@ -68,6 +83,7 @@ def record(
     batch_size: int = 16,
     position: str = "last",
     keep_samples: bool = False,
+    max_samples: int = 50_000,
     remote: bool | str = False,
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
@@ -76,8 +92,9 @@ def record(
 
     ``position="last"`` reads each prompt's last token (the paper's protocol: the position that predicts the
     label); ``"all"`` reads every real (non-padding) token, each labelled with its prompt's concept.
-    ``keep_samples`` also returns the raw last-token vectors (for the probe ranking and the analyses); it is
-    only allowed with ``position="last"`` so the memory stays N x d.
+    ``keep_samples`` also returns the raw last-token vectors (for the probe ranking and the analyses), at most
+    ``max_samples`` of them (the first ones, in dataset order; statistics always use every sample); it is only
+    allowed with ``position="last"``. ``RecordResult.save_samples`` keeps them on disk.
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
@@ -102,13 +119,14 @@ def record(
             raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
         stats.update(part)
-        if keep_samples:
-            kept.append(part["x"].float().numpy())
+        room = max_samples - sum(len(k) for k in kept)
+        if keep_samples and room > 0:
+            kept.append(part["x"].float().numpy()[:room])
         if progress is not None:
             progress("record", i + 1, len(parts))
     stats.meta["n_samples"] = int(len(prompts))
     samples = np.concatenate(kept) if keep_samples else None
-    return RecordResult(stats, samples, labels.copy() if keep_samples else None)
+    return RecordResult(stats, samples, labels[: len(samples)].copy() if samples is not None else None)
 
 
 def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: torch.Tensor, c: int,

@@ -19,7 +19,7 @@ def small_cfg(**kw):
 def test_run_directory_contents(embedded, tmp_path):
     run = run_pipeline(small_cfg(operators=["zero", "dampen"], method="probe"), tmp_path / "run", model=embedded)
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "summary.json", "report.md", "stats.safetensors", "ranges",
+    assert {"config.json", "summary.json", "report.md", "stats.safetensors", "samples.safetensors", "ranges",
             "erasure_zero.md", "erasure_zero.csv", "erasure_zero.json", "erasure_dampen.json"} <= names
     masks = load_masks(run / "ranges", expect={"d_model": 64, "n_layers": 4, "layer": 2})
     assert [m.concept for m in masks] == ["sports", "science", "business", "politics"]

@@ -29,6 +29,22 @@ def test_record_equals_numpy_on_raw_site_values(embedded, site, synth):
     assert res.stats.meta["layer"] == site.layer and res.stats.meta["n_samples"] == 40
 
 
+def test_kept_samples_are_bounded_and_saved(embedded, site, synth, tmp_path):
+    from safetensors.numpy import load_file
+
+    prompts, tr = synth["train_prompts"][:20], synth["train"]
+    full = record(embedded, site, prompts, tr.labels[:20], tr.label_names, batch_size=6, keep_samples=True)
+    capped = record(embedded, site, prompts, tr.labels[:20], tr.label_names, batch_size=6, keep_samples=True,
+                    max_samples=8)
+    assert capped.samples.shape == (8, site.d_model) and capped.sample_labels.tolist() == tr.labels[:8].tolist()
+    np.testing.assert_array_equal(capped.samples, full.samples[:8])
+    np.testing.assert_array_equal(capped.stats.count, full.stats.count)  # statistics still use every sample
+    back = load_file(str(capped.save_samples(tmp_path / "s.safetensors")))
+    np.testing.assert_array_equal(back["samples"], capped.samples)
+    with pytest.raises(ValueError, match="no raw samples were kept"):
+        record(embedded, site, prompts[:2], tr.labels[:2], tr.label_names).save_samples(tmp_path / "x.safetensors")
+
+
 def test_remote_local_equals_local(embedded, site, synth):
     prompts, labels = synth["train_prompts"][:12], synth["train"].labels[:12]
     a = record(embedded, site, prompts, labels, synth["train"].label_names, batch_size=5)
