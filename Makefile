@@ -8,7 +8,7 @@ export NSLENS_HOME ?= $(CURDIR)/.cache/nslens
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ test: venv
 	$(PY) -m pytest tests
 
 lint: venv
-	$(VENV)/bin/ruff check nslens tests experiments
+	$(VENV)/bin/ruff check nslens tests experiments benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_side_effects.py
+
+bench-quick: venv
+	$(PY) benchmarks/bench_side_effects.py --quick
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

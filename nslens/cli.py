@@ -63,6 +63,17 @@ def _print_table(tab) -> None:
                       "trimmed mean across concepts.")
 
 
+def _print_run(run: Path, operators: list[str]) -> None:
+    from .erasure import ErasureTable
+
+    for op in operators:
+        _print_table(ErasureTable.from_json((run / f"erasure_{op}.json").read_text()))
+        side = run / f"side_effects_{op}.md"
+        if side.exists():
+            out_console.print(f"Side effects (lm-eval), operator {op}:")
+            out_console.print(side.read_text(), markup=False, highlight=False)
+
+
 @app.command("record")
 def record_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors for the statistics."),
@@ -143,6 +154,47 @@ def erase_cmd(
                 Path(tmp).write_text(text)
 
 
+@app.command("side-effects")
+def side_effects_cmd(
+    ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
+    model: str = ModelOpt, layer: int = LayerOpt, batch_size: int = typer.Option(8, "--batch-size"),
+    remote: bool = RemoteOpt,
+    operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
+    tasks: str = typer.Option("mmlu,wikitext", help="Comma-separated lm-eval tasks (embedded model: offline "
+                              "synthetic tasks replace the defaults)."),
+    limit: float | None = typer.Option(None, help="lm-eval --limit (per subtask for the mmlu group)."),
+    include: Path | None = typer.Option(None, help="Directory of extra lm-eval task YAMLs."),
+    positions: str = typer.Option("all", help="all or last."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.json here."),
+) -> None:
+    """lm-eval side effects (MMLU acc, wikitext perplexity) of neuron vs range masking of every concept."""
+    from .harness import default_cache_dir, side_effect_table
+    from .models import load_model, resolve_site
+    from .ops import make_operator
+    from .pipeline import side_effect_tasks
+    from .ranges import atomic_path, load_masks
+
+    if limit is not None and not limit > 0:
+        raise ValueError(f"limit must be > 0, got {limit}")
+    cfg = _config(model, "synthetic", layer, 400, batch_size, remote, operators=[operator], positions=positions,
+                  side_effect_tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                  lm_eval_include=str(include) if include else None)
+    op = make_operator(operator)
+    m = load_model(cfg.model, remote=cfg.remote)
+    site = resolve_site(m, cfg.layer)
+    masks = load_masks(ranges, expect=site.describe())
+    task_list, inc = side_effect_tasks(cfg)
+    with _progress() as cb:
+        tab = side_effect_table(m, site, masks, op, tasks=task_list, positions=positions, limit=limit,
+                                include_path=inc, cache_dir=default_cache_dir(), batch_size=batch_size,
+                                remote=remote, progress=cb)
+    out_console.print(tab.to_markdown(), markup=False, highlight=False)
+    if out is not None:
+        for ext, text in (("md", tab.to_markdown()), ("json", tab.to_json())):
+            with atomic_path(out.with_suffix(f".{ext}")) as tmp:
+                Path(tmp).write_text(text)
+
+
 @app.command("run")
 def run_cmd(
     config: Path = typer.Argument(..., help="Run config (.toml or .json); keys are RunConfig's fields."),
@@ -150,14 +202,12 @@ def run_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:
     """The whole pipeline from a config file; writes a run directory with artifacts, tables and a report."""
-    from .erasure import ErasureTable
     from .pipeline import RunConfig, run_pipeline
 
     cfg = RunConfig.from_file(config)
     with _progress() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
-    for op in cfg.operators:
-        _print_table(ErasureTable.from_json((run / f"erasure_{op}.json").read_text()))
+    _print_run(run, cfg.operators)
     console.print(f"[green]run written to[/] {run} (report: {run / 'report.md'})")
 
 
@@ -166,9 +216,9 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (replaced if it exists)."),
     fraction: float = typer.Option(0.5, help="Top fraction of neurons per concept."),
     operators: str = typer.Option("zero,adaptive", help="Comma-separated operators to compare."),
+    side_effects: bool = typer.Option(True, help="Also measure lm-eval side effects (offline synthetic tasks)."),
 ) -> None:
     """The whole pipeline on the embedded model and synthetic concepts (offline, about a minute)."""
-    from .erasure import ErasureTable
     from .pipeline import RunConfig, run_pipeline
     from .synthetic import build_embedded_model, embedded_model_dir
 
@@ -176,7 +226,7 @@ def demo_cmd(
         with _progress() as cb:
             build_embedded_model(progress=lambda d, t: cb("train embedded model", d, t))
     cfg = RunConfig(fraction=fraction, operators=[o.strip() for o in operators.split(",") if o.strip()],
-                    n_per_class=200, batch_size=32)
+                    n_per_class=200, batch_size=32, side_effects=side_effects)
     cfg.validate()
     with _progress() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=True)
@@ -184,8 +234,7 @@ def demo_cmd(
     out_console.print(f"embedded model, layer {summary['site']['layer']} of {summary['site']['n_layers']}, "
                       f"top {fraction:.0%} ({summary['neurons_per_concept']} of {summary['site']['d_model']} "
                       f"neurons) per concept, tau {cfg.tau}, {summary['n_test']} test samples")
-    for op in summary["erasure"]:
-        _print_table(ErasureTable.from_json((run / f"erasure_{op}.json").read_text()))
+    _print_run(run, list(summary["erasure"]))
     console.print(f"[green]run written to[/] {run}")
 
 

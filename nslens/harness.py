@@ -12,11 +12,13 @@ lm-eval reads, with or without an edit (padding columns are edited too, harmless
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,12 @@ __all__ = [
     "DEFAULT_TASKS",
     "LOCAL_TASKS",
     "NsLensLM",
+    "SideEffectTable",
     "SideEffects",
     "local_tasks_dir",
+    "default_cache_dir",
+    "main_metric",
+    "side_effect_table",
     "side_effects",
     "task_metrics",
 ]
@@ -149,11 +155,27 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
     return base
 
 
-def _task_manager(include_path: str | Path | None) -> Any:
-    _require_lm_eval()
+def default_cache_dir() -> Path:
+    """Where clean side-effect results are cached: ``$NSLENS_HOME/side_effects``."""
+    return Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens")) / "side_effects"
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_task_manager(include_path: str | None, include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_path) if include_path else None)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _task_manager(include_path: str | Path | None, tasks: Sequence[str] = ()) -> Any:
+    """lm-eval's TaskManager, built once per process. Indexing lm-eval's own tasks takes about 10 s, so when every
+    requested task lives in ``include_path`` only that directory is indexed."""
+    _require_lm_eval()
+    if include_path is not None:
+        light = _cached_task_manager(str(include_path), False)
+        if tasks and set(tasks) <= set(light.all_tasks):
+            return light
+    return _cached_task_manager(str(include_path) if include_path else None, True)
 
 
 def _check_tasks(tm: Any, tasks: Sequence[str]) -> None:
@@ -206,6 +228,7 @@ def side_effects(
     batch_size: int = 8,
     remote: bool | str = False,
     num_fewshot: int | None = 0,
+    progress: Any = None,
 ) -> SideEffects:
     """lm-eval results for the clean model and every named intervention.
 
@@ -218,7 +241,7 @@ def side_effects(
         raise ValueError(f"limit must be > 0, got {limit}")
     if not tasks:
         raise ValueError("no tasks given")
-    tm = _task_manager(include_path)
+    tm = _task_manager(include_path, tuple(tasks))
     _check_tasks(tm, tasks)
     for name, ivs in interventions.items():
         for iv in [ivs] if isinstance(ivs, Intervention) else list(ivs):
@@ -246,6 +269,91 @@ def side_effects(
             with atomic_path(cache) as tmp:
                 Path(tmp).write_text(json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
                                                  "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
-    for name, ivs in interventions.items():
+    for i, (name, ivs) in enumerate(interventions.items()):
         out[name] = evaluate(ivs)
+        if progress is not None:
+            progress("side effects", i + 1, len(interventions))
     return out
+
+
+# --------------------------------------------------------------------------------------------- Table 4
+
+
+def main_metric(metrics: Mapping[str, float]) -> str:
+    """The column a task contributes to the Table-4 view: perplexity for rolling tasks, else accuracy."""
+    return "word_perplexity" if "word_perplexity" in metrics else "acc"
+
+
+@dataclass
+class SideEffectTable:
+    """Paper Table 4: per concept, each task's main metric under neuron vs range masking (deltas vs clean)."""
+
+    concepts: list[str]
+    tasks: list[str]
+    clean: dict[str, dict[str, float]]
+    neuron: list[dict[str, dict[str, float]]]
+    range: list[dict[str, dict[str, float]]]
+    operator: str = "zero"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def _cols(self) -> list[tuple[str, str]]:
+        return [(t, main_metric(self.clean[t])) for t in self.tasks]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """10 % trimmed mean across concepts of every delta."""
+        from scipy.stats import trim_mean
+
+        return {part: {f"{t}/{k}": float(trim_mean([row[t][k] for row in getattr(self, part)], 0.1))
+                       for t, k in self._cols()} for part in ("neuron", "range")}
+
+    def to_markdown(self) -> str:
+        cols = self._cols()
+        names = [f"{t} {'PPL' if k == 'word_perplexity' else k}" for t, k in cols]
+        head = ["Concept", *(f"neuron Δ{n}" for n in names), *(f"range Δ{n}" for n in names)]
+        clean = ", ".join(f"{n} = {self.clean[t][k]:.4f}" for n, (t, k) in zip(names, cols))
+        lines = [f"Operator: `{self.operator}`. Clean model: {clean}. Deltas vs clean.", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = [(c, self.neuron[i], self.range[i]) for i, c in enumerate(self.concepts)]
+        for c, n, r in rows:
+            lines.append("| " + " | ".join([c, *(f"{n[t][k]:+.4f}" for t, k in cols),
+                                            *(f"{r[t][k]:+.4f}" for t, k in cols)]) + " |")
+        s = self.summary()
+        lines.append("| trimmed mean (10%) | " + " | ".join(
+            [*(f"{s['neuron'][f'{t}/{k}']:+.4f}" for t, k in cols),
+             *(f"{s['range'][f'{t}/{k}']:+.4f}" for t, k in cols)]) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "summary": self.summary()}, indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> SideEffectTable:
+        d = json.loads(text)
+        d.pop("summary", None)
+        return cls(**d)
+
+
+def side_effect_table(
+    model: Any,
+    site: Site,
+    masks: Sequence[Any],
+    operator: Any,
+    *,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    positions: str = "all",
+    progress: Any = None,
+    **kwargs: Any,
+) -> SideEffectTable:
+    """Neuron vs range masking of every concept's mask, measured with lm-eval (``kwargs`` go to
+    ``side_effects``: limit, include_path, cache_dir, batch_size, remote, num_fewshot)."""
+    ivs: dict[str, Intervention] = {}
+    for m in masks:
+        for gated in (False, True):
+            iv = Intervention(m, operator, gated=gated, positions=positions)
+            ivs[f"{m.concept}/{iv.kind}"] = iv
+    res = side_effects(model, site, ivs, tasks=tasks, progress=progress, **kwargs)
+    d = res.deltas()
+    return SideEffectTable(
+        concepts=[m.concept for m in masks], tasks=list(tasks), clean=res["clean"],
+        neuron=[d[f"{m.concept}/neuron"] for m in masks], range=[d[f"{m.concept}/range"] for m in masks],
+        operator=operator.label, meta={"limit": kwargs.get("limit"), "positions": positions, **site.describe()})

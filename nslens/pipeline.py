@@ -74,6 +74,14 @@ class RunConfig:
     """Where activations are recorded: last (the label-predicting token) or all tokens."""
     positions: str = "all"
     """Where interventions apply: all positions (the edited model) or the last one."""
+    side_effects: bool = False
+    """Also measure lm-eval side effects (paper Table 4) of neuron vs range masking for every concept."""
+    side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext"])
+    """lm-eval tasks; on the embedded model the defaults are replaced by the offline synthetic tasks."""
+    side_effect_limit: float | None = None
+    """lm-eval --limit (for the mmlu group lm-eval applies it per subtask)."""
+    lm_eval_include: str | None = None
+    """Extra directory of lm-eval task YAMLs (TaskManager include_path)."""
     dtype: str | None = None
     quantize: str | None = None
     remote: bool = False
@@ -93,6 +101,8 @@ class RunConfig:
             raise ValueError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
         if self.positions not in INTERVENE_POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
+        if self.side_effect_limit is not None and not self.side_effect_limit > 0:
+            raise ValueError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
         if self.n_per_class < 4:
             raise ValueError(f"n_per_class must be >= 4, got {self.n_per_class}")
 
@@ -212,6 +222,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             "n_train": len(data.train), "n_test": len(data.test), "neurons_per_concept": len(masks[0]),
             "erasure": {k: t.summary() for k, t in tables.items()},
         }
+        if cfg.side_effects:
+            summary["side_effects"] = _side_effects(model, site, masks, cfg, tmp, progress)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         from .report import write_report
@@ -224,6 +236,32 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
+    """The lm-eval tasks and include path a run uses (offline synthetic tasks on the embedded model)."""
+    from .harness import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
+
+    if cfg.model == "embedded" and list(cfg.side_effect_tasks) == list(DEFAULT_TASKS):
+        return list(LOCAL_TASKS), str(local_tasks_dir())
+    return list(cfg.side_effect_tasks), cfg.lm_eval_include
+
+
+def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig, out: Path,
+                  progress: Progress | None) -> dict[str, Any]:
+    from .harness import default_cache_dir, side_effect_table
+
+    tasks, include = side_effect_tasks(cfg)
+    result = {}
+    for op_name in cfg.operators:
+        op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
+        tab = side_effect_table(model, site, masks, op, tasks=tasks, positions=cfg.positions, limit=cfg.side_effect_limit,
+                                include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,
+                                remote=cfg.remote, progress=progress)
+        (out / f"side_effects_{op_name}.md").write_text(tab.to_markdown())
+        (out / f"side_effects_{op_name}.json").write_text(tab.to_json())
+        result[op_name] = {"clean": tab.clean, **tab.summary()}
+    return result
 
 
 def _slug(name: str) -> str:

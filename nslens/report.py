@@ -32,6 +32,16 @@ def write_report(run_dir: str | Path) -> Path:
     for path in sorted(run.glob("erasure_*.json")):
         tab = ErasureTable.from_json(path.read_text())
         lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+    side = sorted(run.glob("side_effects_*.json"))
+    if side:
+        from .harness import SideEffectTable
+
+        lines += ["## Side effects (lm-eval)", "",
+                  "Each concept's mask applied at every position while lm-eval scores the model; deltas vs the "
+                  "clean model (paper Table 4). PPL is word perplexity.", ""]
+        for path in side:
+            tab = SideEffectTable.from_json(path.read_text())
+            lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
     out = run / "report.md"
     out.write_text("\n".join(lines))
     return out

@@ -56,3 +56,16 @@ def test_run_from_config(embedded, tmp_path):
     r = nslens("run", str(cfg), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "report.md").exists() and "Concept erasure" in r.stdout
+
+
+def test_side_effects_command(embedded, tmp_path):
+    r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "16", "--batch-size", "32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path).returncode == 0
+    r = nslens("side-effects", "--ranges", "ranges", "--limit", "0", cwd=tmp_path)
+    assert r.returncode == 1 and "limit must be > 0" in r.stderr and "Traceback" not in r.stderr
+    r = nslens("side-effects", "--ranges", "ranges", "--tasks", "nslens_synth_m", cwd=tmp_path)
+    assert r.returncode == 1 and "unknown lm-eval task 'nslens_synth_m'" in r.stderr
+    r = nslens("side-effects", "--ranges", "ranges", "--limit", "8", "--out", "se", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "trimmed mean (10%)" in r.stdout and (tmp_path / "se.json").exists()

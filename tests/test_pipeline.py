@@ -68,3 +68,36 @@ def test_table3_experiment_smoke(embedded, tmp_path):
                  "--batch-size", "32"])
     text = (tmp_path / "table3.md").read_text()
     assert "| synthetic |" in text and (tmp_path / "synthetic" / "report.md").exists()
+
+
+def test_run_with_side_effects_table4(embedded, tmp_path, monkeypatch):
+    """The run's Table-4 view: clean values equal lm-eval's stock HFLM on the same tasks and limit."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from nslens.harness import LOCAL_TASKS, SideEffectTable, local_tasks_dir, task_metrics
+
+    monkeypatch.setenv("NSLENS_HOME", str(tmp_path / "home"))  # fresh clean-results cache
+    cfg = small_cfg(side_effects=True, side_effect_limit=12)
+    run = run_pipeline(cfg, tmp_path / "run", model=embedded)
+    tab = SideEffectTable.from_json((run / "side_effects_zero.json").read_text())
+    assert tab.concepts == ["sports", "science", "business", "politics"] and tab.tasks == list(LOCAL_TASKS)
+    stock = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=8, device="cpu"),
+        tasks=list(LOCAL_TASKS), limit=12, num_fewshot=0, log_samples=False, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(local_tasks_dir())), verbosity="ERROR")
+    assert tab.clean == task_metrics(stock, LOCAL_TASKS)
+    assert all(row["nslens_synth_ppl"]["word_perplexity"] != 0 for row in tab.neuron + tab.range)
+    report = (run / "report.md").read_text()
+    assert "## Side effects (lm-eval)" in report and "nslens_synth_ppl PPL" in report
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["side_effects"]["zero"]) == {"clean", "neuron", "range"}
+
+
+def test_table4_experiment_smoke(embedded, tmp_path):
+    mod = runpy.run_path(str(ROOT / "experiments" / "table4.py"))
+    mod["main"](["--model", "embedded", "--dataset", "synthetic", "--limit", "16", "--lm-eval-limit", "6",
+                 "--operators", "zero", "--out", str(tmp_path / "t4"), "--batch-size", "32"])
+    text = (tmp_path / "t4" / "table4.md").read_text()
+    assert "| zero | nslens_synth_ppl word_perplexity |" in text and "| zero | nslens_synth_mc acc |" in text
