@@ -118,7 +118,8 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
 
     base = Path(root) if root is not None else Path(os.environ.get(
         "NSLENS_HOME", Path.home() / ".cache" / "nslens")) / f"lm_eval_tasks-{EMBEDDED_VERSION}"
-    if (base / "done").exists():
+    marker = base / "done"
+    if marker.exists() and marker.read_text().strip() == f"{EMBEDDED_VERSION} {n_mc} {n_ppl}":
         return base
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
@@ -151,7 +152,7 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
         'doc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
         "metadata:\n  version: 1.0\n")
-    (base / "done").write_text("ok\n")
+    marker.write_text(f"{EMBEDDED_VERSION} {n_mc} {n_ppl}\n")
     return base
 
 
@@ -216,6 +217,26 @@ class SideEffects(dict):
         return "\n".join(rows) + "\n"
 
 
+def clean_cache_key(model: Any, tasks: Sequence[str], limit: float | None, num_fewshot: int | None,
+                    include_path: str | Path | None) -> str:
+    """What the clean results depend on: the model (id, config and a checksum of its weights when they are
+    local), the tasks with the contents of local task files, the limit and the number of shots."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model_id(model), sorted(tasks), limit, num_fewshot]).encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for p in list(model._module.parameters())[:: 7]:
+            if p.device.type != "meta":
+                h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    if include_path is not None:
+        for f in sorted(Path(include_path).rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def side_effects(
     model: Any,
     site: Site | None,
@@ -257,7 +278,7 @@ def side_effects(
         return task_metrics(res, tasks)
 
     out = SideEffects()
-    key = hashlib.sha256(json.dumps([model_id(model), sorted(tasks), limit, num_fewshot]).encode()).hexdigest()[:16]
+    key = clean_cache_key(model, tasks, limit, num_fewshot, include_path)
     cache = Path(cache_dir) / f"clean_{key}.json" if cache_dir is not None else None
     if cache is not None and cache.exists():
         out["clean"] = json.loads(cache.read_text())["metrics"]

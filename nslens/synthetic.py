@@ -35,7 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = "v2"
+EMBEDDED_VERSION = "v3"
 SYNTHETIC_LABELS = ["sports", "science", "business", "politics"]
 
 _TOPIC = {
@@ -57,10 +57,14 @@ _SHARED = {
     ("science", "politics"): "vaccine space agency climate",
     ("sports", "science"): "fitness injury speed record",
 }
-_GENERIC = "people year week month day report news plan group city country world team leader program story " \
+_GENERIC = "people year week month day report news plan group city country world leader program story " \
     "official result source update issue".split()
-_FUNCTION = "the a of in on and to with for after over at by from this its their said says was is has will new " \
-    "big first last more".split()
+# a small grammar gives the text word order that matters: DET (ADJ) NOUN VERB DET (ADJ) NOUN [PREP DET NOUN]
+_DET = "the a its their this".split()
+_ADJ = "new big first last major local".split()
+_VERB = "wins beats leads backs blocks raises cuts signs plans reports meets joins".split()
+_PREP = "in on at for after over with by from".split()
+_FUNCTION = _DET + _ADJ + _VERB + _PREP
 
 
 def _word_pools() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -73,24 +77,33 @@ def _word_pools() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
 
 
 def synthetic_text(label: int | None, rng: random.Random) -> str:
-    """One synthetic sentence for concept ``label`` (or a topic-free sentence when ``label`` is None)."""
+    """One synthetic sentence for concept ``label`` (or a topic-free sentence when ``label`` is None).
+
+    The grammar fixes where determiners, adjectives, verbs and prepositions go; nouns carry the topic: mostly the
+    concept's own words, some words it shares with another concept, a few stray words from other topics.
+    """
     topic, shared = _word_pools()
-    n = rng.randint(8, 16)
-    words: list[str] = []
     name = SYNTHETIC_LABELS[label] if label is not None else None
-    for _ in range(n):
+
+    def noun() -> str:
         r = rng.random()
-        if r < 0.35:
-            words.append(rng.choice(_FUNCTION))
-        elif name is None or r < 0.50:
-            words.append(rng.choice(_GENERIC))
-        elif r < 0.68:
-            words.append(rng.choice(shared[name]))
-        elif r < 0.72:  # a stray word from another topic: concepts overlap
-            other = rng.choice([k for k in SYNTHETIC_LABELS if k != name])
-            words.append(rng.choice(topic[other]))
-        else:
-            words.append(rng.choice(topic[name]))
+        if name is None:
+            return rng.choice(_GENERIC) if r < 0.6 else rng.choice(topic[rng.choice(SYNTHETIC_LABELS)])
+        if r < 0.60:
+            return rng.choice(topic[name])
+        if r < 0.85:
+            return rng.choice(shared[name])
+        if r < 0.90:
+            return rng.choice(topic[rng.choice([k for k in SYNTHETIC_LABELS if k != name])])
+        return rng.choice(_GENERIC)
+
+    def phrase() -> list[str]:
+        adj = [rng.choice(_ADJ)] if rng.random() < 0.4 else []
+        return [rng.choice(_DET), *adj, noun()]
+
+    words = [*phrase(), rng.choice(_VERB), *phrase()]
+    if rng.random() < 0.6:
+        words += [rng.choice(_PREP), *phrase()]
     return " ".join(words)
 
 

@@ -79,9 +79,9 @@ def test_side_effects_deltas_and_clean_cache(embedded, site, synth, tmp_path):
     for name in ivs:
         for k, v in res[name]["nslens_synth_ppl"].items():
             assert d[name]["nslens_synth_ppl"][k] == v - res["clean"]["nslens_synth_ppl"][k]
-    # zeroing the whole residual stream at the site makes the logits context-free: perplexity must rise
+    # heavy ungated zeroing (every neuron of the site) raises perplexity more than range masking the same neurons
+    assert d["neuron"]["nslens_synth_ppl"]["word_perplexity"] > d["range"]["nslens_synth_ppl"]["word_perplexity"]
     assert d["neuron"]["nslens_synth_ppl"]["word_perplexity"] > 0
-    assert res["range"] != res["neuron"]
     assert len(list((tmp_path / "cache").glob("clean_*.json"))) == 1
     # a second call reads the clean results from the cache: no lm-eval run without an intervention
     import nslens.harness as h
@@ -109,3 +109,21 @@ def test_bad_input(embedded, site, masks, tm, tmp_path):
     with pytest.raises(ValueError, match="made for another model/site: layer: mask has 1, model has 2"):
         side_effects(embedded, site, {"x": nslens.Intervention(other, nslens.zero())}, tasks=TASKS,
                      include_path=inc)
+
+
+def test_clean_cache_key_tracks_weights_and_tasks(embedded, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from nslens.harness import clean_cache_key
+
+    inc = local_tasks_dir(tmp_path / "t", n_mc=8, n_ppl=4)
+    key = clean_cache_key(embedded, TASKS, 5, 0, inc)
+    assert key == clean_cache_key(embedded, TASKS, 5, 0, inc)
+    assert key != clean_cache_key(embedded, TASKS, 6, 0, inc)
+    other = LlamaForCausalLM(embedded._module.config)
+    other.load_state_dict(embedded._module.state_dict())
+    with torch.no_grad():
+        other.model.embed_tokens.weight[0, 0] += 1.0  # retrained weights, same id and config
+    assert clean_cache_key(nslens.load_model(other, tokenizer=embedded.tokenizer), TASKS, 5, 0, inc) != key
+    (inc / "ppl.jsonl").write_text('{"text": "the game"}\n')  # changed task data
+    assert clean_cache_key(embedded, TASKS, 5, 0, inc) != key
