@@ -191,7 +191,7 @@ def task_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, 
     """``{task: {metric: value}}`` for the metrics nslens reports (acc, perplexities, bits per byte)."""
     out: dict[str, dict[str, float]] = {}
     for t in tasks:
-        r = results["results"].get(t, {})
+        r = results["results"].get(t) or results.get("groups", {}).get(t, {})  # groups such as mmlu
         vals = {k.split(",")[0]: float(v) for k, v in r.items()
                 if "," in k and k.split(",")[0] in METRIC_KEYS and isinstance(v, (int, float))}
         out[t] = vals

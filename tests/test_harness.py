@@ -127,3 +127,16 @@ def test_clean_cache_key_tracks_weights_and_tasks(embedded, tmp_path):
     assert clean_cache_key(nslens.load_model(other, tokenizer=embedded.tokenizer), TASKS, 5, 0, inc) != key
     (inc / "ppl.jsonl").write_text('{"text": "the game"}\n')  # changed task data
     assert clean_cache_key(embedded, TASKS, 5, 0, inc) != key
+
+
+def test_missing_lm_eval_names_the_extra(embedded, site, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"side effects need lm-eval: pip install 'nslens\[eval\]'"):
+        side_effects(embedded, site, {}, tasks=TASKS)
+
+
+def test_group_metrics_are_read(embedded):
+    res = {"results": {"mmlu_x": {"acc,none": 0.5}}, "groups": {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
+    assert task_metrics(res, ["mmlu", "mmlu_x"]) == {"mmlu": {"acc": 0.25}, "mmlu_x": {"acc": 0.5}}
