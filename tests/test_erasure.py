@@ -49,3 +49,41 @@ def test_end_to_end_target_accuracy_drops(embedded, site, synth):
     assert s["range"]["cconf"] >= s["neuron"]["cconf"]
     with pytest.raises(ValueError, match="1 masks for 4 concepts"):
         erasure_table(embedded, site, synth["test_prompts"], te.labels, ids, masks[:1], nslens.zero())
+
+
+@pytest.mark.parametrize("per_pass", [1, 3, 8])
+def test_fast_path_equals_naive_path(embedded, site, synth, per_pass):
+    tr, te = synth["train"], synth["test"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    rec = nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+    masks = nslens.build_range_masks(rec.stats, method="max", fraction=0.5)
+    args = (embedded, site, synth["test_prompts"][:30], te.labels[:30], ids, masks, nslens.adaptive_dampen(0.5))
+    fast = erasure_table(*args, batch_size=7, fast=True, per_pass=per_pass)
+    naive = erasure_table(*args, batch_size=7, fast=False)
+    for part in ("base", "neuron", "range"):
+        for a, b in zip(getattr(fast, part), getattr(naive, part)):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_predict_many_matches_predict_and_runs_remote_local(embedded, site, synth):
+    from nslens.erasure import predict_many
+
+    tr = synth["train"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    rec = nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+    mask = nslens.build_range_masks(rec.stats, fraction=0.3)[1]
+    ivs = [None, nslens.Intervention(mask, nslens.zero(), gated=False),
+           [nslens.Intervention(mask, nslens.dampen(0.5), gated=True),
+            nslens.Intervention(mask, nslens.zero(), gated=True, positions="last")]]
+    prompts = synth["test_prompts"][:9]
+    gold = np.asarray(ids)[synth["test"].labels[:9]]
+    many = predict_many(embedded, site, prompts, gold, ivs, batch_size=4, per_pass=2)
+    remote = predict_many(embedded, site, prompts, gold, ivs, batch_size=4, per_pass=2, remote="local")
+    for iv, got, rem in zip(ivs, many, remote):
+        ref = predict(embedded, site, prompts, gold, interventions=iv, batch_size=4)
+        np.testing.assert_array_equal(got.pred, ref.pred)
+        np.testing.assert_allclose(got.conf, ref.conf, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(rem.pred, got.pred)
+        np.testing.assert_array_equal(rem.conf, got.conf)
+    with pytest.raises(ValueError, match="per_pass must be >= 1"):
+        predict_many(embedded, site, prompts, gold, ivs, per_pass=0)
