@@ -28,11 +28,13 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check nslens tests experiments benchmarks
 
+BENCHES := bench_record bench_erasure bench_side_effects bench_memory
+
 bench: venv
-	$(PY) benchmarks/bench_side_effects.py
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py || exit 1; done
 
 bench-quick: venv
-	$(PY) benchmarks/bench_side_effects.py --quick
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

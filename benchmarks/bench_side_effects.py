@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, n_params, random_llama  # noqa: E402
+from common import QUICK, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.harness import NsLensLM, local_tasks_dir  # noqa: E402
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> float:
     from lm_eval.tasks import TaskManager
 
     tok = build_tokenizer()
-    hf = random_llama(args.quick, tok)
+    hf = random_llama(tok, **(QUICK if args.quick else {"hidden": 768, "intermediate": 2048, "layers": 8, "heads": 12}))
     model = nslens.load_model(hf, tokenizer=tok)
     site = nslens.resolve_site(model, -2)
     d = site.d_model

@@ -8,17 +8,19 @@ from collections.abc import Callable
 import torch
 
 
-def random_llama(quick: bool, tokenizer, layers: int = 8):
-    """~56M parameters (hidden 768, 8 layers), or a tiny one in --quick mode (CI smoke: runs, ratios not judged)."""
+def random_llama(tokenizer, *, hidden: int, intermediate: int, layers: int, heads: int):
+    """A randomly initialised Llama over ``tokenizer``'s vocabulary (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hidden, inter, heads = (128, 256, 4) if quick else (768, 2048, 12)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=4 if quick else layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlamaForCausalLM(cfg).eval()
+
+
+QUICK = {"hidden": 128, "intermediate": 256, "layers": 4, "heads": 4}  # CI smoke: runs, ratios not judged
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
