@@ -41,6 +41,15 @@ class Predictions:
     pred: np.ndarray  # int [N] predicted token id
 
 
+def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndarray,
+                 remote: bool | str) -> torch.Tensor:
+    gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
+    if len(gold) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(gold)} gold labels")
+    prepare_remote(remote)
+    return gold
+
+
 def predict(
     model: Any,
     site: Site,
@@ -54,10 +63,7 @@ def predict(
     desc: str = "predict",
 ) -> Predictions:
     """Greedy next-token predictions at the last position, optionally under interventions at the site."""
-    gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
-    if len(gold) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(gold)} gold labels")
-    prepare_remote(remote)
+    gold = _gold_tensor(prompts, gold_token_ids, remote)
     conf, pred = [], []
     parts = batches(len(prompts), batch_size)
     for i, sl in enumerate(parts):
@@ -110,10 +116,7 @@ def predict_many(
     """
     if per_pass < 1:
         raise ValueError(f"per_pass must be >= 1, got {per_pass}")
-    gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
-    if len(gold) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(gold)} gold labels")
-    prepare_remote(remote)
+    gold = _gold_tensor(prompts, gold_token_ids, remote)
     edits = [(i, iv) for i, iv in enumerate(interventions) if iv is not None]
     chunks = [edits[j:j + per_pass] for j in range(0, len(edits), per_pass)]
     conf: list[list[torch.Tensor]] = [[] for _ in interventions]
