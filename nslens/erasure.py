@@ -26,6 +26,7 @@ from .models import Site, read_site, site_module
 from .ops import Operator
 from .ranges import RangeMask
 from .record import Progress, batches, prepare_remote, tokenize
+from .remote import maybe_retry
 
 __all__ = ["METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many"]
 
@@ -50,6 +51,15 @@ def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndar
     return gold
 
 
+def _predict_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
+                   interventions: Any, remote: bool | str) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        with model.trace(enc, remote=remote):
+            apply_in_trace(model, site, interventions)
+            out = _last_token_outputs(model, g).save()
+    return out
+
+
 def predict(
     model: Any,
     site: Site,
@@ -69,10 +79,8 @@ def predict(
     for i, sl in enumerate(parts):
         enc = tokenize(model, prompts[sl])
         g = gold[sl]
-        with torch.no_grad():
-            with model.trace(enc, remote=remote):
-                apply_in_trace(model, site, interventions)
-                out = _last_token_outputs(model, g).save()
+        out = maybe_retry(remote, lambda enc=enc, g=g: _predict_batch(model, site, enc, g, interventions, remote),
+                          what=f"predict batch {i}")
         conf.append(out["conf"])
         pred.append(out["pred"])
         if progress is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "side_effect_table",
     "side_effects",
     "task_metrics",
+    "traced_logits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,19 +81,27 @@ def _lm_class() -> type:
 
         def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                         labels: torch.Tensor | None = None) -> torch.Tensor:
-            m = self.nn_model
-            with torch.no_grad():
-                with m.trace({"input_ids": inps}, remote=self.remote):
-                    if self.interventions is not None:
-                        apply_in_trace(m, self.site, self.interventions)
-                    logits = m.output.logits.save()
-            return logits
+            return traced_logits(self.nn_model, self.site, self.interventions, inps, self.remote)
 
     try:
         register_model("nslens")(NsLensLM)
     except (AssertionError, ValueError):  # already registered in this process
         pass
     return NsLensLM
+
+
+def traced_logits(model: Any, site: Site | None, interventions: Any, input_ids: torch.Tensor,
+                  remote: bool | str = False) -> torch.Tensor:
+    """Logits of one lm-eval batch through an nnsight trace, with the interventions applied at the site.
+
+    Module-level (not a method) so the trace captures only the model, site, interventions and inputs: that is
+    what ships to NDIF, never the lm-eval object."""
+    with torch.no_grad():
+        with model.trace({"input_ids": input_ids}, remote=remote):
+            if interventions is not None:
+                apply_in_trace(model, site, interventions)
+            logits = model.output.logits.save()
+    return logits
 
 
 def NsLensLM(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory that reads like the class

@@ -206,6 +206,9 @@ def load_model(
             raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path {name!r}")
         if quantize:
             raise ValueError("quantize applies to local models; remote models run as NDIF hosts them")
+        from .remote import check_remote
+
+        check_remote(name)
     if not is_local and not remote and "/" not in name:
         raise ValueError(f"model {name!r} is neither a local directory, 'embedded', nor a hub id (org/name)")
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .models import Site, model_id, read_site
+from .remote import maybe_retry
 from .stats import ConceptStats, batch_partials
 
 __all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "prepare_remote", "record", "tokenize"]
@@ -87,6 +88,8 @@ def record(
     remote: bool | str = False,
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> RecordResult:
     """Per-concept statistics of the site's activations over ``prompts``.
 
@@ -111,10 +114,20 @@ def record(
         "model_id": model_id(model), **site.describe(), "position": position, **(meta or {})})
     kept: list[np.ndarray] = []
     parts = batches(len(prompts), batch_size)
+    fingerprint = _fingerprint(prompts, labels, site, model_id(model), position, batch_size)
+    start = 0
+    if checkpoint is not None:
+        if keep_samples:
+            raise ValueError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
+        start = _resume(Path(checkpoint), fingerprint, stats)
     for i, sl in enumerate(parts):
+        if i < start:
+            continue
         enc = tokenize(model, prompts[sl])
         lab = torch.as_tensor(labels[sl])
-        part = _record_batch(model, site, enc, lab, c, position, keep_samples, remote)
+        part = maybe_retry(remote, lambda enc=enc, lab=lab: _record_batch(model, site, enc, lab, c, position,
+                                                                          keep_samples, remote),
+                           what=f"record batch {i}")
         if not bool(part["finite"]):
             raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
@@ -122,8 +135,12 @@ def record(
         room = max_samples - sum(len(k) for k in kept)
         if keep_samples and room > 0:
             kept.append(part["x"].float().numpy()[:room])
+        if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == len(parts)):
+            _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1)
         if progress is not None:
             progress("record", i + 1, len(parts))
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
     stats.meta["n_samples"] = int(len(prompts))
     samples = np.concatenate(kept) if keep_samples else None
     return RecordResult(stats, samples, labels[: len(samples)].copy() if samples is not None else None)
@@ -146,6 +163,52 @@ def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: tor
             part = part.save()
             tracer.stop()
     return part
+
+
+def _fingerprint(prompts: Sequence[str], labels: np.ndarray, site: Site, mid: str, position: str,
+                 batch_size: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps([mid, site.describe(), position, batch_size, len(prompts)]).encode())
+    for p in prompts:
+        h.update(p.encode() + b"\0")
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, fingerprint: str, stats: ConceptStats, done: int) -> None:
+    from safetensors.numpy import save_file
+
+    from .ranges import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"count": stats.count, "mean": stats.mean, "m2": stats.m2, "abs_sum": stats.abs_sum}, tmp,
+                  metadata={"format": "nslens.record-checkpoint/1", "fingerprint": fingerprint,
+                            "batches_done": str(done)})
+
+
+def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> int:
+    """Load a checkpoint into ``stats``; returns the number of batches already done (0 without a file)."""
+    if not path.exists():
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            md = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
+    except Exception as e:
+        raise ValueError(f"cannot read record checkpoint {path}: {e}") from e
+    if md.get("format") != "nslens.record-checkpoint/1":
+        raise ValueError(f"{path} is not an nslens record checkpoint")
+    if md.get("fingerprint") != fingerprint:
+        raise ValueError(f"record checkpoint {path} was written for another run (model, site, prompts, labels or "
+                         "batch size differ); delete it or choose another checkpoint file")
+    stats.count, stats.mean, stats.m2, stats.abs_sum = (arrays[k] for k in ("count", "mean", "m2", "abs_sum"))
+    done = int(md["batches_done"])
+    logger.info("resuming recording from %s after %d batches", path, done)
+    return done
 
 
 def bytes_per_batch(n_concepts: int, d_model: int) -> int:

@@ -69,3 +69,14 @@ def test_side_effects_command(embedded, tmp_path):
     r = nslens("side-effects", "--ranges", "ranges", "--limit", "8", "--out", "se", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "trimmed mean (10%)" in r.stdout and (tmp_path / "se.json").exists()
+
+
+def test_remote_bad_input(tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "nslens.cli", "record", "--out", "x.safetensors", "--remote",
+                        "--model", str(tmp_path)], capture_output=True, text=True, env=env_free, cwd=tmp_path)
+    assert r.returncode == 1 and "remote=True needs a hub model id" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "nslens.cli", "record", "--out", "x.safetensors", "--remote",
+                        "--model", "meta-llama/Llama-3.1-70B"], capture_output=True, text=True,
+                       env={**env_free, "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert r.returncode == 1 and "need an NDIF API key" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,110 @@
+"""Remote (NDIF) plumbing, tested offline: key handling, preflight errors, retries, resumable recording, and the
+lm-eval adapter under nnsight's remote="local" (the full serialize/deserialize path, in-process)."""
+
+import numpy as np
+import pytest
+
+import nslens
+from nslens.record import record
+from nslens.remote import check_remote, with_retries
+
+SECRET = "ndif-secret-key-123"
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    with pytest.raises(ValueError, match="remote runs need an NDIF API key: set NDIF_API_KEY"):
+        nslens.load_model("meta-llama/Llama-3.1-70B", remote=True)
+
+
+def test_unreachable_host_never_shows_the_key(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.setenv("NDIF_API_KEY", SECRET)
+    monkeypatch.setattr(CONFIG.API, "HOST", "http://127.0.0.1:9")  # closed port on this machine
+    with pytest.raises(ValueError, match=r"cannot reach NDIF at http://127.0.0.1:9") as err:
+        check_remote("meta-llama/Llama-3.1-70B", timeout=2.0)
+    assert SECRET not in str(err.value)
+
+
+def test_model_not_running(monkeypatch):
+    import nnsight.ndif
+
+    monkeypatch.setenv("NDIF_API_KEY", SECRET)
+    status = {"deployments": {"a": {"repo_id": "meta-llama/Llama-3.1-8B", "application_state": "RUNNING"},
+                              "b": {"repo_id": "meta-llama/Llama-3.1-70B", "application_state": "DEPLOYING"}}}
+    monkeypatch.setattr(nnsight.ndif, "_get", lambda *a, **k: status)
+    with pytest.raises(ValueError, match=r"'meta-llama/Llama-3.1-70B' is not running on NDIF .* running now: "
+                                         r"meta-llama/Llama-3.1-8B"):
+        check_remote("meta-llama/Llama-3.1-70B")
+    check_remote("meta-llama/Llama-3.1-8B")  # running: no error
+
+
+def test_retries_with_exponential_backoff():
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("dropped")
+        return "ok"
+
+    assert with_retries(flaky, attempts=3, base_delay=2.0, sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and sleeps == [2.0, 4.0]
+    with pytest.raises(ValueError, match=r"NDIF request failed after 2 attempts \(TimeoutError"):
+        with_retries(lambda: (_ for _ in ()).throw(TimeoutError("slow")), attempts=2, sleep=lambda s: None)
+    seen = []
+    with pytest.raises(KeyError):  # not transient: no retry
+        with_retries(lambda: seen.append(1) or {}["x"], attempts=5, sleep=lambda s: None)
+    assert len(seen) == 1
+
+
+def test_interrupted_record_resumes_from_checkpoint(embedded, site, synth, tmp_path):
+    prompts, tr = synth["train_prompts"][:30], synth["train"]
+    labels = tr.labels[:30]
+    ck = tmp_path / "record.ckpt"
+    full = record(embedded, site, prompts, labels, tr.label_names, batch_size=4)
+
+    def stop_after_3(desc, done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        record(embedded, site, prompts, labels, tr.label_names, batch_size=4, checkpoint=ck, checkpoint_every=1,
+               progress=stop_after_3)
+    assert ck.exists()
+    done = []
+    res = record(embedded, site, prompts, labels, tr.label_names, batch_size=4, checkpoint=ck, checkpoint_every=1,
+                 progress=lambda d, i, t: done.append(i))
+    assert done[0] == 4  # batches 1-3 were not recomputed
+    np.testing.assert_allclose(res.stats.mean, full.stats.mean, rtol=1e-12)
+    np.testing.assert_allclose(res.stats.m2, full.stats.m2, rtol=1e-9)
+    assert not ck.exists()
+    # a checkpoint from another run is refused
+    with pytest.raises(KeyboardInterrupt):
+        record(embedded, site, prompts, labels, tr.label_names, batch_size=4, checkpoint=ck, checkpoint_every=1,
+               progress=stop_after_3)
+    with pytest.raises(ValueError, match="was written for another run"):
+        record(embedded, site, prompts[:20], labels[:20], tr.label_names, batch_size=4, checkpoint=ck)
+
+
+def test_lm_eval_adapter_under_remote_local(embedded, site, synth, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from nslens.harness import NsLensLM, local_tasks_dir, task_metrics
+
+    tasks = ["nslens_synth_mc", "nslens_synth_ppl"]
+    tm = TaskManager(include_path=str(local_tasks_dir(tmp_path / "t", n_mc=12, n_ppl=6)), include_defaults=False)
+    rec = record(embedded, site, synth["train_prompts"], synth["train"].labels, synth["train"].label_names,
+                 batch_size=32)
+    iv = nslens.Intervention(nslens.build_range_masks(rec.stats, fraction=0.5)[0], nslens.zero())
+    out = {}
+    for remote in (False, "local"):
+        res = lm_eval.simple_evaluate(model=NsLensLM(embedded, site, iv, remote=remote, batch_size=8), tasks=tasks,
+                                      task_manager=tm, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        out[remote] = task_metrics(res, tasks)
+    assert out[False] == out["local"]
