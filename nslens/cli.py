@@ -26,6 +26,8 @@ LayerOpt = typer.Option(-2, "--layer", "-l", help="Decoder layer (negative count
 NOpt = typer.Option(400, "--n-per-class", help="Samples per concept before the train/test split.")
 BatchOpt = typer.Option(16, "--batch-size")
 RemoteOpt = typer.Option(False, "--remote", help="Run traces on NDIF (needs a hub id and NDIF_API_KEY).")
+QuantOpt = typer.Option(None, "--quantize", help="nf4 or int8 (bitsandbytes; local models).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
 
 
 @contextlib.contextmanager
@@ -81,17 +83,20 @@ def record_cmd(
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
     position: str = typer.Option("last", help="last or all tokens."),
     seed: int = typer.Option(0),
+    quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
+    checkpoint: Path | None = typer.Option(None, help="Save partial statistics here; re-run to resume."),
 ) -> None:
     """Record per-concept activation statistics at a site (training split)."""
     from .models import load_model, resolve_site
     from .pipeline import prepare_data, record_stats
 
-    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed)
-    m = load_model(cfg.model, remote=cfg.remote)
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed,
+                  quantize=quantize, dtype=dtype)
+    m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     with _progress() as cb:
         data = prepare_data(m, site, cfg, cb)
-        rec = record_stats(m, site, data, cfg, cb)
+        rec = record_stats(m, site, data, cfg, cb, checkpoint=checkpoint)
     rec.stats.save(out)
     console.print(f"[green]wrote[/] {out} ({int(rec.stats.count.sum())} samples, {site.d_model} neurons, "
                   f"{rec.stats.n_concepts} concepts, layer {site.layer})")
@@ -125,6 +130,7 @@ def erase_cmd(
     positions: str = typer.Option("all", help="all or last."),
     seed: int = typer.Option(0),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
+    quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
 ) -> None:
     """Evaluate neuron vs range masking of every concept on the test split."""
     from .erasure import erasure_table
@@ -134,9 +140,9 @@ def erase_cmd(
     from .ranges import load_masks
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
-                  positions=positions, seed=seed)
+                  positions=positions, seed=seed, quantize=quantize, dtype=dtype)
     op = make_operator(operator)
-    m = load_model(cfg.model, remote=cfg.remote)
+    m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
     with _progress() as cb:

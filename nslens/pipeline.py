@@ -103,6 +103,11 @@ class RunConfig:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.side_effect_limit is not None and not self.side_effect_limit > 0:
             raise ValueError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
+        if self.quantize is not None:
+            from .models import QUANTIZE_MODES
+
+            if self.quantize not in QUANTIZE_MODES:
+                raise ValueError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
         if self.n_per_class < 4:
             raise ValueError(f"n_per_class must be >= 4, got {self.n_per_class}")
 
@@ -179,10 +184,10 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
 
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
-                 progress: Progress | None = None) -> RecordResult:
+                 progress: Progress | None = None, checkpoint: str | Path | None = None) -> RecordResult:
     return record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
                   batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=cfg.method == "probe",
-                  remote=cfg.remote, progress=progress,
+                  remote=cfg.remote, progress=progress, checkpoint=checkpoint,
                   meta={"dataset": cfg.dataset, **data.train.source, "seed": cfg.seed})
 
 
