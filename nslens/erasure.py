@@ -101,6 +101,48 @@ def _last_token_outputs(model: Any, gold: torch.Tensor) -> dict[str, torch.Tenso
     return {"conf": p.gather(-1, gold.to(p.device)[:, None])[:, 0].cpu(), "pred": logits.argmax(-1).cpu()}
 
 
+def _many_batch_traces(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
+                       chunks: list[list[tuple[int, Any]]], in_session: bool) -> tuple[dict[str, torch.Tensor], list]:
+    """The clean pass (keeping the site value) and one replay pass per chunk of interventions."""
+    import nnsight
+
+    with model.trace(enc):
+        cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
+        if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
+            cached = nnsight.save(cached)
+        clean = _last_token_outputs(model, g).save()
+    h, is_tuple = cached["h"], cached["is_tuple"]
+    outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
+    for chunk in chunks:
+        k = len(chunk)
+        tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
+        with model.trace(tiled, logits_to_keep=1):
+            edited = []
+            for _, ivs in chunk:
+                e = h
+                for one in [ivs] if isinstance(ivs, Intervention) else list(ivs):
+                    e = edit_hidden(e, one)
+                edited.append(e)
+            value = torch.cat(edited)
+            value = (value,) if is_tuple else value
+            for layer in range(site.layer + 1):
+                _layer(model, site, layer).skip(value)
+            outs.append(_last_token_outputs(model, g.repeat(k)))
+    return clean, outs
+
+
+def _many_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
+                chunks: list[list[tuple[int, Any]]], remote: bool | str) -> tuple[dict[str, torch.Tensor], list]:
+    """One batch. Remotely its passes form one nnsight session: one request, and the cached site value never
+    leaves the server. Locally the same traces run directly (a session only adds overhead there)."""
+    with torch.no_grad():
+        if not remote:
+            return _many_batch_traces(model, site, enc, g, chunks, in_session=False)
+        with model.session(remote=remote):
+            clean, outs = _many_batch_traces(model, site, enc, g, chunks, in_session=True)
+    return clean, outs
+
+
 def predict_many(
     model: Any,
     site: Site,
@@ -117,7 +159,8 @@ def predict_many(
     """Predictions under many interventions, computing the layers below the site once per batch.
 
     For each batch, one clean pass keeps the site's value; every intervention then edits that cached value and
-    replays only the layers above the site (``Envoy.skip`` on the site layer and those below it returns the
+    replays only the layers above the site. A batch's passes form one nnsight session, so remotely they are one
+    request and the site value stays on the server (``Envoy.skip`` on the site layer and those below it returns the
     edited value without running them). Up to ``per_pass`` interventions share one forward (the batch is tiled)
     and only the last position's logits are computed (``logits_to_keep=1``). The results equal ``predict`` run
     once per intervention (tested), at a fraction of the cost. ``None`` in ``interventions`` means the clean model.
@@ -133,33 +176,14 @@ def predict_many(
     for b, sl in enumerate(parts):
         enc = tokenize(model, prompts[sl])
         g = gold[sl]
-        with torch.no_grad():
-            with model.trace(enc, remote=remote):
-                raw = site_module(model, site).output
-                cached = {"h": read_site(model, site), "is_tuple": isinstance(raw, tuple),
-                          **_last_token_outputs(model, g)}
-                cached = cached.save()
+        clean, outs = maybe_retry(remote, lambda enc=enc, g=g: _many_batch(model, site, enc, g, chunks, remote),
+                                  what=f"erase batch {b}")
+        rows = len(g)
         for i, iv in enumerate(interventions):
             if iv is None:
-                conf[i].append(cached["conf"])
-                pred[i].append(cached["pred"])
-        h, rows = cached["h"], len(g)
-        for chunk in chunks:
-            k = len(chunk)
-            tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
-            with torch.no_grad():
-                with model.trace(tiled, remote=remote, logits_to_keep=1):
-                    edited = []
-                    for _, ivs in chunk:
-                        e = h
-                        for one in [ivs] if isinstance(ivs, Intervention) else list(ivs):
-                            e = edit_hidden(e, one)
-                        edited.append(e)
-                    value = torch.cat(edited)
-                    value = (value,) if cached["is_tuple"] else value
-                    for layer in range(site.layer + 1):
-                        _layer(model, site, layer).skip(value)
-                    out = _last_token_outputs(model, g.repeat(k)).save()
+                conf[i].append(clean["conf"])
+                pred[i].append(clean["pred"])
+        for chunk, out in zip(chunks, outs):
             for j, (i, _) in enumerate(chunk):
                 conf[i].append(out["conf"][j * rows:(j + 1) * rows])
                 pred[i].append(out["pred"][j * rows:(j + 1) * rows])

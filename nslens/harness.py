@@ -76,6 +76,8 @@ def _lm_class() -> type:
             device = str(next(hf.parameters()).device) if any(True for _ in hf.parameters()) else "cpu"
             super().__init__(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, device=device,
                              **kwargs)
+            if self._device.type == "meta":  # a remote (NDIF) model has no local weights: inputs stay on the CPU
+                self._device = torch.device("cpu")
             self.nn_model, self.site, self.interventions, self.remote = model, site, interventions, remote
             prepare_remote(remote)
 

@@ -214,7 +214,7 @@ def load_model(
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
     tok = _prepare_tokenizer(tok)
     if remote:
-        model = TransformersModel(name, tokenizer=tok)
+        model = TransformersModel(name, tokenizer=tok, task="text-generation")
     else:
         kwargs: dict[str, Any] = {}
         if torch_dtype is not None:

@@ -108,3 +108,17 @@ def test_lm_eval_adapter_under_remote_local(embedded, site, synth, tmp_path):
                                       task_manager=tm, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
         out[remote] = task_metrics(res, tasks)
     assert out[False] == out["local"]
+
+
+def test_adapter_accepts_a_meta_remote_style_model(embedded):
+    """A remote model is a meta (weightless) model locally: the adapter must keep its inputs on the CPU."""
+    pytest.importorskip("lm_eval")
+    from nnsight import TransformersModel
+
+    from nslens.harness import NsLensLM
+    from nslens.synthetic import embedded_model_dir
+
+    meta = TransformersModel(str(embedded_model_dir()), tokenizer=embedded.tokenizer, task="text-generation")
+    assert next(meta._module.parameters()).device.type == "meta"
+    lm = NsLensLM(meta, remote=True)
+    assert lm.device.type == "cpu" and lm.remote is True
