@@ -74,6 +74,17 @@ class RunConfig:
     """Where activations are recorded: last (the label-predicting token) or all tokens."""
     positions: str = "all"
     """Where interventions apply: all positions (the edited model) or the last one."""
+    analyses: bool = True
+    """Normality, polysemanticity, distribution overlap, activation patterns and samples at the bounds (keeps up to
+    max_samples raw vectors)."""
+    max_samples: int = 20000
+    """Raw last-token vectors kept for the probe ranking and the analyses."""
+    sweeps: list[str] = field(default_factory=list)
+    """Sweeps to run: any of fraction, tau, layer (paper Fig. 4, Tables 10-11, 17)."""
+    sweep_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0])
+    sweep_taus: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.2, 1.8, 2.4, 2.5, 2.7, 3.0, 3.6, 4.5])
+    sweep_layers: list[int] | None = None
+    """Layers for the layer sweep (default: all)."""
     side_effects: bool = False
     """Also measure lm-eval side effects (paper Table 4) of neuron vs range masking for every concept."""
     side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext"])
@@ -103,6 +114,13 @@ class RunConfig:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.side_effect_limit is not None and not self.side_effect_limit > 0:
             raise ValueError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
+        unknown = sorted(set(self.sweeps) - {"fraction", "tau", "layer"})
+        if unknown:
+            raise ValueError(f"unknown sweeps {unknown}; choose from fraction, tau, layer")
+        for f in self.sweep_fractions:
+            check_fraction(f)
+        for t in self.sweep_taus:
+            check_tau(t)
         if self.quantize is not None:
             from .models import QUANTIZE_MODES
 
@@ -185,9 +203,10 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
                  progress: Progress | None = None, checkpoint: str | Path | None = None) -> RecordResult:
+    keep = (cfg.method == "probe" or cfg.analyses) and cfg.record_position == "last" and checkpoint is None
     return record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
-                  batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=cfg.method == "probe",
-                  remote=cfg.remote, progress=progress, checkpoint=checkpoint,
+                  batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=keep,
+                  max_samples=cfg.max_samples, remote=cfg.remote, progress=progress, checkpoint=checkpoint,
                   meta={"dataset": cfg.dataset, **data.train.source, "seed": cfg.seed})
 
 
@@ -229,6 +248,18 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         }
         if cfg.side_effects:
             summary["side_effects"] = _side_effects(model, site, masks, cfg, tmp, progress)
+        _write_texts(tmp / "train.jsonl", data.train)
+        if cfg.analyses and rec.samples is not None:
+            from .analysis import write_analyses
+            from .rank import rank
+
+            scores = rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
+            texts = data.prompter.prompts(data.train.texts[: len(rec.samples)])
+            write_analyses(tmp, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
+                           overlap_fraction=cfg.fraction)
+            summary["analyses"] = True
+        if cfg.sweeps:
+            summary["sweeps"] = _sweeps(model, site, rec, data, cfg, tmp, progress)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         from .report import write_report
@@ -267,6 +298,40 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig
         (out / f"side_effects_{op_name}.json").write_text(tab.to_json())
         result[op_name] = {"clean": tab.clean, **tab.summary()}
     return result
+
+
+def _write_texts(path: Path, ds: ConceptDataset) -> None:
+    with path.open("w") as f:
+        for t, y in zip(ds.texts, ds.labels.tolist()):
+            f.write(json.dumps({"text": t, "label": y}) + "\n")
+
+
+def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
+            progress: Progress | None) -> list[str]:
+    from .figures import plot_sweep
+    from .sweeps import fraction_sweep, layer_sweep, tau_sweep
+
+    op = make_operator(cfg.operators[0], alpha=cfg.alpha, beta=cfg.beta)
+    test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
+    common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions}
+    done = []
+    for param in cfg.sweeps:
+        if param == "fraction":
+            sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweep_fractions, method=cfg.method,
+                                tau=cfg.tau, progress=progress, **common)
+        elif param == "tau":
+            sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweep_taus, method=cfg.method,
+                           fraction=cfg.fraction, progress=progress, **common)
+        else:
+            sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
+                             layers=cfg.sweep_layers, method=cfg.method if cfg.method != "probe" else "max",
+                             fraction=cfg.fraction, tau=cfg.tau, batch_size=cfg.batch_size, remote=cfg.remote,
+                             progress=progress)
+        (out / f"sweep_{param}.json").write_text(sw.to_json())
+        (out / f"sweep_{param}.md").write_text(sw.to_markdown())
+        plot_sweep(sw, out / "figures" / f"sweep_{param}.png")
+        done.append(param)
+    return done
 
 
 def _slug(name: str) -> str:

@@ -42,6 +42,63 @@ def write_report(run_dir: str | Path) -> Path:
         for path in side:
             tab = SideEffectTable.from_json(path.read_text())
             lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+    lines += _analysis_sections(run)
+    lines += _sweep_sections(run)
     out = run / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def _analysis_sections(run: Path) -> list[str]:
+    path = run / "analysis.json"
+    if not path.exists():
+        return []
+    a = json.loads(path.read_text())
+    norm = a["normality"]
+    lines = ["## Normality of concept-conditioned activations", "",
+             "Skewness, Pearson kurtosis (normal = 3) and the share of practically normal neurons (KS statistic of "
+             f"the standardised activations against N(0, 1) <= {norm['ks_threshold']}), per concept; all neurons "
+             "and the concept's selected neurons.", "",
+             "| concept | skewness | kurtosis | practically normal | selected: skewness | kurtosis | practically normal |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in norm["all_neurons"].items():
+        w = norm["salient_neurons"][name]
+        lines.append(f"| {name} | {v['skewness']:+.3f} | {v['kurtosis']:.3f} | {v['practically_normal']:.3f} | "
+                     f"{w['skewness']:+.3f} | {w['kurtosis']:.3f} | {w['practically_normal']:.3f} |")
+    p = a["polysemanticity"]
+    lines += ["", "## Polysemanticity", "",
+              f"Share of each concept's top {p['fraction']:.0%} salient neurons that are also salient for another "
+              f"concept (rows: concept a, columns: concept b). {len(p['common_neurons'])} neurons are salient for "
+              "every concept.", "", "![polysemanticity](figures/polysemanticity.png)", ""]
+    d = a["distribution_overlap"]
+    lines += ["## Distribution overlap", "", f"Overlap = {d['definition']}; 1 = identical, 0 = separated.", "",
+              "| overlap quartile | share of (neuron, concept pair) |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in d["quartiles"].items()]
+    lines += ["", "## Activation patterns", "",
+              "Per-concept KDEs of the top-, middle- and bottom-ranked neuron of each concept; the shaded band is "
+              "the concept's range.", ""]
+    lines += [f"![patterns](figures/{f.name})" for f in sorted((run / "figures").glob("patterns_*.png"))]
+    lines += ["", "Neurons salient for every concept:", "", "![common](figures/common_neurons.png)", "",
+              "## Samples at the bounds", ""]
+    for name, b in a["bound_samples"].items():
+        lines.append(f"**{name}**, neuron {b['neuron']} (texts nearest the range's lower bound, mean mu and upper bound):")
+        for where in ("lower", "mean", "upper"):
+            text, act = b[where][0]
+            last = text.strip().splitlines()[-2] if "\n" in text.strip() else text
+            lines.append(f"- {where} ({act:+.3f}): `{last[:120]}`")
+        lines.append("")
+    return lines
+
+
+def _sweep_sections(run: Path) -> list[str]:
+    from .sweeps import Sweep
+
+    files = sorted(run.glob("sweep_*.json"))
+    if not files:
+        return []
+    lines = ["## Sweeps", "", "Accuracy after intervention (10 % trimmed means across concepts): target concept "
+             "(Acc) and the other concepts (CAcc).", ""]
+    for f in files:
+        sw = Sweep.from_json(f.read_text())
+        lines += [f"### {sw.param}", "", sw.to_markdown(), f"![sweep](figures/sweep_{sw.param}.png)", ""]
+    return lines

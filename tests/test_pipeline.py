@@ -29,6 +29,24 @@ def test_run_directory_contents(embedded, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_report_has_every_section(embedded, tmp_path):
+    run = run_pipeline(small_cfg(sweeps=["fraction", "tau", "layer"], sweep_fractions=[0.2, 1.0],
+                                 sweep_taus=[1.0, 2.5], sweep_layers=[1, 2]), tmp_path / "run", model=embedded)
+    report = (run / "report.md").read_text()
+    for section in ("## Concept erasure", "## Normality", "## Polysemanticity", "## Distribution overlap",
+                    "## Activation patterns", "## Samples at the bounds", "## Sweeps", "### fraction", "### tau",
+                    "### layer"):
+        assert section in report, section
+    for fig in ("polysemanticity", "patterns_00", "common_neurons", "sweep_fraction", "sweep_tau", "sweep_layer"):
+        assert (run / "figures" / f"{fig}.png").stat().st_size > 2000
+    import json
+
+    a = json.loads((run / "analysis.json").read_text())
+    assert set(a["normality"]["all_neurons"]) == {"sports", "science", "business", "politics", "dataset"}
+    with pytest.raises(ValueError, match="unknown sweeps \\['depth'\\]"):
+        small_cfg(sweeps=["depth"]).validate()
+
+
 def test_only_correct_keeps_correct_samples(embedded, tmp_path):
     run = run_pipeline(small_cfg(only_correct=True), tmp_path / "r", model=embedded)
     tab = json.loads((run / "erasure_zero.json").read_text())

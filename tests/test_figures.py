@@ -1,0 +1,29 @@
+import numpy as np
+import torch
+
+from nslens.figures import plot_activation_patterns, plot_common_neurons, plot_overlap_heatmap, plot_sweep
+from nslens.ranges import RangeMask
+from nslens.sweeps import Sweep
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG and len(data) > 2000
+
+
+def test_figures_render_headless(tmp_path, rng):
+    x = rng.normal(size=(90, 6)) + np.repeat(np.arange(3), 30)[:, None]
+    labels = np.repeat(np.arange(3), 30)
+    names = ["a", "b", "c"]
+    scores = np.abs(rng.normal(size=(3, 6)))
+    masks = [RangeMask(torch.tensor([0, 1]), [-1.0, -1.0], [1.0, 1.0], [0.0, 0.0], [0.4, 0.4], {}) for _ in names]
+    paths = [
+        plot_overlap_heatmap(np.eye(3), names, tmp_path / "h.png"),
+        plot_activation_patterns(x, labels, names, scores, masks, 0, tmp_path / "p.png"),
+        plot_common_neurons(x, labels, names, [1, 2], tmp_path / "c.png"),
+        plot_sweep(Sweep("tau", [1.0, 2.0], [{p: {"acc": 0.9, "cacc": 0.9} for p in ("base", "neuron", "range")}] * 2),
+                   tmp_path / "s.png"),
+    ]
+    assert all(is_png(p) for p in paths)

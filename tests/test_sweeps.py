@@ -1,0 +1,38 @@
+import pytest
+
+import nslens
+from nslens.erasure import erasure_table
+from nslens.sweeps import Sweep, fraction_sweep, layer_sweep, tau_sweep
+
+
+@pytest.fixture(scope="module")
+def setup(embedded, site, synth):
+    tr, te = synth["train"], synth["test"]
+    rec = nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    return rec, (synth["test_prompts"][:40], te.labels[:40], ids, nslens.zero())
+
+
+def test_fraction_and_tau_sweeps_equal_direct_tables(embedded, site, setup):
+    rec, test = setup
+    sw = fraction_sweep(embedded, site, rec.stats, *test, fractions=[0.1, 1.0], batch_size=32)
+    for f, s in zip(sw.values, sw.summaries):
+        direct = erasure_table(embedded, site, *test[:3], nslens.build_range_masks(rec.stats, fraction=f), test[3],
+                               batch_size=32).summary()
+        assert s == direct
+    assert sw.curve("neuron", "acc")[1] <= sw.curve("neuron", "acc")[0]  # masking every neuron erases more
+    tw = tau_sweep(embedded, site, rec.stats, *test, taus=[0.5, 2.5], fraction=0.5, batch_size=32)
+    # neuron masking ignores tau; a wider range masks more values
+    assert tw.summaries[0]["neuron"] == tw.summaries[1]["neuron"]
+    assert tw.curve("range", "acc")[1] <= tw.curve("range", "acc")[0]
+    assert Sweep.from_json(tw.to_json()).summaries == tw.summaries and "| 2.5 |" in tw.to_markdown()
+    with pytest.raises(ValueError, match="at least one value"):
+        tau_sweep(embedded, site, rec.stats, *test, taus=[])
+
+
+def test_layer_sweep_records_each_layer(embedded, synth):
+    tr, te = synth["train"], synth["test"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    sw = layer_sweep(embedded, synth["train_prompts"][:40], tr.labels[:40], tr.label_names,
+                     synth["test_prompts"][:24], te.labels[:24], ids, nslens.zero(), layers=[0, 3], batch_size=32)
+    assert sw.values == [0.0, 3.0] and len(sw.summaries) == 2
