@@ -217,6 +217,53 @@ def run_cmd(
     console.print(f"[green]run written to[/] {run} (report: {run / 'report.md'})")
 
 
+@app.command("analyze")
+def analyze_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`).")) -> None:
+    """Normality, polysemanticity, distribution overlap, activation patterns and samples at the bounds of a run."""
+    from .pipeline import analyze_run
+
+    report = analyze_run(run)
+    console.print(f"[green]analyses written to[/] {run} (report: {report})")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="Run config (.toml or .json)."),
+    param: str = typer.Option(..., "--param", help="fraction, tau or layer."),
+    values: str = typer.Option("", help="Comma-separated values (default: the config's sweep values)."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Erasure along masking fraction, tau or layer (one recording per layer), with a curve figure."""
+    from .pipeline import RunConfig, run_pipeline
+
+    cfg = RunConfig.from_file(config)
+    if param not in ("fraction", "tau", "layer"):
+        raise ValueError(f"unknown sweep {param!r}; choose from fraction, tau, layer")
+    cfg.sweeps, cfg.analyses = [param], False
+    if values:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+        if param == "fraction":
+            cfg.sweep_fractions = vals
+        elif param == "tau":
+            cfg.sweep_taus = vals
+        else:
+            cfg.sweep_layers = [int(v) for v in vals]
+    cfg.validate()
+    with _progress() as cb:
+        run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
+    out_console.print((run / f"sweep_{param}.md").read_text(), markup=False, highlight=False)
+    console.print(f"[green]sweep written to[/] {run} (figure: {run / 'figures' / f'sweep_{param}.png'})")
+
+
+@app.command("report")
+def report_cmd(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """(Re)write a run's report.md from what the run directory holds."""
+    from .report import write_report
+
+    console.print(f"[green]wrote[/] {write_report(run)}")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (replaced if it exists)."),

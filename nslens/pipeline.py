@@ -28,7 +28,7 @@ from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .record import POSITIONS, Progress, RecordResult, record
 
-__all__ = ["PreparedData", "RunConfig", "prepare_data", "run_pipeline"]
+__all__ = ["PreparedData", "RunConfig", "analyze_run", "prepare_data", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             from .rank import rank
 
             scores = rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
-            texts = data.prompter.prompts(data.train.texts[: len(rec.samples)])
+            texts = data.train.texts[: len(rec.samples)]
             write_analyses(tmp, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
                            overlap_fraction=cfg.fraction)
             summary["analyses"] = True
@@ -336,6 +336,36 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "concept"
+
+
+def analyze_run(run_dir: str | Path) -> Path:
+    """(Re)compute the analyses of an existing run from its saved raw samples, masks and training texts, then
+    rewrite its report."""
+    from safetensors.numpy import load_file
+
+    from .analysis import write_analyses
+    from .ranges import load_masks
+    from .rank import rank
+    from .report import write_report
+    from .stats import ConceptStats
+
+    run = Path(run_dir)
+    if not (run / "samples.safetensors").exists():
+        raise ValueError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
+    cfg = json.loads((run / "config.json").read_text())
+    raw = load_file(str(run / "samples.safetensors"))
+    stats = ConceptStats.load(run / "stats.safetensors")
+    masks = load_masks(run / "ranges")
+    with (run / "train.jsonl").open() as f:
+        texts = [json.loads(line)["text"] for line in f]
+    labels = raw["labels"].astype(np.int64)
+    scores = rank(cfg["method"], stats, raw["samples"], labels)
+    write_analyses(run, raw["samples"], labels, texts[: len(labels)], stats.label_names, masks, scores,
+                   overlap_fraction=cfg["fraction"])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["analyses"] = True
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return write_report(run)
 
 
 def load_run_masks(run_dir: str | Path, site: Site | None = None) -> list[RangeMask]:

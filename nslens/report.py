@@ -13,6 +13,8 @@ __all__ = ["write_report"]
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` from ``summary.json``, ``config.json`` and the ``erasure_*.json`` tables."""
     run = Path(run_dir)
+    if not (run / "summary.json").exists():
+        raise ValueError(f"{run} is not an nslens run directory (no summary.json)")
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     site = summary["site"]
@@ -84,8 +86,7 @@ def _analysis_sections(run: Path) -> list[str]:
         lines.append(f"**{name}**, neuron {b['neuron']} (texts nearest the range's lower bound, mean mu and upper bound):")
         for where in ("lower", "mean", "upper"):
             text, act = b[where][0]
-            last = text.strip().splitlines()[-2] if "\n" in text.strip() else text
-            lines.append(f"- {where} ({act:+.3f}): `{last[:120]}`")
+            lines.append(f"- {where} ({act:+.3f}): `{text[:120]}`")
         lines.append("")
     return lines
 

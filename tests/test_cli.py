@@ -80,3 +80,27 @@ def test_remote_bad_input(tmp_path):
                         "--model", "meta-llama/Llama-3.1-70B"], capture_output=True, text=True,
                        env={**env_free, "HOME": str(tmp_path)}, cwd=tmp_path)
     assert r.returncode == 1 and "need an NDIF API key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_analyze_sweep_report_commands(embedded, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('fraction = 0.5\nn_per_class = 16\nbatch_size = 32\nanalyses = false\n')
+    r = nslens("run", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run" / "analysis.json").exists()
+    r = nslens("analyze", str(tmp_path / "run"))
+    assert r.returncode == 1 and "no raw samples" in r.stderr
+    cfg.write_text('fraction = 0.5\nn_per_class = 16\nbatch_size = 32\n')
+    assert nslens("run", str(cfg), "--out", str(tmp_path / "run2")).returncode == 0
+    (tmp_path / "run2" / "analysis.json").unlink()
+    r = nslens("analyze", str(tmp_path / "run2"))
+    assert r.returncode == 0, r.stderr
+    assert "## Polysemanticity" in (tmp_path / "run2" / "report.md").read_text()
+    r = nslens("sweep", str(cfg), "--param", "tau", "--values", "1,2.5", "--out", str(tmp_path / "sw"))
+    assert r.returncode == 0, r.stderr
+    assert "| 2.5 |" in r.stdout and (tmp_path / "sw" / "figures" / "sweep_tau.png").exists()
+    r = nslens("sweep", str(cfg), "--param", "depth")
+    assert r.returncode == 1 and "unknown sweep 'depth'" in r.stderr
+    r = nslens("report", str(tmp_path))
+    assert r.returncode == 1 and "not an nslens run directory" in r.stderr
+    assert nslens("report", str(tmp_path / "sw")).returncode == 0

@@ -119,3 +119,11 @@ def test_table4_experiment_smoke(embedded, tmp_path):
                  "--operators", "zero", "--out", str(tmp_path / "t4"), "--batch-size", "32"])
     text = (tmp_path / "t4" / "table4.md").read_text()
     assert "| zero | nslens_synth_ppl word_perplexity |" in text and "| zero | nslens_synth_mc acc |" in text
+
+
+def test_sweeps_experiment_smoke(embedded, tmp_path):
+    mod = runpy.run_path(str(ROOT / "experiments" / "sweeps.py"))
+    mod["main"](["--model", "embedded", "--dataset", "synthetic", "--limit", "16", "--sweeps", "fraction", "tau",
+                 "--out", str(tmp_path / "sw"), "--batch-size", "32"])
+    assert (tmp_path / "sw" / "figures" / "sweep_tau.png").exists()
+    assert "## Normality" in (tmp_path / "sw" / "report.md").read_text()
