@@ -217,6 +217,37 @@ def run_cmd(
     console.print(f"[green]run written to[/] {run} (report: {run / 'report.md'})")
 
 
+@app.command("sae")
+def sae_cmd(
+    model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
+    batch_size: int = BatchOpt, remote: bool = RemoteOpt,
+    sae_path: Path | None = typer.Option(None, "--sae-path", help="Gemma Scope params.npz."),
+    release: str | None = typer.Option(None, help="sae-lens release, e.g. gemma-scope-2b-pt-res."),
+    sae_id: str | None = typer.Option(None, "--sae-id", help="e.g. layer_25/width_16k/average_l0_285."),
+    operators: str = typer.Option("zero", help="Comma-separated operators."),
+    ranges_over: str = typer.Option("firing", help="firing or all samples of the concept."),
+    side_effects: bool = typer.Option(True, help="Also measure lm-eval perplexity / MMLU."),
+    limit: float | None = typer.Option(None, help="lm-eval --limit."),
+    out: Path = typer.Option(Path("runs/sae"), "--out", "-o"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Range masking of SAE features (Gemma Scope JumpReLU) vs feature masking: paper Tables 31-32."""
+    from .pipeline import run_pipeline
+
+    if not sae_path and not release:
+        raise ValueError("name the SAE: --sae-path params.npz, or --release R --sae-id ID")
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, sae_path=str(sae_path) if sae_path else None,
+                  sae_release=release, sae_id=sae_id, sae_ranges_over=ranges_over, side_effects=side_effects,
+                  side_effect_limit=limit, operators=[o.strip() for o in operators.split(",") if o.strip()],
+                  analyses=False)
+    with _progress() as cb:
+        run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
+    report = (run / "report.md").read_text()
+    section = report[report.index("## SAE features"):].split("\n## ")[0]
+    out_console.print(section, markup=False, highlight=False)
+    console.print(f"[green]run written to[/] {run}")
+
+
 @app.command("analyze")
 def analyze_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`).")) -> None:
     """Normality, polysemanticity, distribution overlap, activation patterns and samples at the bounds of a run."""

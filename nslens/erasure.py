@@ -282,11 +282,13 @@ def erasure_table(
     progress: Progress | None = None,
     fast: bool = True,
     per_pass: int = 8,
+    sae: Any = None,
 ) -> ErasureTable:
     """The full table: the clean model, then neuron and range masking of every concept's mask.
 
     ``fast`` (default) computes the layers below the site once per batch (``predict_many``); ``fast=False`` runs
-    2C + 1 full forward passes over the test set (the reference path; same numbers).
+    2C + 1 full forward passes over the test set (the reference path; same numbers). With ``sae`` the masks select
+    SAE features and "neuron" masking is feature masking.
     """
     labels = np.asarray(labels, dtype=np.int64)
     label_token_ids = list(label_token_ids)
@@ -295,7 +297,8 @@ def erasure_table(
     gold = np.asarray(label_token_ids)[labels]
     concepts = [m.concept for m in masks]
 
-    ivs = [Intervention(mask, operator, gated=gated, positions=positions) for mask in masks for gated in (False, True)]
+    ivs = [Intervention(mask, operator, gated=gated, positions=positions, sae=sae)
+           for mask in masks for gated in (False, True)]
     if fast:
         preds = predict_many(model, site, prompts, gold, [None, *ivs], batch_size=batch_size, per_pass=per_pass,
                              remote=remote, progress=progress, desc=f"erase ({operator.label})")

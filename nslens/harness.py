@@ -374,6 +374,7 @@ def side_effect_table(
     tasks: Sequence[str] = DEFAULT_TASKS,
     positions: str = "all",
     progress: Any = None,
+    sae: Any = None,
     **kwargs: Any,
 ) -> SideEffectTable:
     """Neuron vs range masking of every concept's mask, measured with lm-eval (``kwargs`` go to
@@ -381,8 +382,8 @@ def side_effect_table(
     ivs: dict[str, Intervention] = {}
     for m in masks:
         for gated in (False, True):
-            iv = Intervention(m, operator, gated=gated, positions=positions)
-            ivs[f"{m.concept}/{iv.kind}"] = iv
+            iv = Intervention(m, operator, gated=gated, positions=positions, sae=sae)
+            ivs[f"{m.concept}/{'range' if gated else 'neuron'}"] = iv
     res = side_effects(model, site, ivs, tasks=tasks, progress=progress, **kwargs)
     d = res.deltas()
     return SideEffectTable(

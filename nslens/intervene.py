@@ -34,8 +34,15 @@ class Intervention:
     operator: Operator
     gated: bool = True
     positions: str = "all"
+    sae: Any = None
+    """A ``JumpReLUSAE``: the mask then selects SAE features, edited in the SAE's basis with the error term kept."""
 
     def __post_init__(self) -> None:
+        is_sae_mask = self.mask.meta.get("basis") == "sae"
+        if is_sae_mask and self.sae is None:
+            raise ValueError("this mask selects SAE features: pass the SAE (Intervention(..., sae=sae))")
+        if self.sae is not None and not is_sae_mask:
+            raise ValueError("an SAE intervention needs a mask of SAE features (nslens.sae.build_feature_masks)")
         if self.positions not in INTERVENE_POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.operator.values is not None and self.operator.values.numel() != len(self.mask):
@@ -48,28 +55,42 @@ class Intervention:
 
     @property
     def kind(self) -> str:
-        return "range" if self.gated else "neuron"
+        return "range" if self.gated else ("feature" if self.sae is not None else "neuron")
 
     def describe(self) -> dict[str, Any]:
         return {"concept": self.mask.concept, "kind": self.kind, "operator": self.operator.describe(),
-                "positions": self.positions, "neurons": len(self.mask)}
+                "positions": self.positions, "neurons": len(self.mask), "basis": "sae" if self.sae else "neurons"}
 
 
 def edit_hidden(h: torch.Tensor, iv: Intervention) -> torch.Tensor:
-    """The edited copy of hidden states ``h`` ``[batch, seq, d]`` (pure tensor code; local or remote)."""
+    """The edited copy of hidden states ``h`` ``[batch, seq, d]`` (pure tensor code; local or remote).
+
+    With an SAE the same gated edit applies to the selected *features*: f = encode(h), f' = edit(f), and
+    decode(f') + (h - decode(f)) is returned, so unchanged features leave h unchanged up to float rounding."""
     m = iv.mask
     idx = m.neurons.to(h.device)
+    if iv.sae is not None:
+        f = iv.sae.encode(h)
+        err = h.float() - iv.sae.decode(f)
+        y = _edit_selected(f.index_select(-1, idx), iv)
+        return (iv.sae.decode(f.index_copy(-1, idx, y)) + err).to(h.dtype)
     x = h.index_select(-1, idx)
+    return h.index_copy(-1, idx, _edit_selected(x, iv).to(h.dtype))
+
+
+def _edit_selected(x: torch.Tensor, iv: Intervention) -> torch.Tensor:
+    """phi (gated or not, all or last positions) of the selected columns ``x`` ``[batch, seq, k]``."""
+    m = iv.mask
     x32 = x.float()
-    mu, sigma = m.mu.to(h.device), m.sigma.to(h.device)
+    mu, sigma = m.mu.to(x.device), m.sigma.to(x.device)
     y = iv.operator(x32, mu, sigma, iv.tau)
     if iv.gated:
-        inside = (x32 >= m.lo.to(h.device)) & (x32 <= m.hi.to(h.device))
+        inside = (x32 >= m.lo.to(x.device)) & (x32 <= m.hi.to(x.device))
         y = torch.where(inside, y, x32)
-    y = y.to(h.dtype)
+    y = y.to(x.dtype)
     if iv.positions == "last":
         y = torch.cat([x[:, :-1], y[:, -1:]], dim=1)
-    return h.index_copy(-1, idx, y)
+    return y
 
 
 def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequence[Intervention] | None) -> None:

@@ -85,6 +85,18 @@ class RunConfig:
     sweep_taus: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.2, 1.8, 2.4, 2.5, 2.7, 3.0, 3.6, 4.5])
     sweep_layers: list[int] | None = None
     """Layers for the layer sweep (default: all)."""
+    sae_path: str | None = None
+    """A Gemma Scope params.npz: range-mask SAE features at the site instead of neurons (paper Appendix N)."""
+    sae_release: str | None = None
+    """Or an SAE by sae-lens release (e.g. gemma-scope-2b-pt-res) ..."""
+    sae_id: str | None = None
+    """... and id (e.g. layer_25/width_16k/average_l0_285)."""
+    sae_ranges_over: str = "firing"
+    """SAE feature ranges over the concept's firing samples (default) or all its samples."""
+    sae_min_fire: float = 0.1
+    """A feature is a candidate for a concept if it fires on at least this share of the concept's samples."""
+    sae_top: float = 0.2
+    """Share of candidates (by mean activation) selected per concept."""
     side_effects: bool = False
     """Also measure lm-eval side effects (paper Table 4) of neuron vs range masking for every concept."""
     side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext"])
@@ -114,6 +126,12 @@ class RunConfig:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.side_effect_limit is not None and not self.side_effect_limit > 0:
             raise ValueError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
+        if self.sae_path and (self.sae_release or self.sae_id):
+            raise ValueError("give either sae_path or sae_release + sae_id, not both")
+        if bool(self.sae_release) != bool(self.sae_id):
+            raise ValueError("sae_release and sae_id go together")
+        if self.sae_ranges_over not in ("firing", "all"):
+            raise ValueError(f"unknown sae_ranges_over {self.sae_ranges_over!r}; choose firing or all")
         unknown = sorted(set(self.sweeps) - {"fraction", "tau", "layer"})
         if unknown:
             raise ValueError(f"unknown sweeps {unknown}; choose from fraction, tau, layer")
@@ -224,20 +242,27 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         data = prepare_data(model, site, cfg, progress)
-        rec = record_stats(model, site, data, cfg, progress)
-        rec.stats.save(tmp / "stats.safetensors")
-        if rec.samples is not None:
-            rec.save_samples(tmp / "samples.safetensors")
-        masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
-                                  samples=rec.samples, sample_labels=rec.sample_labels)
+        sae = load_run_sae(cfg)
+        rec = None
+        if sae is not None:
+            masks = _sae_masks(model, site, sae, data, cfg, tmp, progress)
+        else:
+            rec = record_stats(model, site, data, cfg, progress)
+            rec.stats.save(tmp / "stats.safetensors")
+            if rec.samples is not None:
+                rec.save_samples(tmp / "samples.safetensors")
+            masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
+                                      samples=rec.samples, sample_labels=rec.sample_labels)
         for i, m in enumerate(masks):
             m.save(tmp / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
+        if sae is not None:
+            sae.save_npz(tmp / "sae_params.npz")
         tables: dict[str, ErasureTable] = {}
         for op_name in cfg.operators:
             op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                                 positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
-                                progress=progress)
+                                progress=progress, sae=sae)
             tables[op_name] = tab
             for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
                 (tmp / f"erasure_{op_name}.{ext}").write_text(text)
@@ -246,10 +271,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             "n_train": len(data.train), "n_test": len(data.test), "neurons_per_concept": len(masks[0]),
             "erasure": {k: t.summary() for k, t in tables.items()},
         }
+        if sae is not None:
+            summary["basis"] = "sae"
         if cfg.side_effects:
-            summary["side_effects"] = _side_effects(model, site, masks, cfg, tmp, progress)
+            summary["side_effects"] = _side_effects(model, site, masks, cfg, tmp, progress, sae)
         _write_texts(tmp / "train.jsonl", data.train)
-        if cfg.analyses and rec.samples is not None:
+        if cfg.analyses and rec is not None and rec.samples is not None:
             from .analysis import write_analyses
             from .rank import rank
 
@@ -258,7 +285,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             write_analyses(tmp, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
                            overlap_fraction=cfg.fraction)
             summary["analyses"] = True
-        if cfg.sweeps:
+        if cfg.sweeps and rec is not None:
             summary["sweeps"] = _sweeps(model, site, rec, data, cfg, tmp, progress)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -283,8 +310,32 @@ def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
     return list(cfg.side_effect_tasks), cfg.lm_eval_include
 
 
+def load_run_sae(cfg: RunConfig) -> Any:
+    """The SAE a run config names (npz path or sae-lens release + id), or None."""
+    from .sae import load_sae, load_sae_npz
+
+    if cfg.sae_path:
+        return load_sae_npz(cfg.sae_path)
+    if cfg.sae_release:
+        return load_sae(cfg.sae_release, cfg.sae_id or "")
+    return None
+
+
+def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunConfig, out: Path,
+               progress: Progress | None) -> list[RangeMask]:
+    from .sae import build_feature_masks, feature_table31, record_features, save_sae_meta, select_features
+
+    sae.check(site)
+    fst = record_features(model, site, sae, data.prompts(data.train), data.train.labels, data.train.label_names,
+                          batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
+    selection = select_features(fst, min_fire=cfg.sae_min_fire, top=cfg.sae_top)
+    masks = build_feature_masks(fst, selection, tau=cfg.tau, ranges_over=cfg.sae_ranges_over)
+    save_sae_meta(out / "sae.json", sae, feature_table31(fst, selection, cfg.sae_min_fire))
+    return masks
+
+
 def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig, out: Path,
-                  progress: Progress | None) -> dict[str, Any]:
+                  progress: Progress | None, sae: Any = None) -> dict[str, Any]:
     from .harness import default_cache_dir, side_effect_table
 
     tasks, include = side_effect_tasks(cfg)
@@ -293,7 +344,7 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig
         op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
         tab = side_effect_table(model, site, masks, op, tasks=tasks, positions=cfg.positions, limit=cfg.side_effect_limit,
                                 include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,
-                                remote=cfg.remote, progress=progress)
+                                remote=cfg.remote, progress=progress, sae=sae)
         (out / f"side_effects_{op_name}.md").write_text(tab.to_markdown())
         (out / f"side_effects_{op_name}.json").write_text(tab.to_json())
         result[op_name] = {"clean": tab.clean, **tab.summary()}

@@ -128,7 +128,10 @@ class RangeMask:
                  for k in ("d_model", "n_layers", "layer") if k in expect and self.meta.get(k) != expect[k]]
         if diffs:
             raise ValueError(f"{source} was made for another model/site: " + "; ".join(diffs))
-        if "d_model" in expect and int(self.neurons.max()) >= int(expect["d_model"]):
+        if self.meta.get("basis") == "sae":
+            if int(self.neurons.max()) >= int(self.meta.get("d_sae", 0)):
+                raise ValueError(f"{source} selects SAE feature {int(self.neurons.max())} >= d_sae {self.meta.get('d_sae')}")
+        elif "d_model" in expect and int(self.neurons.max()) >= int(expect["d_model"]):
             raise ValueError(f"{source} selects neuron {int(self.neurons.max())} >= d_model {expect['d_model']}")
 
 

@@ -44,6 +44,7 @@ def write_report(run_dir: str | Path) -> Path:
         for path in side:
             tab = SideEffectTable.from_json(path.read_text())
             lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+    lines += _sae_sections(run)
     lines += _analysis_sections(run)
     lines += _sweep_sections(run)
     out = run / "report.md"
@@ -103,3 +104,28 @@ def _sweep_sections(run: Path) -> list[str]:
         sw = Sweep.from_json(f.read_text())
         lines += [f"### {sw.param}", "", sw.to_markdown(), f"![sweep](figures/sweep_{sw.param}.png)", ""]
     return lines
+
+
+def _sae_sections(run: Path) -> list[str]:
+    path = run / "sae.json"
+    if not path.exists():
+        return []
+    from .erasure import METRICS
+    from .sae import table31_markdown
+
+    meta = json.loads(path.read_text())
+    src = meta["sae"].get("release", "") + " " + meta["sae"].get("sae_id", meta["sae"].get("source", ""))
+    lines = ["## SAE features (paper Appendix N)", "",
+             f"SAE `{src.strip()}`: d_in {meta['d_in']}, {meta['d_sae']} features. Feature selection statistics "
+             "(paper Table 31):", "", table31_markdown(meta["table31"]),
+             "Feature masking (every value of the selected features) vs range masking (values in the concept's "
+             "range), 10 % trimmed means across concepts (paper Table 32):", "",
+             "| operator | masking | ΔAcc | ΔConf | ΔCAcc | ΔCConf | ΔPPL |", "|---|---|---|---|---|---|---|"]
+    summary = json.loads((run / "summary.json").read_text())
+    for op, s in summary["erasure"].items():
+        side = summary.get("side_effects", {}).get(op, {})
+        for part, label in (("neuron", "feature"), ("range", "range")):
+            ppl = [v for k, v in side.get(part, {}).items() if k.endswith("word_perplexity")]
+            lines.append(f"| {op} | {label} | " + " | ".join(f"{s[part][k]:+.3f}" for k in METRICS) + " | "
+                         + (f"{ppl[0]:+.3f}" if ppl else "n/a") + " |")
+    return [*lines, ""]
