@@ -248,6 +248,74 @@ def sae_cmd(
     console.print(f"[green]run written to[/] {run}")
 
 
+@app.command("neg")
+def neg_cmd(
+    model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt,
+    kind: str = typer.Option("product", help="product (default), up_proj, act_fn or residual."),
+    prompts: int = typer.Option(8, help="Prompts (test split) to sweep."),
+    neurons: int = typer.Option(16, help="Neurons sampled per prompt."),
+    log_prob: bool = typer.Option(False, help="Differentiate log p instead of p."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/neg"), "--out", "-o"),
+) -> None:
+    """NEG linearity: ground-truth shift sweeps vs NeurGrad (NEG paper Tables 1-2): share of linear neurons,
+    polarity split, correlation and MAE."""
+    import json as _json
+
+    from .models import load_model, resolve_site
+    from .neg import linearity_report, resolve_neuron_site
+    from .pipeline import prepare_data
+
+    cfg = _config(model, dataset, layer, 50, 16, False, seed=seed)
+    m = load_model(cfg.model)
+    ns = resolve_neuron_site(m, layer, kind)
+    data = prepare_data(m, resolve_site(m, layer), cfg)
+    sub = data.test.subset(list(range(min(prompts, len(data.test)))))
+    gold = [data.label_ids[y] for y in sub.labels]
+    with _progress() as cb:
+        rep = linearity_report(m, ns, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
+                               progress=cb)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "neg.md").write_text(f"NEG linearity at layer {ns.site.layer} ({kind}, {ns.width} neurons)\n\n"
+                                + rep.to_markdown())
+    (out / "neg.json").write_text(_json.dumps(rep.summary(), indent=2))
+    out_console.print(rep.to_markdown(), markup=False, highlight=False)
+
+
+@app.command("probe")
+def probe_cmd(
+    model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
+    kind: str = typer.Option("product", help="product (default), up_proj, act_fn or residual."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/probe"), "--out", "-o"),
+) -> None:
+    """Skill-neuron probes (Polar, Magn, Tree) on NeurGrad features; the dataset's labels are the options."""
+    import json as _json
+
+    from .models import load_model, resolve_site
+    from .neg import neurgrad, resolve_neuron_site
+    from .pipeline import _load_concepts
+    from .probes import evaluate_probes
+
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, False, seed=seed)
+    m = load_model(cfg.model)
+    ns = resolve_neuron_site(m, layer, kind)
+    resolve_site(m, layer)
+    ds = _load_concepts(cfg)
+    from .data import FewShotPrompter, label_token_ids
+
+    ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
+    prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
+    with _progress() as cb:
+        neg = neurgrad(m, ns, prompter.prompts(ds.texts), options=ids, batch_size=batch_size, progress=cb)
+    res = evaluate_probes(neg, ds.labels, ds.texts, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.md").write_text(res.to_markdown())
+    (out / "probes.json").write_text(_json.dumps(res.__dict__, indent=2))
+    out_console.print(res.to_markdown(), markup=False, highlight=False)
+
+
 @app.command("analyze")
 def analyze_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`).")) -> None:
     """Normality, polysemanticity, distribution overlap, activation patterns and samples at the bounds of a run."""

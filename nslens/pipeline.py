@@ -46,7 +46,7 @@ class RunConfig:
     layer: int = -2
     """Decoder layer whose output is the site; negative counts from the end (-2 = penultimate)."""
     method: str = "max"
-    """Saliency ranking: max, probeless or probe."""
+    """Saliency ranking: max, probeless, probe or neurgrad."""
     fraction: float = 0.3
     """Top fraction of neurons selected per concept, in (0, 1]."""
     tau: float = DEFAULT_TAU
@@ -251,8 +251,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             rec.stats.save(tmp / "stats.safetensors")
             if rec.samples is not None:
                 rec.save_samples(tmp / "samples.safetensors")
+            scores = _scores(model, site, rec, data, cfg, progress)
+            np.save(tmp / "scores.npy", scores)
             masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
-                                      samples=rec.samples, sample_labels=rec.sample_labels)
+                                      samples=rec.samples, sample_labels=rec.sample_labels, scores=scores)
         for i, m in enumerate(masks):
             m.save(tmp / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
         if sae is not None:
@@ -278,9 +280,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         _write_texts(tmp / "train.jsonl", data.train)
         if cfg.analyses and rec is not None and rec.samples is not None:
             from .analysis import write_analyses
-            from .rank import rank
 
-            scores = rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
             texts = data.train.texts[: len(rec.samples)]
             write_analyses(tmp, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
                            overlap_fraction=cfg.fraction)
@@ -351,6 +351,19 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig
     return result
 
 
+def _scores(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig,
+            progress: Progress | None) -> Any:
+    """Saliency scores [C, d] of the run's ranking method."""
+    from .rank import rank
+
+    if cfg.method == "neurgrad":
+        from .neg import neurgrad_concept_scores
+
+        return neurgrad_concept_scores(model, site, data.prompts(data.train), data.train.labels, data.label_ids,
+                                       batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
+    return rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
+
+
 def _write_texts(path: Path, ds: ConceptDataset) -> None:
     with path.open("w") as f:
         for t, y in zip(ds.texts, ds.labels.tolist()):
@@ -368,14 +381,16 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
     done = []
     for param in cfg.sweeps:
         if param == "fraction":
-            sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweep_fractions, method=cfg.method,
+            sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweep_fractions,
+                                method=cfg.method if cfg.method in ("max", "probeless") else "max",
                                 tau=cfg.tau, progress=progress, **common)
         elif param == "tau":
-            sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweep_taus, method=cfg.method,
+            sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweep_taus,
+                           method=cfg.method if cfg.method in ("max", "probeless") else "max",
                            fraction=cfg.fraction, progress=progress, **common)
         else:
             sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
-                             layers=cfg.sweep_layers, method=cfg.method if cfg.method != "probe" else "max",
+                             layers=cfg.sweep_layers, method=cfg.method if cfg.method in ("max", "probeless") else "max",
                              fraction=cfg.fraction, tau=cfg.tau, batch_size=cfg.batch_size, remote=cfg.remote,
                              progress=progress)
         (out / f"sweep_{param}.json").write_text(sw.to_json())
@@ -410,7 +425,8 @@ def analyze_run(run_dir: str | Path) -> Path:
     with (run / "train.jsonl").open() as f:
         texts = [json.loads(line)["text"] for line in f]
     labels = raw["labels"].astype(np.int64)
-    scores = rank(cfg["method"], stats, raw["samples"], labels)
+    scores = (np.load(run / "scores.npy") if (run / "scores.npy").exists()
+              else rank(cfg["method"], stats, raw["samples"], labels))
     write_analyses(run, raw["samples"], labels, texts[: len(labels)], stats.label_names, masks, scores,
                    overlap_fraction=cfg["fraction"])
     summary = json.loads((run / "summary.json").read_text())

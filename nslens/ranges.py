@@ -144,6 +144,7 @@ def build_range_masks(
     samples: np.ndarray | None = None,
     sample_labels: np.ndarray | None = None,
     meta: dict[str, Any] | None = None,
+    scores: np.ndarray | None = None,
 ) -> list[RangeMask]:
     """One ``RangeMask`` per concept: rank, keep the top ``fraction``, attribute [mu -/+ tau*sigma].
 
@@ -155,7 +156,10 @@ def build_range_masks(
     stats.check(min_samples=2)
     if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
         raise ValueError("statistics contain NaN/inf; re-record with finite activations")
-    scores = rank(method, stats, samples, sample_labels)
+    if scores is None:
+        scores = rank(method, stats, samples, sample_labels)
+    elif np.shape(scores) != stats.mean.shape:
+        raise ValueError(f"scores have shape {np.shape(scores)}, expected {stats.mean.shape}")
     sigma_all = stats.std()
     from . import __version__
 

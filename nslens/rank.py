@@ -4,6 +4,8 @@
 - ``probeless`` (Antverg & Belinkov 2022): the paper writes r = sum over concept pairs |q(c) - q(c')| for the
   whole dataset; a ranking *per concept* needs the terms involving c, so we use
   r_c = sum_{c' != c} |q(c) - q(c')| with q the concept mean.
+- ``neurgrad`` (NEG paper): mean |NeurGrad| of the gold label's probability over the concept's samples; it needs
+  the model, so it is computed by ``nslens.neg.neurgrad_concept_scores`` and passed in as ``scores``.
 - ``probe``: a linear classifier with elastic-net regularisation (scikit-learn, standardised inputs) on the raw
   vectors; neuron j's score for concept c is |W[c, j]| (for two concepts, the single weight row serves both).
 
@@ -20,7 +22,7 @@ from .stats import ConceptStats
 
 __all__ = ["RANKING_METHODS", "rank", "rank_max", "rank_probe", "rank_probeless", "select_top"]
 
-RANKING_METHODS = ("max", "probeless", "probe")
+RANKING_METHODS = ("max", "probeless", "probe", "neurgrad")
 
 
 def rank_max(stats: ConceptStats) -> np.ndarray:
@@ -62,8 +64,8 @@ def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,
             raise ValueError("the probe ranking needs raw samples: record with keep_samples=True")
         return rank_probe(samples, labels, stats.n_concepts, **kwargs)
     if method == "neurgrad":
-        raise ValueError("ranking method 'neurgrad' is not available yet; choose one of "
-                         + ", ".join(RANKING_METHODS))
+        raise ValueError("the neurgrad ranking needs the model: compute it with "
+                         "nslens.neg.neurgrad_concept_scores and pass scores= (the pipeline does this)")
     raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(RANKING_METHODS)}")
 
 

@@ -1,0 +1,143 @@
+"""NeurGrad against plain torch autograd, the sweep NEG against NeurGrad where the model is linear over the shift
+range, remote="local", and neurgrad as a ranking method."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import encode
+
+import nslens
+from nslens.neg import (
+    NEURON_KINDS,
+    linearity_report,
+    neg_sweep,
+    neurgrad,
+    neurgrad_concept_scores,
+    resolve_neuron_site,
+)
+
+
+@pytest.fixture(scope="module")
+def task(embedded, synth):
+    ids = nslens.label_token_ids(embedded.tokenizer, synth["ds"].label_words)
+    return synth["test_prompts"][:4], ids
+
+
+def autograd_reference(model, ns, prompts, ids, log_prob=False):
+    """Plain torch: a forward hook keeps the neuron tensor, autograd gives d p / d a, times sign(a)."""
+    hf = model._module
+    enc = encode(model, prompts)
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    mlp = hf.model.layers[ns.site.layer].mlp
+    store = {}
+
+    def keep(t):
+        t.retain_grad()
+        store["a"] = t
+
+    if ns.kind == "product":
+        h = mlp.down_proj.register_forward_pre_hook(lambda m, args: keep(args[0]))
+    elif ns.kind == "residual":
+        h = hf.model.layers[ns.site.layer].register_forward_hook(lambda m, a, out: keep(out))
+    else:
+        mod = mlp.up_proj if ns.kind == "up_proj" else mlp.act_fn
+        h = mod.register_forward_hook(lambda m, a, out: keep(out))
+    out = np.zeros((len(prompts), len(ids), ns.width))
+    try:
+        for k, t in enumerate(ids):
+            hf.zero_grad(set_to_none=True)
+            lp = torch.log_softmax(hf(**enc, position_ids=pos).logits[:, -1].float(), -1)[:, t]
+            (lp if log_prob else lp.exp()).sum().backward()
+            a = store["a"]
+            out[:, k] = (a.grad[:, -1] * torch.sign(a[:, -1].detach())).numpy()
+    finally:
+        h.remove()
+        hf.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", NEURON_KINDS)
+def test_neurgrad_equals_plain_autograd(embedded, task, kind):
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, -2, kind)
+    got = neurgrad(embedded, ns, prompts, options=ids, batch_size=3)
+    ref = autograd_reference(embedded, ns, prompts, ids)
+    assert got.shape == (4, 4, ns.width)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7 * np.abs(ref).max())
+    assert all(p.grad is None for p in embedded._module.parameters())  # weights untouched
+    assert any(p.requires_grad for p in embedded._module.parameters())  # flags restored
+
+
+def test_log_prob_targets_and_remote_local(embedded, task):
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, -2, "product")
+    per_prompt = np.asarray(ids)[[0, 1, 2, 3]]
+    got = neurgrad(embedded, ns, prompts, per_prompt, log_prob=True)
+    ref = autograd_reference(embedded, ns, prompts, ids, log_prob=True)
+    np.testing.assert_allclose(got[:, 0], ref[np.arange(4), [0, 1, 2, 3]], rtol=1e-4, atol=1e-9)
+    assert np.array_equal(neurgrad(embedded, ns, prompts[:2], options=ids[:2], remote="local"),
+                          neurgrad(embedded, ns, prompts[:2], options=ids[:2]))
+    with pytest.raises(ValueError, match="exactly one of targets"):
+        neurgrad(embedded, ns, prompts, ids, options=ids)
+    with pytest.raises(ValueError, match="unknown neuron kind 'gate'"):
+        resolve_neuron_site(embedded, -2, "gate")
+
+
+def test_sweep_neg_equals_neurgrad_where_linear(synth):
+    """Over a small shift range the model is linear in each neuron (|r| ~ 1): the zero-intercept regression slope of
+    the measured probability change equals NeurGrad. float64 weights (Llama's RMSNorm still computes in float32,
+    which is why the shifts are 5e-3-1e-2 rather than smaller: below that its rounding dominates the change)."""
+    model = nslens.load_model("embedded", dtype=torch.float64)
+    ids = nslens.label_token_ids(model.tokenizer, synth["ds"].label_words)
+    ns = resolve_neuron_site(model, -2, "product")
+    prompt, target = synth["test_prompts"][0], ids[synth["test"].labels[0]]
+    g = neurgrad(model, ns, [prompt], [target])[0, 0]
+    neurons = np.argsort(-np.abs(g))[:5]
+    sw = neg_sweep(model, ns, prompt, target, neurons, shifts=[-1e-2, -5e-3, 5e-3, 1e-2])
+    np.testing.assert_allclose(sw["slope"], g[neurons], rtol=5e-3)
+    assert np.all(np.abs(sw["r"]) > 0.999)
+    rep = linearity_report(model, ns, [prompt], [target], n_neurons=6, shifts=[-1e-2, 5e-3, 1e-2])
+    s = rep.summary()
+    assert s["pairs"] == 6 and s["neurgrad_corr"] > 0.999 and s["linear_share"] == 1.0
+    with pytest.raises(ValueError, match="non-zero"):
+        neg_sweep(model, ns, prompt, target, [0], shifts=[0.0])
+
+
+def test_neurgrad_ranking_in_the_pipeline(embedded, site, synth, tmp_path):
+    from nslens.pipeline import RunConfig, run_pipeline
+
+    tr = synth["train"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    scores = neurgrad_concept_scores(embedded, site, synth["train_prompts"][:24], tr.labels[:24], ids)
+    assert scores.shape == (4, 64) and (scores >= 0).all()
+    run = run_pipeline(RunConfig(method="neurgrad", fraction=0.5, n_per_class=16, batch_size=32, analyses=False),
+                       tmp_path / "run", model=embedded)
+    masks = nslens.load_masks(run / "ranges")
+    assert masks[0].meta["ranking"] == "neurgrad" and len(masks[0]) == 32
+    with pytest.raises(ValueError, match="needs the model"):
+        nslens.rank("neurgrad", None)
+
+
+def test_neg_probe_cli_and_experiment(embedded, tmp_path):
+    import os
+    import runpy
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "nslens.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+
+    r = cli("neg", "--prompts", "2", "--neurons", "4", "--out", "neg")
+    assert r.returncode == 0, r.stderr
+    assert "r(NeurGrad, NEG)" in r.stdout and (tmp_path / "neg" / "neg.json").exists()
+    r = cli("neg", "--kind", "gate")
+    assert r.returncode == 1 and "unknown neuron kind 'gate'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("probe", "--n-per-class", "30", "--kind", "residual", "--out", "probe")
+    assert r.returncode == 0, r.stderr
+    assert "Tree-Probe" in r.stdout and (tmp_path / "probe" / "probes.json").exists()
+    root = Path(__file__).resolve().parents[1]
+    mod = runpy.run_path(str(root / "experiments" / "neg_tables.py"))
+    mod["main"](["--model", "embedded", "--dataset", "synthetic", "--smoke", "--out", str(tmp_path / "exp")])
+    assert "Skill-neuron probes" in (tmp_path / "exp" / "neg_tables.md").read_text()

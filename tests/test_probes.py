@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+
+import nslens
+from nslens.probes import MagnProbe, PolarProbe, evaluate_probes, load_mceval, split_queries
+
+
+def planted(rng, n=400, k=3, w=60, skill=8):
+    """NEG features where neurons 0..skill-1 carry the answer (correct option's NEG high and positive)."""
+    neg = rng.normal(size=(n, k, w))
+    answers = rng.integers(0, k, size=n)
+    neg[np.arange(n), answers, :skill] = np.abs(neg[np.arange(n), answers, :skill]) + 1.5
+    return neg, answers, [f"query {i}" for i in range(n)]
+
+
+def test_probes_beat_chance_on_planted_skill_neurons(rng):
+    neg, answers, queries = planted(rng)
+    res = evaluate_probes(neg, answers, queries)
+    assert res.chance == pytest.approx(1 / 3)
+    for name, acc in res.accuracy.items():
+        assert acc > 0.8, (name, acc)
+    p = PolarProbe().fit(neg, answers)
+    assert set(p.order[:8].tolist()) == set(range(8))  # the planted neurons rank first
+    m = MagnProbe().fit(neg, answers)
+    assert set(m.order[:8].tolist()) == set(range(8)) and m.prefers_high[:8].all()
+
+
+def test_random_features_stay_near_chance(rng):
+    neg = rng.normal(size=(600, 2, 30))
+    answers = rng.integers(0, 2, size=600)
+    res = evaluate_probes(neg, answers, [f"q{i}" for i in range(600)])
+    assert all(abs(a - 0.5) < 0.2 for a in res.accuracy.values())
+
+
+def test_splits_are_disjoint_even_with_duplicate_queries():
+    queries = [f"q{i % 50}" for i in range(200)] + ["  Q7 "]  # duplicates, incl. a whitespace/case variant
+    tr, va, te = split_queries(queries, seed=1)
+    assert len(tr) + len(va) + len(te) == len(queries)
+    norm = [" ".join(q.split()).lower() for q in queries]
+    sets = [{norm[i] for i in part} for part in (tr, va, te)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert abs(len(tr) / len(queries) - 6 / 8) < 0.1
+    with pytest.raises(ValueError, match="too few"):
+        split_queries(["a", "b"])
+
+
+def test_mceval_local_file(tmp_path):
+    rows = [{"query": f"Is {i} even?", "options": ["yes", "no"], "answer": "yes" if i % 2 == 0 else "no"}
+            for i in range(6)]
+    p = tmp_path / "task.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    q, opts, ans = load_mceval(p)
+    assert q[1] == "Is 1 even?" and opts[0] == ["yes", "no"] and ans.tolist() == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"lack \['question'\]"):
+        load_mceval(p, query_column="question")
+    with pytest.raises(ValueError, match="give a local file or '<genre>/<task>'"):
+        load_mceval("fever")
+
+
+def test_probes_on_embedded_model_neurgrad(embedded, synth):
+    """End to end: NeurGrad features of the embedded model read its topic skill far above chance."""
+    from nslens.neg import neurgrad, resolve_neuron_site
+
+    ds = synth["ds"].subset(np.arange(160))
+    ids = nslens.label_token_ids(embedded.tokenizer, ds.label_words)
+    prompts = nslens.FewShotPrompter(list(ds.label_words)).prompts(ds.texts)
+    neg = neurgrad(embedded, resolve_neuron_site(embedded, -2, "residual"), prompts, options=ids, batch_size=16)
+    res = evaluate_probes(neg, ds.labels, ds.texts)
+    assert max(res.accuracy.values()) > 0.6  # chance is 0.25
