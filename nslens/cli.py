@@ -65,6 +65,14 @@ def _print_table(tab) -> None:
                       "trimmed mean across concepts.")
 
 
+def _refresh_report(out: Path) -> None:
+    """When results are written into a run directory, its report picks them up."""
+    if (out / "summary.json").exists():
+        from .report import write_report
+
+        write_report(out)
+
+
 def _print_run(run: Path, operators: list[str]) -> None:
     from .erasure import ErasureTable
 
@@ -279,6 +287,7 @@ def neg_cmd(
     (out / "neg.md").write_text(f"NEG linearity at layer {ns.site.layer} ({kind}, {ns.width} neurons)\n\n"
                                 + rep.to_markdown())
     (out / "neg.json").write_text(_json.dumps(rep.summary(), indent=2))
+    _refresh_report(out)
     out_console.print(rep.to_markdown(), markup=False, highlight=False)
 
 
@@ -313,6 +322,7 @@ def probe_cmd(
     out.mkdir(parents=True, exist_ok=True)
     (out / "probes.md").write_text(res.to_markdown())
     (out / "probes.json").write_text(_json.dumps(res.__dict__, indent=2))
+    _refresh_report(out)
     out_console.print(res.to_markdown(), markup=False, highlight=False)
 
 

@@ -47,6 +47,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _sae_sections(run)
     lines += _analysis_sections(run)
     lines += _sweep_sections(run)
+    lines += _neg_sections(run)
     out = run / "report.md"
     out.write_text("\n".join(lines))
     return out
@@ -129,3 +130,16 @@ def _sae_sections(run: Path) -> list[str]:
             lines.append(f"| {op} | {label} | " + " | ".join(f"{s[part][k]:+.3f}" for k in METRICS) + " | "
                          + (f"{ppl[0]:+.3f}" if ppl else "n/a") + " |")
     return [*lines, ""]
+
+
+def _neg_sections(run: Path) -> list[str]:
+    lines = []
+    if (run / "neg.md").exists():
+        lines += ["## Neuron empirical gradients", "",
+                  "Ground-truth NEG (zero-intercept slope of p(target) against a shift v sign(a) of one neuron) vs "
+                  "NeurGrad = dp/da x sign(a), over sampled (prompt, neuron) pairs (NEG paper Tables 1-2).", "",
+                  (run / "neg.md").read_text(), ""]
+    if (run / "probes.md").exists():
+        lines += ["## Skill-neuron probes", "", "Probes on NeurGrad features; test accuracy on a split that shares no "
+                  "query with training or validation (NEG paper Section 5).", "", (run / "probes.md").read_text(), ""]
+    return lines

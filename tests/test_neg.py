@@ -137,6 +137,11 @@ def test_neg_probe_cli_and_experiment(embedded, tmp_path):
     r = cli("probe", "--n-per-class", "30", "--kind", "residual", "--out", "probe")
     assert r.returncode == 0, r.stderr
     assert "Tree-Probe" in r.stdout and (tmp_path / "probe" / "probes.json").exists()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("n_per_class = 16\nbatch_size = 32\nanalyses = false\n")
+    assert cli("run", str(cfg), "--out", "run").returncode == 0
+    assert cli("neg", "--prompts", "1", "--neurons", "2", "--out", "run").returncode == 0
+    assert "## Neuron empirical gradients" in (tmp_path / "run" / "report.md").read_text()
     root = Path(__file__).resolve().parents[1]
     mod = runpy.run_path(str(root / "experiments" / "neg_tables.py"))
     mod["main"](["--model", "embedded", "--dataset", "synthetic", "--smoke", "--out", str(tmp_path / "exp")])
