@@ -61,18 +61,27 @@ def _check(values: Sequence[float], name: str) -> list[float]:
     return vals
 
 
+def _mask_sweep(param: str, values: Sequence[float], model: Any, site: Any, stats: ConceptStats,
+                prompts: Sequence[str], labels: np.ndarray, label_ids: Sequence[int], operator: Operator,
+                mask_args: dict[str, Any], progress: Progress | None, meta: dict[str, Any],
+                **kwargs: Any) -> Sweep:
+    """One recording, masks rebuilt with ``param`` set to each value, one (fast) erasure table per value."""
+    vals, out = _check(values, param), []
+    for i, v in enumerate(vals):
+        masks = build_range_masks(stats, **{**mask_args, param: v})
+        out.append(erasure_table(model, site, prompts, labels, label_ids, masks, operator, **kwargs).summary())
+        if progress is not None:
+            progress(f"sweep {param}", i + 1, len(vals))
+    return Sweep(param, vals, out, {**meta, "operator": operator.label})
+
+
 def fraction_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
                    label_ids: Sequence[int], operator: Operator, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                    method: str = "max", tau: float = 2.5, progress: Progress | None = None,
                    **kwargs: Any) -> Sweep:
     """Neuron vs range masking as the masked share of neurons grows (one recording, masks rebuilt)."""
-    values, out = _check(fractions, "fraction"), []
-    for i, f in enumerate(values):
-        masks = build_range_masks(stats, method=method, fraction=f, tau=tau)
-        out.append(erasure_table(model, site, prompts, labels, label_ids, masks, operator, **kwargs).summary())
-        if progress is not None:
-            progress("sweep fraction", i + 1, len(values))
-    return Sweep("fraction", values, out, {"method": method, "tau": tau, "operator": operator.label})
+    return _mask_sweep("fraction", fractions, model, site, stats, prompts, labels, label_ids, operator,
+                       {"method": method, "tau": tau}, progress, {"method": method, "tau": tau}, **kwargs)
 
 
 def tau_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
@@ -80,13 +89,9 @@ def tau_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str]
               method: str = "max", fraction: float = 0.3, progress: Progress | None = None,
               **kwargs: Any) -> Sweep:
     """Neuron vs range masking as the range widens (neuron masking does not depend on tau: a constant reference)."""
-    values, out = _check(taus, "tau"), []
-    for i, t in enumerate(values):
-        masks = build_range_masks(stats, method=method, fraction=fraction, tau=t)
-        out.append(erasure_table(model, site, prompts, labels, label_ids, masks, operator, **kwargs).summary())
-        if progress is not None:
-            progress("sweep tau", i + 1, len(values))
-    return Sweep("tau", values, out, {"method": method, "fraction": fraction, "operator": operator.label})
+    return _mask_sweep("tau", taus, model, site, stats, prompts, labels, label_ids, operator,
+                       {"method": method, "fraction": fraction}, progress, {"method": method, "fraction": fraction},
+                       **kwargs)
 
 
 def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarray, label_names: Sequence[str],
