@@ -240,9 +240,11 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     site = resolve_site(model, cfg.layer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    sae = load_run_sae(cfg)  # fail fast on a missing or mismatched SAE, before any model pass
+    if sae is not None:
+        sae.check(site)
     try:
         data = prepare_data(model, site, cfg, progress)
-        sae = load_run_sae(cfg)
         rec = None
         if sae is not None:
             masks = _sae_masks(model, site, sae, data, cfg, tmp, progress)
@@ -325,7 +327,6 @@ def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunCon
                progress: Progress | None) -> list[RangeMask]:
     from .sae import build_feature_masks, feature_table31, record_features, save_sae_meta, select_features
 
-    sae.check(site)
     fst = record_features(model, site, sae, data.prompts(data.train), data.train.labels, data.train.label_names,
                           batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
     selection = select_features(fst, min_fire=cfg.sae_min_fire, top=cfg.sae_top)
@@ -377,20 +378,19 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
 
     op = make_operator(cfg.operators[0], alpha=cfg.alpha, beta=cfg.beta)
     test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
+    method = cfg.method if cfg.method in ("max", "probeless") else "max"  # sweeps rebuild masks from statistics
     common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions}
     done = []
     for param in cfg.sweeps:
         if param == "fraction":
-            sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweep_fractions,
-                                method=cfg.method if cfg.method in ("max", "probeless") else "max",
+            sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweep_fractions, method=method,
                                 tau=cfg.tau, progress=progress, **common)
         elif param == "tau":
-            sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweep_taus,
-                           method=cfg.method if cfg.method in ("max", "probeless") else "max",
+            sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweep_taus, method=method,
                            fraction=cfg.fraction, progress=progress, **common)
         else:
             sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
-                             layers=cfg.sweep_layers, method=cfg.method if cfg.method in ("max", "probeless") else "max",
+                             layers=cfg.sweep_layers, method=method,
                              fraction=cfg.fraction, tau=cfg.tau, batch_size=cfg.batch_size, remote=cfg.remote,
                              progress=progress)
         (out / f"sweep_{param}.json").write_text(sw.to_json())

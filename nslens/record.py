@@ -114,11 +114,11 @@ def record(
         "model_id": model_id(model), **site.describe(), "position": position, **(meta or {})})
     kept: list[np.ndarray] = []
     parts = batches(len(prompts), batch_size)
-    fingerprint = _fingerprint(prompts, labels, site, model_id(model), position, batch_size)
-    start = 0
+    start, fingerprint, n_kept = 0, "", 0
     if checkpoint is not None:
         if keep_samples:
             raise ValueError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
+        fingerprint = _fingerprint(prompts, labels, site, model_id(model), position, batch_size)
         start = _resume(Path(checkpoint), fingerprint, stats)
     for i, sl in enumerate(parts):
         if i < start:
@@ -132,9 +132,9 @@ def record(
             raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
         stats.update(part)
-        room = max_samples - sum(len(k) for k in kept)
-        if keep_samples and room > 0:
-            kept.append(part["x"].float().numpy()[:room])
+        if keep_samples and n_kept < max_samples:
+            kept.append(part["x"].float().numpy()[: max_samples - n_kept])
+            n_kept += len(kept[-1])
         if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == len(parts)):
             _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1)
         if progress is not None:
@@ -178,35 +178,24 @@ def _fingerprint(prompts: Sequence[str], labels: np.ndarray, site: Site, mid: st
 
 
 def _save_checkpoint(path: Path, fingerprint: str, stats: ConceptStats, done: int) -> None:
-    from safetensors.numpy import save_file
-
-    from .ranges import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({"count": stats.count, "mean": stats.mean, "m2": stats.m2, "abs_sum": stats.abs_sum}, tmp,
-                  metadata={"format": "nslens.record-checkpoint/1", "fingerprint": fingerprint,
-                            "batches_done": str(done)})
+    """The partial statistics in the ``ConceptStats`` file format, tagged with the run's fingerprint."""
+    ConceptStats(stats.count, stats.mean, stats.m2, stats.abs_sum, stats.label_names,
+                 {"checkpoint": {"fingerprint": fingerprint, "batches_done": done}}).save(path)
 
 
 def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> int:
     """Load a checkpoint into ``stats``; returns the number of batches already done (0 without a file)."""
     if not path.exists():
         return 0
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            md = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
-    except Exception as e:
-        raise ValueError(f"cannot read record checkpoint {path}: {e}") from e
-    if md.get("format") != "nslens.record-checkpoint/1":
+    saved = ConceptStats.load(path)
+    tag = saved.meta.get("checkpoint")
+    if not isinstance(tag, dict):
         raise ValueError(f"{path} is not an nslens record checkpoint")
-    if md.get("fingerprint") != fingerprint:
+    if tag.get("fingerprint") != fingerprint:
         raise ValueError(f"record checkpoint {path} was written for another run (model, site, prompts, labels or "
                          "batch size differ); delete it or choose another checkpoint file")
-    stats.count, stats.mean, stats.m2, stats.abs_sum = (arrays[k] for k in ("count", "mean", "m2", "abs_sum"))
-    done = int(md["batches_done"])
+    stats.count, stats.mean, stats.m2, stats.abs_sum = saved.count, saved.mean, saved.m2, saved.abs_sum
+    done = int(tag["batches_done"])
     logger.info("resuming recording from %s after %d batches", path, done)
     return done
 
