@@ -146,3 +146,11 @@ def test_neg_probe_cli_and_experiment(embedded, tmp_path):
     mod = runpy.run_path(str(root / "experiments" / "neg_tables.py"))
     mod["main"](["--model", "embedded", "--dataset", "synthetic", "--smoke", "--out", str(tmp_path / "exp")])
     assert "Skill-neuron probes" in (tmp_path / "exp" / "neg_tables.md").read_text()
+
+
+def test_neg_sweep_remote_local_equals_local(embedded, task):
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, -2, "product")
+    a = neg_sweep(embedded, ns, prompts[0], ids[0], [1, 7], shifts=[-1.0, 1.0])
+    b = neg_sweep(embedded, ns, prompts[0], ids[0], [1, 7], shifts=[-1.0, 1.0], remote="local")
+    np.testing.assert_array_equal(a["changes"], b["changes"])

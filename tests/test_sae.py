@@ -174,3 +174,11 @@ def test_sae_cli_and_experiment_smoke(embedded, sae_file, tmp_path):
     mod = runpy.run_path(str(root / "experiments" / "sae_gemma.py"))
     mod["main"](["--smoke", "--limit", "16", "--lm-eval-limit", "4", "--out", str(tmp_path / "exp")])
     assert (tmp_path / "exp" / "synthetic" / "report.md").exists()
+
+
+def test_record_features_remote_local_equals_local(sae, embedded, site, synth):
+    tr = synth["train"]
+    args = (embedded, site, sae, synth["train_prompts"][:10], tr.labels[:10], tr.label_names)
+    a, b = record_features(*args, batch_size=4), record_features(*args, batch_size=4, remote="local")
+    for k in ("n", "mean", "m2", "fire_n", "fire_mean", "fire_m2", "l0_sum"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
