@@ -1,8 +1,14 @@
-"""Side-effect evaluation cost: the nnsight lm-eval adapter with a range-gated intervention active, divided by
-lm-eval's stock HFLM evaluating the clean model, same task and batches. Goal: <= 1.15.
+"""Side-effect cost: the whole side-effect table (clean + neuron and range masking of every concept, lm-eval on a
+multiple-choice and a perplexity task) divided by ONE stock-HFLM clean evaluation of the same tasks, at the last
+and the second-to-last layer of a 16-layer random Llama, for C = 4 and C = 14 concepts, measured in one run.
+Goals: <= 2.0 (C = 4) and <= 4.0 (C = 14); the naive way (one full evaluation per run) costs about 2C + 1.
+Also: one intervened evaluation through the adapter vs stock HFLM (goal <= 1.15), and the bytes one batch returns
+from the trace(s) vs the full-logits path for a 128,256-token vocabulary (Llama 3).
 
-    python benchmarks/bench_side_effects.py           # ~56M-parameter random Llama on CPU
-    python benchmarks/bench_side_effects.py --quick   # CI smoke (tiny model; the ratio is not meaningful)
+    python benchmarks/bench_side_effects.py           # ~50M-parameter random Llama on CPU
+    python benchmarks/bench_side_effects.py --quick   # CI smoke (tiny model; the ratios are not meaningful)
+    python benchmarks/bench_side_effects.py --hidden 3072 --intermediate 8192 --layers 28 --heads 24 \\
+        --dtype bfloat16 --device cuda            # Llama-3.2-3B-shaped (on a GPU machine)
 """
 
 from __future__ import annotations
@@ -15,18 +21,42 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_erasure import masks_for  # noqa: E402
 from common import QUICK, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
-from nslens.harness import NsLensLM, local_tasks_dir  # noqa: E402
+from nslens.harness import (  # noqa: E402
+    LOCAL_TASKS,
+    NsLensLM,
+    local_tasks_dir,
+    quiet_lm_eval,
+    side_effect_table,
+    side_effects,
+)
 from nslens.synthetic import build_tokenizer  # noqa: E402
 
+TASKS = list(LOCAL_TASKS)  # the offline stand-ins of the paper's tasks: MMLU-format choice, token perplexity
+LLAMA3_VOCAB = 128_256
 
-def main(argv: list[str] | None = None) -> float:
+
+def masks_at(site, c: int) -> list[nslens.RangeMask]:
+    """The erasure benchmark's random masks, stamped with the site they are for."""
+    return [nslens.RangeMask(m.neurons, m.lo, m.hi, m.mu, m.sigma, {**m.meta, **site.describe()})
+            for m in masks_for(site, c)]
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     import lm_eval
@@ -34,35 +64,60 @@ def main(argv: list[str] | None = None) -> float:
     from lm_eval.tasks import TaskManager
 
     tok = build_tokenizer()
-    hf = random_llama(tok, **(QUICK if args.quick else {"hidden": 768, "intermediate": 2048, "layers": 8, "heads": 12}))
+    size = QUICK if args.quick else {"hidden": args.hidden, "intermediate": args.intermediate,
+                                     "layers": args.layers, "heads": args.heads}
+    hf = random_llama(tok, **size).to(device=args.device, dtype=getattr(torch, args.dtype))
     model = nslens.load_model(hf, tokenizer=tok)
-    site = nslens.resolve_site(model, -2)
-    d = site.d_model
-    k = max(1, int(0.3 * d))
-    g = torch.Generator().manual_seed(0)
-    mu, sigma = torch.randn(k, generator=g) * 0.1, torch.rand(k, generator=g) * 0.5 + 0.1
-    mask = nslens.RangeMask(torch.randperm(d, generator=g)[:k], mu - 2.5 * sigma, mu + 2.5 * sigma, mu, sigma,
-                            {"tau": 2.5, "concept": "bench", **site.describe()})
-    iv = nslens.Intervention(mask, nslens.zero(), gated=True)
     limit = args.limit or (8 if args.quick else 40)
-    repeats = args.repeats or (1 if args.quick else 3)
-    tm = TaskManager(include_path=str(local_tasks_dir()), include_defaults=False)
+    repeats = args.repeats or (1 if args.quick else 2)
+    inc = local_tasks_dir()
+    tm = TaskManager(include_path=str(inc), include_defaults=False)
+    bs = args.batch_size
 
-    def evaluate(lm):
-        return lm_eval.simple_evaluate(model=lm, tasks=["nslens_synth_ppl"], task_manager=tm, limit=limit,
-                                       log_samples=False, bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
+    def stock_clean():
+        with quiet_lm_eval():
+            lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=bs, device=args.device, softmax_dtype="float32")
+            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
+                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
 
-    stock = HFLM(pretrained=hf, tokenizer=tok, batch_size=8, device="cpu")
-    ours = NsLensLM(model, site, iv, batch_size=8)
-    evaluate(stock)  # warm-up (task loading, allocator)
-    t_stock = best_of(lambda: evaluate(stock), repeats)
-    t_ours = best_of(lambda: evaluate(ours), repeats)
-    ratio = t_ours / t_stock
-    print(f"model: random Llama, {n_params(hf) / 1e6:.1f}M parameters, {site.n_layers} layers, d_model {d}; "
-          f"task nslens_synth_ppl, limit {limit}, best of {repeats}")
-    print(f"stock HFLM clean: {t_stock:.3f} s   nslens adapter + range mask ({k} neurons): {t_ours:.3f} s")
-    print(f"ratio adapter/stock = {ratio:.3f} (goal <= 1.15)")
-    return ratio
+    stock_clean()  # warm-up (task loading, allocator)
+    t_stock = best_of(stock_clean, repeats)
+    print(f"model: random Llama, {n_params(hf) / 1e6:.1f}M parameters, {size['layers']} layers, "
+          f"d_model {size['hidden']}, {args.dtype} on {args.device}; tasks {', '.join(TASKS)}, limit {limit}, "
+          f"batch {bs}, best of {repeats}")
+    print(f"ONE stock-HFLM clean evaluation: {t_stock:.3f} s")
+
+    site = nslens.resolve_site(model, -2)
+    one = nslens.Intervention(masks_at(site, 1)[0], nslens.zero(), gated=True)
+
+    def adapter_one():
+        with quiet_lm_eval():
+            lm = NsLensLM(model, site, one, batch_size=bs)
+            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
+                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
+
+    t_one = best_of(adapter_one, repeats)
+    print(f"one range-masked evaluation through the adapter: {t_one:.3f} s = {t_one / t_stock:.3f}x (goal <= 1.15)")
+
+    results: dict = {"stock": t_stock, "one": t_one / t_stock}
+    goals = {4: 2.0, 14: 4.0}
+    for layer in (-1, -2):
+        site = nslens.resolve_site(model, layer)
+        for c in (4, 14):
+            masks = masks_at(site, c)
+            t = best_of(lambda masks=masks, site=site: side_effect_table(
+                model, site, masks, nslens.zero(), tasks=TASKS, include_path=inc, limit=limit, batch_size=bs),
+                repeats)
+            results[(layer, c)] = t / t_stock
+            print(f"layer {site.layer} of {site.n_layers}, C = {c:2d}: whole table ({2 * c + 1} runs) {t:.3f} s "
+                  f"= {t / t_stock:.3f}x one clean evaluation (goal <= {goals[c]}; naive about {2 * c + 1})")
+    res = side_effects(model, site, {"one": one}, tasks=TASKS, include_path=inc, limit=limit, batch_size=bs)
+    per_batch = sum(res.batch_bytes) / len(res.batch_bytes)
+    logits = sum(b * t * LLAMA3_VOCAB * 2 for b, t in res.batch_shapes) / len(res.batch_shapes)
+    print(f"bytes returned per batch: {per_batch:,.0f} (log-likelihoods in the trace) vs {logits:,.0f} "
+          f"(full bf16 logits at vocab {LLAMA3_VOCAB:,}; mean batch {sum(b for b, _ in res.batch_shapes) / len(res.batch_shapes):.1f} x "
+          f"{sum(t for _, t in res.batch_shapes) / len(res.batch_shapes):.0f} tokens): {logits / per_batch:,.0f}x less")
+    return results
 
 
 if __name__ == "__main__":

@@ -174,14 +174,14 @@ def side_effects_cmd(
     model: str = ModelOpt, layer: int = LayerOpt, batch_size: int = typer.Option(8, "--batch-size"),
     remote: bool = RemoteOpt,
     operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
-    tasks: str = typer.Option("mmlu,wikitext", help="Comma-separated lm-eval tasks (embedded model: offline "
+    tasks: str = typer.Option("mmlu,nslens_wikipedia_ppl", help="Comma-separated lm-eval tasks (embedded model: offline "
                               "synthetic tasks replace the defaults)."),
     limit: float | None = typer.Option(None, help="lm-eval --limit (per subtask for the mmlu group)."),
     include: Path | None = typer.Option(None, help="Directory of extra lm-eval task YAMLs."),
     positions: str = typer.Option("all", help="all or last."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.json here."),
 ) -> None:
-    """lm-eval side effects (MMLU acc, wikitext perplexity) of neuron vs range masking of every concept."""
+    """lm-eval side effects (MMLU acc, Wikipedia token perplexity) of neuron vs range masking of every concept."""
     from .harness import default_cache_dir, side_effect_table
     from .models import load_model, resolve_site
     from .ops import make_operator

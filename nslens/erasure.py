@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .intervene import Intervention, apply_in_trace, edit_hidden
-from .models import Site, read_site, site_module
+from .intervene import Intervention, apply_in_trace
+from .models import Site
 from .ops import Operator
 from .ranges import RangeMask
 from .record import Progress, batches, prepare_remote, tokenize
 from .remote import maybe_retry
+from .replay import chunked, replay_batch
 
 __all__ = ["METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many"]
 
@@ -89,58 +90,13 @@ def predict(
     return Predictions((pred_t == gold).numpy(), torch.cat(conf).numpy().astype(np.float64), pred_t.numpy())
 
 
-def _layer(model: Any, site: Site, i: int) -> Any:
-    prefix = site.path.rsplit(".", 1)[0]
-    return site_module(model, Site(i, f"{prefix}.{i}", site.n_layers, site.d_model, site.family))
-
-
-def _last_token_outputs(model: Any, gold: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inside a trace: gold-label probability and greedy token at the last position (small, remote-friendly)."""
+def _last_token_outputs(model: Any, gold: torch.Tensor, tiles: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
+    """Inside a trace: gold-label probability and greedy token at the last position (small, remote-friendly).
+    ``tiles`` copies of the batch share the pass (``replay_batch``); only the last position is read."""
     logits = model.output.logits[:, -1, :].float()
     p = torch.softmax(logits, dim=-1)
-    return {"conf": p.gather(-1, gold.to(p.device)[:, None])[:, 0].cpu(), "pred": logits.argmax(-1).cpu()}
-
-
-def _many_batch_traces(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
-                       chunks: list[list[tuple[int, Any]]], in_session: bool) -> tuple[dict[str, torch.Tensor], list]:
-    """The clean pass (keeping the site value) and one replay pass per chunk of interventions."""
-    import nnsight
-
-    with model.trace(enc):
-        cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
-        if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
-            cached = nnsight.save(cached)
-        clean = _last_token_outputs(model, g).save()
-    h, is_tuple = cached["h"], cached["is_tuple"]
-    outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
-    for chunk in chunks:
-        k = len(chunk)
-        tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
-        with model.trace(tiled, logits_to_keep=1):
-            edited = []
-            for _, ivs in chunk:
-                e = h
-                for one in [ivs] if isinstance(ivs, Intervention) else list(ivs):
-                    e = edit_hidden(e, one)
-                edited.append(e)
-            value = torch.cat(edited)
-            value = (value,) if is_tuple else value
-            for layer in range(site.layer + 1):
-                _layer(model, site, layer).skip(value)
-            outs.append(_last_token_outputs(model, g.repeat(k)))
-    return clean, outs
-
-
-def _many_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
-                chunks: list[list[tuple[int, Any]]], remote: bool | str) -> tuple[dict[str, torch.Tensor], list]:
-    """One batch. Remotely its passes form one nnsight session: one request, and the cached site value never
-    leaves the server. Locally the same traces run directly (a session only adds overhead there)."""
-    with torch.no_grad():
-        if not remote:
-            return _many_batch_traces(model, site, enc, g, chunks, in_session=False)
-        with model.session(remote=remote):
-            clean, outs = _many_batch_traces(model, site, enc, g, chunks, in_session=True)
-    return clean, outs
+    g = gold.repeat(tiles) if tiles > 1 else gold
+    return {"conf": p.gather(-1, g.to(p.device)[:, None])[:, 0].cpu(), "pred": logits.argmax(-1).cpu()}
 
 
 def predict_many(
@@ -165,19 +121,18 @@ def predict_many(
     and only the last position's logits are computed (``logits_to_keep=1``). The results equal ``predict`` run
     once per intervention (tested), at a fraction of the cost. ``None`` in ``interventions`` means the clean model.
     """
-    if per_pass < 1:
-        raise ValueError(f"per_pass must be >= 1, got {per_pass}")
+    chunks = chunked(interventions, per_pass)
     gold = _gold_tensor(prompts, gold_token_ids, remote)
-    edits = [(i, iv) for i, iv in enumerate(interventions) if iv is not None]
-    chunks = [edits[j:j + per_pass] for j in range(0, len(edits), per_pass)]
     conf: list[list[torch.Tensor]] = [[] for _ in interventions]
     pred: list[list[torch.Tensor]] = [[] for _ in interventions]
     parts = batches(len(prompts), batch_size)
     for b, sl in enumerate(parts):
         enc = tokenize(model, prompts[sl])
         g = gold[sl]
-        clean, outs = maybe_retry(remote, lambda enc=enc, g=g: _many_batch(model, site, enc, g, chunks, remote),
-                                  what=f"erase batch {b}")
+        clean, outs = maybe_retry(
+            remote, lambda enc=enc, g=g: replay_batch(model, site, enc, chunks, _last_token_outputs, (g,),
+                                                      remote=remote, logits_to_keep=1),
+            what=f"erase batch {b}")
         rows = len(g)
         for i, iv in enumerate(interventions):
             if iv is None:

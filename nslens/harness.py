@@ -11,13 +11,15 @@ lm-eval reads, with or without an edit (padding columns are edited too, harmless
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ from typing import Any
 import torch
 
 from .intervene import Intervention, apply_in_trace
+from .loglik import LoglikSweep
 from .models import Site, model_id
-from .record import prepare_remote
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -38,17 +40,27 @@ __all__ = [
     "default_cache_dir",
     "main_metric",
     "side_effect_table",
+    "side_effect_tables",
     "side_effects",
     "task_metrics",
+    "token_ppl_task",
     "traced_logits",
+    "wikipedia_articles",
+    "wikipedia_ppl_task_dir",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("mmlu", "wikitext")
-#: offline task fixtures for the embedded model (written by ``local_tasks_dir``)
-LOCAL_TASKS = ("nslens_synth_mc", "nslens_synth_ppl")
-METRIC_KEYS = ("acc", "word_perplexity", "byte_perplexity", "bits_per_byte")
+#: the generated token-perplexity task of the paper's protocol (Section 5.3; ``wikipedia_ppl_task_dir``)
+WIKIPEDIA_PPL_TASK = "nslens_wikipedia_ppl"
+#: the paper's side effects: zero-shot MMLU accuracy and token perplexity on Wikipedia
+DEFAULT_TASKS = ("mmlu", WIKIPEDIA_PPL_TASK)
+#: offline task fixtures for the embedded model (written by ``local_tasks_dir``), standing in for DEFAULT_TASKS
+LOCAL_TASKS = ("nslens_synth_mc", "nslens_synth_token_ppl")
+METRIC_KEYS = ("acc", "perplexity", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+#: the authors' Wikipedia snapshot (``wikipedia`` 20220301.en); its first shard holds the first articles
+WIKIPEDIA_DATA_FILES = "hf://datasets/legacy-datasets/wikipedia/data/20220301.en/train-00000-of-00041.parquet"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def _require_lm_eval() -> Any:
@@ -63,27 +75,109 @@ def _lm_class() -> type:
     _require_lm_eval()
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import Collator
+    from lm_eval.models.utils_hf import pad_and_concat
+    from lm_eval.utils import get_rolling_token_windows
 
     class NsLensLM(HFLM):
-        """lm-eval's HFLM with every forward pass run through an nnsight trace (optionally intervened)."""
+        """lm-eval's HFLM whose log-likelihoods are computed inside nnsight traces, under interventions.
+
+        Requests are ordered, grouped, truncated, padded and batched exactly as HFLM does it; each batch then runs
+        through ``LoglikSweep``, which computes the continuation log-likelihoods and greedy flags in the trace
+        (two numbers per request leave it). With ``sweep``/``index`` several evaluations share one sweep: the
+        first evaluation computes every intervention's answers, the others read theirs.
+        """
 
         def __init__(self, model: Any, site: Site | None = None,
                      interventions: Intervention | Sequence[Intervention] | None = None,
-                     remote: bool | str = False, batch_size: int = 8, **kwargs: Any) -> None:
+                     remote: bool | str = False, batch_size: int = 8, *, sweep: LoglikSweep | None = None,
+                     index: int = 0, softmax_dtype: Any = "float32", **kwargs: Any) -> None:
             if interventions is not None and site is None:
                 raise ValueError("an intervention needs its site")
             hf = model._module
             device = str(next(hf.parameters()).device) if any(True for _ in hf.parameters()) else "cpu"
             super().__init__(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, device=device,
-                             **kwargs)
+                             softmax_dtype=softmax_dtype, **kwargs)
             if self._device.type == "meta":  # a remote (NDIF) model has no local weights: inputs stay on the CPU
                 self._device = torch.device("cpu")
-            self.nn_model, self.site, self.interventions, self.remote = model, site, interventions, remote
-            prepare_remote(remote)
+            if sweep is None:
+                sweep = LoglikSweep(model, site, [interventions], remote=remote)
+            elif not 0 <= index < len(sweep.interventions):
+                raise ValueError(f"index {index} outside the sweep's {len(sweep.interventions)} interventions")
+            self.nn_model, self.sweep, self.index = model, sweep, index
+            self.site, self.interventions, self.remote = sweep.site, sweep.interventions[index], sweep.remote
+            self.progress: Callable[[int, int], None] | None = None  # (requests answered, requests expected)
+            self._done = self._expected = 0
+
+        def _expect(self, n: int) -> None:
+            self._expected += n
+            if self.progress is not None:
+                self.progress(self._done, self._expected)
+
+        def _advance(self, n: int) -> None:
+            self._done += n
+            if self.progress is not None:
+                self.progress(self._done, self._expected)
 
         def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                         labels: torch.Tensor | None = None) -> torch.Tensor:
+            """Full logits through a trace (only lm-eval's batch-size detection still asks for them)."""
             return traced_logits(self.nn_model, self.site, self.interventions, inps, self.remote)
+
+        def _model_generate(self, *args: Any, **kwargs: Any) -> Any:
+            raise ValueError("generative lm-eval tasks are not supported by nslens side effects; "
+                             "use loglikelihood, multiple_choice or loglikelihood_rolling tasks")
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            self._expect(len(requests))
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            if self.progress is not None:  # progress counts the rolling windows lm-eval will ask for
+                self._expect(sum(sum(1 for _ in get_rolling_token_windows(
+                    token_list=self.tok_encode(r.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)) for r in requests))
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            keys = [(tuple(r[1]), tuple(r[2])) for r in requests]
+            known = self.sweep.answers
+            if all(k in known for k in keys):
+                return [known[k][self.index] for k in keys]
+
+            # ordering, one-token-continuation grouping and batching exactly as HFLM._loglikelihood_tokens
+            def collate(req: tuple) -> tuple:
+                toks = req[1] + req[2]
+                return -len(toks), tuple(toks)
+
+            re_ord = Collator(requests, sort_fn=collate,
+                              group_by="contexts" if self.backend == "causal" and self.logits_cache else None,
+                              group_fn=lambda req: req[-2] + req[-1][:-1])
+            batch_size = self.batch_size if self.batch_size != "auto" else override_bs or 0
+            batch_fn = (self._batch_scheduler if self.batch_size == "auto" and len(re_ord) > 0 and not override_bs
+                        else None)
+            placeholder = torch.empty(1, 1, 1)
+            res: list[list[tuple[float, bool]]] = []
+            for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+                inps, rows = [], []
+                for req_str, ctx, cont in chunk:
+                    if not ctx or not cont or len(cont) > self.max_length:
+                        raise ValueError(f"lm-eval request with {len(ctx)} context and {len(cont)} continuation "
+                                         f"tokens (max length {self.max_length})")
+                    inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long,
+                                       device=self.device)
+                    members = [c for _, c, _ in re_ord.get_cache(req_str=req_str, cxt_toks=ctx, cont_toks=cont,
+                                                                  logits=placeholder)]
+                    inps.append(inp)
+                    rows.append((len(inp), len(cont), members))
+                batched = pad_and_concat(max(len(x) for x in inps), inps, padding_side="right")
+                res.extend(self.sweep.answer(batched, rows, self.softmax_dtype))
+                self._advance(sum(len(r[2]) for r in rows))
+            ordered = re_ord.get_original(res)
+            for k, a in zip(keys, ordered):
+                known[k] = a
+            return [a[self.index] for a in ordered]
 
     try:
         register_model("nslens")(NsLensLM)
@@ -114,23 +208,41 @@ def NsLensLM(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory 
 # --------------------------------------------------------------------------------------------- tasks
 
 
+def _write_yaml_task(base: Path, task: str, data: str, body: str) -> None:
+    (base / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {base / data}\n"
+        f"test_split: test\n{body}metadata:\n  version: 1.0\n")
+
+
 def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int = 60) -> Path:
     """Write the offline lm-eval tasks over synthetic data (deterministic) and return their directory.
 
     - ``nslens_synth_mc``: an MMLU-format multiple-choice task (``question``, ``subject``, ``choices``,
       ``answer``): which topic is the text about; the choices are the four label words.
+    - ``nslens_synth_cont``: a ``loglikelihood`` task whose continuations are several tokens long (the last two
+      words of a sentence given the rest); metrics perplexity and acc (is-greedy).
     - ``nslens_synth_ppl``: a ``loglikelihood_rolling`` perplexity task over held-out synthetic text, with the
       wikitext metrics (word_perplexity, byte_perplexity, bits_per_byte).
+    - ``nslens_synth_token_ppl``: the paper's token perplexity (``token_ppl_task``) over ``n_ppl`` synthetic
+      articles of several paragraphs each (100-300 tokens), cut at 512 tokens with the embedded tokenizer: the
+      offline stand-in for ``nslens_wikipedia_ppl``.
     Load them with ``TaskManager(include_path=local_tasks_dir())``.
     """
     import random
 
-    from .synthetic import EMBEDDED_VERSION, SYNTHETIC_LABELS, synthetic_corpus, synthetic_text
+    from .synthetic import (
+        EMBEDDED_VERSION,
+        SYNTHETIC_LABELS,
+        build_tokenizer,
+        synthetic_corpus,
+        synthetic_text,
+    )
 
     base = Path(root) if root is not None else Path(os.environ.get(
         "NSLENS_HOME", Path.home() / ".cache" / "nslens")) / f"lm_eval_tasks-{EMBEDDED_VERSION}"
     marker = base / "done"
-    if marker.exists() and marker.read_text().strip() == f"{EMBEDDED_VERSION} {n_mc} {n_ppl}":
+    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-2"
+    if marker.exists() and marker.read_text().strip() == stamp:
         return base
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
@@ -139,31 +251,86 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
             c = rng.randrange(len(SYNTHETIC_LABELS))
             f.write(json.dumps({"question": f"Text: {synthetic_text(c, rng)}\nLabel:", "subject": "synthetic",
                                 "choices": list(SYNTHETIC_LABELS), "answer": c}) + "\n")
+    with open(base / "cont.jsonl", "w") as f:
+        for _ in range(n_mc):
+            words = synthetic_text(rng.choice([None, 0, 1, 2, 3]), rng).split()
+            cut = max(1, len(words) - 2)
+            f.write(json.dumps({"context": " ".join(words[:cut]), "continuation": " ".join(words[cut:])}) + "\n")
+    corpus = synthetic_corpus(n_ppl, seed=4321)
     with open(base / "ppl.jsonl", "w") as f:
-        for line in synthetic_corpus(n_ppl, seed=4321):
+        for line in corpus:
             f.write(json.dumps({"text": line}) + "\n")
-    (base / "nslens_synth_mc.yaml").write_text(
-        "task: nslens_synth_mc\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {base / 'mc.jsonl'}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        "doc_to_target: answer\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n")
-    (base / "nslens_synth_ppl.yaml").write_text(
-        "task: nslens_synth_ppl\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {base / 'ppl.jsonl'}\n"
-        "test_split: test\n"
-        "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\n'
-        'doc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
-        "metadata:\n  version: 1.0\n")
-    marker.write_text(f"{EMBEDDED_VERSION} {n_mc} {n_ppl}\n")
+    _write_yaml_task(base, "nslens_synth_mc", "mc.jsonl",
+                     'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                     "doc_to_target: answer\n"
+                     "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    _write_yaml_task(base, "nslens_synth_cont", "cont.jsonl",
+                     'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
+                     "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+                     "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    _write_yaml_task(base, "nslens_synth_ppl", "ppl.jsonl",
+                     'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                     "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+                     "  - metric: bits_per_byte\n")
+    articles = [" ".join(synthetic_corpus(rng.randint(8, 16), seed=9000 + i)) for i in range(n_ppl)]
+    token_ppl_task(base, "nslens_synth_token_ppl", articles, build_tokenizer())
+    marker.write_text(stamp + "\n")
+    return base
+
+
+def token_ppl_task(base: str | Path, task: str, texts: Sequence[str], tokenizer: Any,
+                   max_tokens: int = 512) -> Path:
+    """Write a token-perplexity lm-eval task into ``base``: each text cut to its first ``max_tokens`` tokens with
+    ``tokenizer``, scored by lm-eval's rolling log-likelihood; metric ``token_perplexity`` =
+    exp(-sum(ll) / sum(tokens)) over the corpus (``nslens/tasks/token_ppl``), plus word/byte perplexity and bits
+    per byte. Each document records ``n_tokens``, the number of tokens lm-eval scores for it (the cut text
+    re-encoded without special tokens, as lm-eval's rolling requests encode it)."""
+    import shutil
+
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        cut = tokenizer.decode(ids)
+        n = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
+        if n:
+            rows.append({"text": cut, "n_tokens": n})
+    if not rows:
+        raise ValueError(f"no text to build the {task} task from")
+    data = f"{task}.jsonl"
+    (base / data).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copyfile(TASKS_DIR / "token_ppl" / "utils.py", base / "utils.py")  # the YAML's !function hooks
+    template = (TASKS_DIR / "token_ppl" / "template.yaml").read_text()
+    (base / f"{task}.yaml").write_text(template.format(task=task, data_file=base / data))
+    return base
+
+
+def wikipedia_articles(n_docs: int = 200, data_files: str = WIKIPEDIA_DATA_FILES) -> list[str]:
+    """The first ``n_docs`` articles of the authors' Wikipedia snapshot (20220301.en), streamed through
+    ``datasets`` (only the first shard is read)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files={"train": data_files}, split="train", streaming=True)
+        return [row["text"] for row, _ in zip(ds, range(n_docs))]
+    except Exception as e:  # the hub's errors are many and deep: one line that names the source
+        raise ValueError(f"could not load Wikipedia articles from {data_files} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass data_files= a local parquet/json") from e
+
+
+def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 512,
+                           data_files: str = WIKIPEDIA_DATA_FILES, root: str | Path | None = None) -> Path:
+    """The paper's perplexity task (Section 5.3): the first 200 Wikipedia articles, each cut to 512 tokens of the
+    model's tokenizer, token perplexity. Written once per tokenizer and source under ``$NSLENS_HOME``."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    key = hashlib.sha256(vocab + json.dumps([n_docs, max_tokens, data_files]).encode()).hexdigest()[:12]
+    base = Path(root) if root is not None else Path(os.environ.get(
+        "NSLENS_HOME", Path.home() / ".cache" / "nslens")) / "lm_eval_tasks" / f"{WIKIPEDIA_PPL_TASK}-{key}"
+    if not (base / f"{WIKIPEDIA_PPL_TASK}.yaml").exists():  # written last: a half-written directory is redone
+        token_ppl_task(base, WIKIPEDIA_PPL_TASK, wikipedia_articles(n_docs, data_files), tokenizer, max_tokens)
     return base
 
 
@@ -173,21 +340,39 @@ def default_cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_task_manager(include_path: str | None, include_defaults: bool) -> Any:
+def _cached_task_manager(include: tuple[str, ...], include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+    return TaskManager(include_path=list(include) or None, include_defaults=include_defaults)
 
 
-def _task_manager(include_path: str | Path | None, tasks: Sequence[str] = ()) -> Any:
+def _include_paths(include_path: str | Path | Sequence[str | Path] | None) -> tuple[str, ...]:
+    if include_path is None:
+        return ()
+    if isinstance(include_path, (str, Path)):
+        return (str(include_path),)
+    return tuple(str(p) for p in include_path)
+
+
+def _task_manager(include_path: str | Path | Sequence[str | Path] | None, tasks: Sequence[str] = ()) -> Any:
     """lm-eval's TaskManager, built once per process. Indexing lm-eval's own tasks takes about 10 s, so when every
-    requested task lives in ``include_path`` only that directory is indexed."""
+    requested task lives in the ``include_path`` directories only those are indexed."""
     _require_lm_eval()
-    if include_path is not None:
-        light = _cached_task_manager(str(include_path), False)
+    include = _include_paths(include_path)
+    if include:
+        light = _cached_task_manager(include, False)
         if tasks and set(tasks) <= set(light.all_tasks):
             return light
-    return _cached_task_manager(str(include_path) if include_path else None, True)
+    return _cached_task_manager(include, True)
+
+
+def _with_generated_tasks(model: Any, include_path: Any, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The include paths plus the directory of nslens's generated Wikipedia token-perplexity task, when asked for
+    (it is cut with the model's own tokenizer, so it is written per tokenizer)."""
+    include = _include_paths(include_path)
+    if WIKIPEDIA_PPL_TASK in tasks and not any((Path(p) / f"{WIKIPEDIA_PPL_TASK}.yaml").exists() for p in include):
+        include += (str(wikipedia_ppl_task_dir(model.tokenizer)),)
+    return include
 
 
 def _check_tasks(tm: Any, tasks: Sequence[str]) -> None:
@@ -210,7 +395,14 @@ def task_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, 
 
 
 class SideEffects(dict):
-    """``{run name: {task: {metric: value}}}`` with ``clean`` first; ``deltas()`` subtracts the clean values."""
+    """``{run name: {task: {metric: value}}}`` with ``clean`` first; ``deltas()`` subtracts the clean values.
+    ``batch_bytes``: what each computed batch returned from the model's traces (what crosses the network remotely);
+    ``batch_shapes``: its ``(rows, tokens)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_bytes: list[int] = []
+        self.batch_shapes: list[tuple[int, int]] = []
 
     def deltas(self) -> dict[str, dict[str, dict[str, float]]]:
         clean = self["clean"]
@@ -241,11 +433,60 @@ def clean_cache_key(model: Any, tasks: Sequence[str], limit: float | None, num_f
         for p in list(model._module.parameters())[:: 7]:
             if p.device.type != "meta":
                 h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    if include_path is not None:
-        for f in sorted(Path(include_path).rglob("*")):
+    for inc in _include_paths(include_path):
+        for f in sorted(Path(inc).rglob("*")):
             if f.is_file():
                 h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval while it runs under nslens's own progress: its loggers (and datasets') at ERROR, its tqdm
+    bars and datasets' progress bars off.
+
+    A side-effect table runs 2C + 1 evaluations, so two fixed costs of each are removed (results unchanged):
+    ``add_env_info``, which shells out to pip for environment metadata that nslens discards (0.25 s each), and
+    the compilation of every Jinja prompt template for every document (``apply_template``; compiled templates
+    are cached per template string instead). Everything is restored afterwards."""
+    import datasets.utils.logging as ds_logging
+    import lm_eval.evaluator as lm_evaluator
+    import lm_eval.utils as lm_utils
+    import tqdm as tqdm_mod
+
+    compiled = functools.lru_cache(maxsize=1024)(lm_utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm_mod.tqdm(*args, **kwargs)
+
+    patched = [(m, m.tqdm) for name, m in list(sys.modules.items())
+               if name.startswith("lm_eval") and getattr(m, "tqdm", None) is tqdm_mod.tqdm]
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "datasets", "transformers", "evaluate")]
+    levels = [lg.level for lg in loggers]
+    bars_on = ds_logging.is_progress_bar_enabled()
+    env_info, template = lm_evaluator.add_env_info, lm_utils.apply_template
+    try:
+        lm_evaluator.add_env_info = lambda results: None
+        lm_utils.apply_template = apply_template
+        for m, _ in patched:
+            m.tqdm = silent_tqdm
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        if bars_on:
+            ds_logging.disable_progress_bar()
+        yield
+    finally:
+        lm_evaluator.add_env_info, lm_utils.apply_template = env_info, template
+        for m, orig in patched:
+            m.tqdm = orig
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+        if bars_on:
+            ds_logging.enable_progress_bar()
 
 
 def side_effects(
@@ -261,18 +502,24 @@ def side_effects(
     remote: bool | str = False,
     num_fewshot: int | None = 0,
     progress: Any = None,
+    per_pass: int = 8,
+    desc: str = "side effects",
 ) -> SideEffects:
-    """lm-eval results for the clean model and every named intervention.
+    """lm-eval results for the clean model and every named intervention, computed in one sweep.
 
-    ``limit`` passes through to lm-eval (for the ``mmlu`` group lm-eval applies it *per subtask*). The clean
-    results are cached in ``cache_dir`` keyed by model id, tasks and limit, so a run over many concepts computes
-    them once.
+    Every batch of lm-eval requests is answered for all interventions at once (``LoglikSweep``: the layers up to
+    the site run once, each intervention replays the layers above it, ``per_pass`` of them per forward, and only
+    log-likelihoods leave the trace). Then one ``simple_evaluate`` per intervention reads its own answers, so every
+    metric is lm-eval's. ``limit`` passes through to lm-eval (for the ``mmlu`` group lm-eval applies it *per
+    subtask*). The clean results are cached in ``cache_dir`` (key: model, weights, tasks, limit, shots), so a run
+    over many operators computes them once. ``progress(desc, done, total)`` counts lm-eval requests answered.
     """
     lm_eval = _require_lm_eval()
     if limit is not None and not (limit > 0):
         raise ValueError(f"limit must be > 0, got {limit}")
     if not tasks:
         raise ValueError("no tasks given")
+    include_path = _with_generated_tasks(model, include_path, tasks)
     tm = _task_manager(include_path, tuple(tasks))
     _check_tasks(tm, tasks)
     for name, ivs in interventions.items():
@@ -281,30 +528,38 @@ def side_effects(
                 raise ValueError("interventions need the site")
             iv.mask.validate(site.describe(), source=f"mask of {name!r}")
 
-    def evaluate(ivs: Intervention | Sequence[Intervention] | None) -> dict[str, dict[str, float]]:
-        lm = NsLensLM(model, site, ivs, remote=remote, batch_size=batch_size)
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=tm,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                                      verbosity="WARNING")
-        return task_metrics(res, tasks)
-
-    out = SideEffects()
     key = clean_cache_key(model, tasks, limit, num_fewshot, include_path)
     cache = Path(cache_dir) / f"clean_{key}.json" if cache_dir is not None else None
-    if cache is not None and cache.exists():
-        out["clean"] = json.loads(cache.read_text())["metrics"]
-    else:
-        out["clean"] = evaluate(None)
-        if cache is not None:
-            from .ranges import atomic_path
+    cached_clean = json.loads(cache.read_text())["metrics"] if cache is not None and cache.exists() else None
+    runs: list[str | None] = ([] if cached_clean is not None else [None]) + list(interventions)
+    sweep = LoglikSweep(model, site, [None if r is None else interventions[r] for r in runs] or [None],
+                        per_pass=per_pass, remote=remote)
 
-            with atomic_path(cache) as tmp:
-                Path(tmp).write_text(json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
-                                                 "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
-    for i, (name, ivs) in enumerate(interventions.items()):
-        out[name] = evaluate(ivs)
-        if progress is not None:
-            progress("side effects", i + 1, len(interventions))
+    with quiet_lm_eval():  # built once: every evaluation reads the same documents (lm-eval rebuilds requests)
+        loaded = tm.load(list(tasks))
+    built = [loaded["groups"].get(t) or loaded["tasks"][t] for t in tasks]
+
+    def evaluate(index: int) -> dict[str, dict[str, float]]:
+        with quiet_lm_eval():
+            lm = NsLensLM(model, sweep=sweep, index=index, batch_size=batch_size)
+            if index == 0 and progress is not None:  # the first evaluation computes every run's answers
+                lm.progress = lambda done, total: progress(desc, done, total)
+            res = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, task_manager=tm,
+                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                          verbosity="ERROR")
+        return task_metrics(res, tasks)
+
+    results = {run: evaluate(i) for i, run in enumerate(runs)}
+    out = SideEffects(clean=cached_clean if cached_clean is not None else results[None])
+    if cached_clean is None and cache is not None:
+        from .ranges import atomic_path
+
+        with atomic_path(cache) as tmp:
+            Path(tmp).write_text(json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
+                                             "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
+    for name in interventions:
+        out[name] = results[name]
+    out.batch_bytes, out.batch_shapes = list(sweep.batch_bytes), list(sweep.batch_shapes)
     return out
 
 
@@ -312,8 +567,12 @@ def side_effects(
 
 
 def main_metric(metrics: Mapping[str, float]) -> str:
-    """The column a task contributes to the Table-4 view: perplexity for rolling tasks, else accuracy."""
-    return "word_perplexity" if "word_perplexity" in metrics else "acc"
+    """The column a task contributes to the Table-4 view: token perplexity (the paper's PPL) where the task has
+    it, else word perplexity, else perplexity, else accuracy."""
+    for k in ("token_perplexity", "word_perplexity", "perplexity"):
+        if k in metrics:
+            return k
+    return "acc"
 
 
 @dataclass
@@ -340,7 +599,7 @@ class SideEffectTable:
 
     def to_markdown(self) -> str:
         cols = self._cols()
-        names = [f"{t} {'PPL' if k == 'word_perplexity' else k}" for t, k in cols]
+        names = [f"{t} {'PPL' if k.endswith('perplexity') else k}" for t, k in cols]
         head = ["Concept", *(f"neuron Δ{n}" for n in names), *(f"range Δ{n}" for n in names)]
         clean = ", ".join(f"{n} = {self.clean[t][k]:.4f}" for n, (t, k) in zip(names, cols))
         lines = [f"Operator: `{self.operator}`. Clean model: {clean}. Deltas vs clean.", "",
@@ -365,28 +624,43 @@ class SideEffectTable:
         return cls(**d)
 
 
-def side_effect_table(
+def side_effect_tables(
     model: Any,
     site: Site,
     masks: Sequence[Any],
-    operator: Any,
+    operators: Sequence[Any],
     *,
     tasks: Sequence[str] = DEFAULT_TASKS,
     positions: str = "all",
     progress: Any = None,
     sae: Any = None,
     **kwargs: Any,
-) -> SideEffectTable:
-    """Neuron vs range masking of every concept's mask, measured with lm-eval (``kwargs`` go to
-    ``side_effects``: limit, include_path, cache_dir, batch_size, remote, num_fewshot)."""
+) -> dict[str, SideEffectTable]:
+    """Table 4 for several operators (paper Tables 12-16) from ONE sweep over lm-eval's requests: the layers below
+    the site run once per batch for all 2C x operators interventions (``kwargs`` go to ``side_effects``: limit,
+    include_path, cache_dir, batch_size, remote, num_fewshot, per_pass, desc). Keyed by operator label."""
+    labels = [op.label for op in operators]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"operators must differ, got {', '.join(labels)}")
     ivs: dict[str, Intervention] = {}
-    for m in masks:
-        for gated in (False, True):
-            iv = Intervention(m, operator, gated=gated, positions=positions, sae=sae)
-            ivs[f"{m.concept}/{'range' if gated else 'neuron'}"] = iv
+    for op in operators:
+        for m in masks:
+            for gated in (False, True):
+                ivs[f"{op.label}/{m.concept}/{'range' if gated else 'neuron'}"] = Intervention(
+                    m, op, gated=gated, positions=positions, sae=sae)
+    kwargs.setdefault("desc", f"side effects ({', '.join(labels)})")
     res = side_effects(model, site, ivs, tasks=tasks, progress=progress, **kwargs)
     d = res.deltas()
-    return SideEffectTable(
+    meta = {"limit": kwargs.get("limit"), "positions": positions, **site.describe()}
+    return {op.label: SideEffectTable(
         concepts=[m.concept for m in masks], tasks=list(tasks), clean=res["clean"],
-        neuron=[d[f"{m.concept}/neuron"] for m in masks], range=[d[f"{m.concept}/range"] for m in masks],
-        operator=operator.label, meta={"limit": kwargs.get("limit"), "positions": positions, **site.describe()})
+        neuron=[d[f"{op.label}/{m.concept}/neuron"] for m in masks],
+        range=[d[f"{op.label}/{m.concept}/range"] for m in masks], operator=op.label, meta=meta)
+        for op in operators}
+
+
+def side_effect_table(model: Any, site: Site, masks: Sequence[Any], operator: Any, **kwargs: Any) -> SideEffectTable:
+    """Neuron vs range masking of every concept's mask, measured with lm-eval in one sweep (see
+    ``side_effect_tables``; ``kwargs``: tasks, positions, progress, sae, limit, include_path, cache_dir,
+    batch_size, remote, num_fewshot, per_pass)."""
+    return side_effect_tables(model, site, masks, [operator], **kwargs)[operator.label]

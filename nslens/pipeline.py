@@ -99,7 +99,7 @@ class RunConfig:
     """Share of candidates (by mean activation) selected per concept."""
     side_effects: bool = False
     """Also measure lm-eval side effects (paper Table 4) of neuron vs range masking for every concept."""
-    side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "wikitext"])
+    side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "nslens_wikipedia_ppl"])
     """lm-eval tasks; on the embedded model the defaults are replaced by the offline synthetic tasks."""
     side_effect_limit: float | None = None
     """lm-eval --limit (for the mmlu group lm-eval applies it per subtask)."""
@@ -337,15 +337,16 @@ def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunCon
 
 def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig, out: Path,
                   progress: Progress | None, sae: Any = None) -> dict[str, Any]:
-    from .harness import default_cache_dir, side_effect_table
+    from .harness import default_cache_dir, side_effect_tables
 
     tasks, include = side_effect_tasks(cfg)
+    ops = {op_name: make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta) for op_name in cfg.operators}
+    tabs = side_effect_tables(model, site, masks, list(ops.values()), tasks=tasks, positions=cfg.positions,
+                              limit=cfg.side_effect_limit, include_path=include, cache_dir=default_cache_dir(),
+                              batch_size=cfg.batch_size, remote=cfg.remote, progress=progress, sae=sae)
     result = {}
-    for op_name in cfg.operators:
-        op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
-        tab = side_effect_table(model, site, masks, op, tasks=tasks, positions=cfg.positions, limit=cfg.side_effect_limit,
-                                include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,
-                                remote=cfg.remote, progress=progress, sae=sae)
+    for op_name, op in ops.items():
+        tab = tabs[op.label]
         (out / f"side_effects_{op_name}.md").write_text(tab.to_markdown())
         (out / f"side_effects_{op_name}.json").write_text(tab.to_json())
         result[op_name] = {"clean": tab.clean, **tab.summary()}

@@ -40,7 +40,8 @@ def write_report(run_dir: str | Path) -> Path:
 
         lines += ["## Side effects (lm-eval)", "",
                   "Each concept's mask applied at every position while lm-eval scores the model; deltas vs the "
-                  "clean model (paper Table 4). PPL is word perplexity.", ""]
+                  "clean model (paper Table 4). PPL is token perplexity where the task has it (the paper's PPL, "
+                  "task `nslens_wikipedia_ppl`), else word perplexity.", ""]
         for path in side:
             tab = SideEffectTable.from_json(path.read_text())
             lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
@@ -126,7 +127,7 @@ def _sae_sections(run: Path) -> list[str]:
     for op, s in summary["erasure"].items():
         side = summary.get("side_effects", {}).get(op, {})
         for part, label in (("neuron", "feature"), ("range", "range")):
-            ppl = [v for k, v in side.get(part, {}).items() if k.endswith("word_perplexity")]
+            ppl = [v for k, v in side.get(part, {}).items() if k.endswith(("token_perplexity", "word_perplexity"))]
             lines.append(f"| {op} | {label} | " + " | ".join(f"{s[part][k]:+.3f}" for k in METRICS) + " | "
                          + (f"{ppl[0]:+.3f}" if ppl else "n/a") + " |")
     return [*lines, ""]

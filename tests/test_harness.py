@@ -1,27 +1,42 @@
-"""lm-eval side effects: the nnsight adapter against lm-eval's stock HFLM (clean and with a plain torch hook)."""
+"""lm-eval side effects: the nnsight adapter and the one-sweep table against lm-eval's stock HFLM (clean and with a
+plain torch hook), on a multiple-choice task, a multi-token loglikelihood task and a rolling token-perplexity
+task whose documents are longer than the evaluation's context (so rolling windows are exercised)."""
 
 import pytest
 import torch
 
 import nslens
-from nslens.harness import NsLensLM, local_tasks_dir, side_effects, task_metrics
+from nslens.harness import NsLensLM, local_tasks_dir, side_effect_table, side_effects, task_metrics
 from nslens.ranges import RangeMask
 
 lm_eval = pytest.importorskip("lm_eval")
-TASKS = ["nslens_synth_mc", "nslens_synth_ppl"]
+TASKS = ["nslens_synth_mc", "nslens_synth_cont", "nslens_synth_token_ppl"]
+CONTEXT = 48  # max_length of both LMs: the token-perplexity documents (100-300 tokens) need several windows
 
 
 @pytest.fixture(scope="module")
-def tm(tmp_path_factory):
+def inc(tmp_path_factory):
+    return local_tasks_dir(tmp_path_factory.mktemp("tasks"), n_mc=24, n_ppl=8)
+
+
+@pytest.fixture(scope="module")
+def tm(inc):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(local_tasks_dir(tmp_path_factory.mktemp("tasks"), n_mc=40, n_ppl=20)))
+    return TaskManager(include_path=str(inc), include_defaults=False)
 
 
-def evaluate(lm, tm):
-    res = lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, log_samples=False, bootstrap_iters=0,
+def evaluate(lm, tm, tasks=TASKS):
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, log_samples=False, bootstrap_iters=0,
                                   verbosity="ERROR")
-    return task_metrics(res, TASKS)
+    return task_metrics(res, tasks)
+
+
+def stock(model, **kw):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model._module, tokenizer=model.tokenizer, batch_size=8, device="cpu",
+                softmax_dtype="float32", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -31,75 +46,146 @@ def masks(embedded, site, synth):
     return nslens.build_range_masks(rec.stats, method="max", fraction=0.5)
 
 
-def test_no_intervention_equals_stock_hflm(embedded, tm):
-    from lm_eval.models.huggingface import HFLM
-
-    stock = evaluate(HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=8, device="cpu"), tm)
-    ours = evaluate(NsLensLM(embedded, batch_size=8), tm)
-    assert ours == stock
-    assert 0.5 < ours["nslens_synth_mc"]["acc"] <= 1.0
-    assert ours["nslens_synth_ppl"]["word_perplexity"] > 1.0
-
-
-def test_intervention_equals_plain_torch_hook(embedded, site, masks, tm):
-    from lm_eval.models.huggingface import HFLM
-
-    mask: RangeMask = masks[0]
-    iv = nslens.Intervention(mask, nslens.zero(), gated=True)
-
+def hooked(mask, gated=True):
+    """A plain torch forward hook zeroing the mask's neurons (inside their ranges when gated)."""
     def hook(module, args, output):
         hs = output.clone()
         for k, j in enumerate(mask.neurons.tolist()):
             col = hs[..., j]
-            hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), torch.zeros_like(col), col)
+            inside = (col >= mask.lo[k]) & (col <= mask.hi[k]) if gated else torch.ones_like(col, dtype=torch.bool)
+            hs[..., j] = torch.where(inside, torch.zeros_like(col), col)
         return hs
+    return hook
 
-    handle = embedded._module.model.layers[site.layer].register_forward_hook(hook)
+
+def test_no_intervention_equals_stock_hflm_on_every_task_type(embedded, tm, inc):
+    import json
+
+    docs = [json.loads(line) for line in open(inc / "nslens_synth_token_ppl.jsonl")]
+    assert min(d["n_tokens"] for d in docs) > 2 * CONTEXT  # every document spans several rolling windows
+    ref = evaluate(stock(embedded, max_length=CONTEXT), tm)
+    ours = evaluate(NsLensLM(embedded, batch_size=8, max_length=CONTEXT), tm)
+    assert ours == ref  # exactly: same batches, same float32 log-softmax, same sums
+    assert 0.5 < ours["nslens_synth_mc"]["acc"] <= 1.0
+    assert set(ours["nslens_synth_cont"]) == {"perplexity", "acc"}
+    assert ours["nslens_synth_token_ppl"]["token_perplexity"] > 1.0
+
+
+def test_raw_answers_equal_stock_including_greedy_hits(embedded):
+    """loglikelihood answers (log-prob sum, is-greedy) for continuations of 1-3 tokens, some of them the model's own
+    greedy tokens (so the flag is True), and requests sharing a context (lm-eval's one-token grouping)."""
+    from lm_eval.api.instance import Instance
+
+    tok = embedded.tokenizer
+    contexts = ["the team won the", "the lab measured a", "Text: the market rose", "the vote"]
+    reqs = []
+    for i, ctx in enumerate(contexts):
+        ids = tok(ctx, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = embedded._module.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy = tok.decode(out[0, ids.shape[1]:])
+        for cont in (" " + greedy, " " + greedy.split()[0], " science", " sports"):
+            reqs.append(Instance("loglikelihood", {}, (ctx, cont), i))
+    ref = stock(embedded).loglikelihood(reqs)
+    ours = NsLensLM(embedded, batch_size=8).loglikelihood(reqs)
+    assert ours == ref
+    assert any(g for _, g in ours) and not all(g for _, g in ours)
+
+
+def test_intervention_equals_plain_torch_hook(embedded, site, masks, tm):
+    mask: RangeMask = masks[0]
+    iv = nslens.Intervention(mask, nslens.zero(), gated=True)
+    handle = embedded._module.model.layers[site.layer].register_forward_hook(hooked(mask))
     try:
-        ref = evaluate(HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=8, device="cpu"), tm)
+        ref = evaluate(stock(embedded, max_length=CONTEXT), tm)
     finally:
         handle.remove()
-    ours = evaluate(NsLensLM(embedded, site, iv, batch_size=8), tm)
-    clean = evaluate(NsLensLM(embedded, batch_size=8), tm)
+    ours = evaluate(NsLensLM(embedded, site, iv, batch_size=8, max_length=CONTEXT), tm)
+    clean = evaluate(NsLensLM(embedded, batch_size=8, max_length=CONTEXT), tm)
     assert ours["nslens_synth_mc"]["acc"] == ref["nslens_synth_mc"]["acc"]
-    for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
-        assert ours["nslens_synth_ppl"][k] == pytest.approx(ref["nslens_synth_ppl"][k], rel=1e-5)
-    assert ours["nslens_synth_ppl"]["word_perplexity"] != clean["nslens_synth_ppl"]["word_perplexity"]
+    for t in ("nslens_synth_cont", "nslens_synth_token_ppl"):
+        for k, v in ref[t].items():
+            assert ours[t][k] == pytest.approx(v, rel=1e-5)
+    assert ours["nslens_synth_token_ppl"]["token_perplexity"] != clean["nslens_synth_token_ppl"]["token_perplexity"]
 
 
-def test_side_effects_deltas_and_clean_cache(embedded, site, synth, tmp_path):
+@pytest.mark.parametrize("per_pass", [1, 3, 8])
+def test_sweep_equals_one_evaluation_per_intervention_and_hooks(embedded, site, masks, inc, per_pass):
+    """The whole table in one sweep equals one evaluation per intervention, and a plain hook per intervention."""
+    tab = side_effect_table(embedded, site, masks[:2], nslens.zero(), tasks=TASKS, include_path=inc,
+                            per_pass=per_pass)
+    for i, mask in enumerate(masks[:2]):
+        for gated, part in ((False, tab.neuron), (True, tab.range)):
+            iv = nslens.Intervention(mask, nslens.zero(), gated=gated)
+            one = side_effects(embedded, site, {"x": iv}, tasks=TASKS, include_path=inc)
+            if per_pass == 3:  # the independent reference: stock HFLM with a plain torch hook
+                handle = embedded._module.model.layers[site.layer].register_forward_hook(hooked(mask, gated))
+                try:
+                    from lm_eval.tasks import TaskManager
+
+                    ref = evaluate(stock(embedded), TaskManager(include_path=str(inc), include_defaults=False))
+                finally:
+                    handle.remove()
+                assert ref["nslens_synth_mc"] == one["x"]["nslens_synth_mc"]
+                for t in ("nslens_synth_cont", "nslens_synth_token_ppl"):
+                    assert one["x"][t] == pytest.approx(ref[t], rel=1e-5)
+            assert one["clean"] == tab.clean
+            for t in TASKS:
+                assert part[i][t] == pytest.approx(one.deltas()["x"][t], rel=1e-5, abs=1e-6)
+
+
+def test_side_effects_deltas_and_clean_cache(embedded, site, synth, inc, tmp_path, monkeypatch):
     rec = nslens.record(embedded, site, synth["train_prompts"], synth["train"].labels,
                         synth["train"].label_names, batch_size=32)
     full = nslens.build_range_masks(rec.stats, fraction=1.0)[0]  # every neuron of the site
     ivs = {"neuron": nslens.Intervention(full, nslens.zero(), gated=False),
            "range": nslens.Intervention(full, nslens.zero(), gated=True)}
-    inc = local_tasks_dir(tmp_path / "t", n_mc=40, n_ppl=20)
     res = side_effects(embedded, site, ivs, tasks=TASKS, include_path=inc, cache_dir=tmp_path / "cache")
     d = res.deltas()
+    ppl = "nslens_synth_token_ppl"
     for name in ivs:
-        for k, v in res[name]["nslens_synth_ppl"].items():
-            assert d[name]["nslens_synth_ppl"][k] == v - res["clean"]["nslens_synth_ppl"][k]
+        for k, v in res[name][ppl].items():
+            assert d[name][ppl][k] == v - res["clean"][ppl][k]
     # heavy ungated zeroing (every neuron of the site) raises perplexity more than range masking the same neurons
-    assert d["neuron"]["nslens_synth_ppl"]["word_perplexity"] > d["range"]["nslens_synth_ppl"]["word_perplexity"]
-    assert d["neuron"]["nslens_synth_ppl"]["word_perplexity"] > 0
+    assert d["neuron"][ppl]["token_perplexity"] > d["range"][ppl]["token_perplexity"]
+    assert d["neuron"][ppl]["token_perplexity"] > 0
     assert len(list((tmp_path / "cache").glob("clean_*.json"))) == 1
-    # a second call reads the clean results from the cache: no lm-eval run without an intervention
+    # a second call reads the clean results from the cache: the sweep holds no clean run
     import nslens.harness as h
 
-    built = []
-    orig = h.NsLensLM
-    h.NsLensLM = lambda model, site_, ivs_, **k: built.append(ivs_) or orig(model, site_, ivs_, **k)
-    try:
-        again = side_effects(embedded, site, {"range": ivs["range"]}, tasks=TASKS, include_path=inc,
-                             cache_dir=tmp_path / "cache")
-    finally:
-        h.NsLensLM = orig
-    assert built == [ivs["range"]] and again["clean"] == res["clean"]
-    assert "| range | nslens_synth_ppl | word_perplexity |" in again.to_markdown()
+    sweeps = []
+    orig = h.LoglikSweep
+    monkeypatch.setattr(h, "LoglikSweep", lambda *a, **k: sweeps.append(orig(*a, **k)) or sweeps[-1])
+    again = side_effects(embedded, site, {"range": ivs["range"]}, tasks=TASKS, include_path=inc,
+                         cache_dir=tmp_path / "cache")
+    assert [s.interventions for s in sweeps] == [[ivs["range"]]] and again["clean"] == res["clean"]
+    assert again["range"] == res["range"]
+    # several interventions with the clean results cached: the clean pass stops at the site
+    both = side_effects(embedded, site, ivs, tasks=TASKS, include_path=inc, cache_dir=tmp_path / "cache")
+    assert sweeps[-1].interventions == list(ivs.values()) and both["clean"] == res["clean"]
+    for name in ivs:
+        for t in TASKS:
+            assert both[name][t] == pytest.approx(res[name][t], rel=1e-6)
+    assert f"| range | {ppl} | token_perplexity |" in again.to_markdown()
 
 
-def test_bad_input(embedded, site, masks, tm, tmp_path):
-    inc = local_tasks_dir(tmp_path / "t", n_mc=8, n_ppl=4)
+def test_progress_is_one_bar_and_lm_eval_is_quiet(embedded, site, masks, inc, capfd):
+    import logging
+
+    calls = []
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    side_effect_table(embedded, site, masks[:2], nslens.zero(), tasks=TASKS, include_path=inc, limit=6,
+                      progress=lambda *a: calls.append(a))
+    assert {c[0] for c in calls} == {"side effects (zero)"}
+    done, total = calls[-1][1:]
+    assert done == total > 0 and all(c[1] <= c[2] for c in calls)
+    err = capfd.readouterr().err
+    assert "WARNING" not in err and "it/s" not in err and "%|" not in err, err[-500:]
+    assert lm_logger.level == level  # restored
+
+
+def test_bad_input(embedded, site, masks, inc):
     with pytest.raises(ValueError, match="unknown lm-eval task 'nslens_synth_m'; close matches: nslens_synth_mc"):
         side_effects(embedded, site, {}, tasks=["nslens_synth_m"], include_path=inc)
     with pytest.raises(ValueError, match="limit must be > 0"):
@@ -140,3 +226,61 @@ def test_missing_lm_eval_names_the_extra(embedded, site, monkeypatch):
 def test_group_metrics_are_read(embedded):
     res = {"results": {"mmlu_x": {"acc,none": 0.5}}, "groups": {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
     assert task_metrics(res, ["mmlu", "mmlu_x"]) == {"mmlu": {"acc": 0.25}, "mmlu_x": {"acc": 0.5}}
+
+
+def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
+    """The paper's PPL task built from the first N articles (dataset order), each cut to max_tokens tokens of the
+    model's tokenizer; its token perplexity equals exp(-sum ll / sum tokens) from stock HFLM's rolling
+    log-likelihoods."""
+    import json
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from nslens.harness import WIKIPEDIA_PPL_TASK, wikipedia_articles, wikipedia_ppl_task_dir
+    from nslens.synthetic import synthetic_corpus
+
+    articles = [" ".join(synthetic_corpus(6, seed=s)) for s in range(5)]
+    pq.write_table(pa.table({"title": [f"a{i}" for i in range(5)], "text": articles}), tmp_path / "wiki.parquet")
+    assert wikipedia_articles(3, data_files=str(tmp_path / "wiki.parquet")) == articles[:3]
+    d = wikipedia_ppl_task_dir(embedded.tokenizer, n_docs=4, max_tokens=30, data_files=str(tmp_path / "wiki.parquet"),
+                               root=tmp_path / "task")
+    docs = [json.loads(line) for line in open(d / f"{WIKIPEDIA_PPL_TASK}.jsonl")]
+    tok = embedded.tokenizer
+    assert [x["text"] for x in docs] == [tok.decode(tok(a, add_special_tokens=False)["input_ids"][:30])
+                                         for a in articles[:4]]
+    assert [x["n_tokens"] for x in docs] == [30] * 4
+    res = side_effects(embedded, None, {}, tasks=[WIKIPEDIA_PPL_TASK], include_path=d)
+    lls = stock(embedded).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (x["text"],), i)
+                                                 for i, x in enumerate(docs)])
+    expect = math.exp(-sum(lls) / sum(x["n_tokens"] for x in docs))
+    assert res["clean"][WIKIPEDIA_PPL_TASK]["token_perplexity"] == pytest.approx(expect, rel=1e-12)
+    assert WIKIPEDIA_PPL_TASK in TaskManager(include_path=str(d), include_defaults=False).all_tasks
+    with pytest.raises(ValueError, match=r"could not load Wikipedia articles from /nowhere/w.parquet .*data_files="):
+        wikipedia_articles(2, data_files="/nowhere/w.parquet")
+
+
+def test_generative_tasks_are_refused_not_run_unintervened(embedded, site, masks):
+    lm = NsLensLM(embedded, site, nslens.Intervention(masks[0], nslens.zero()))
+    with pytest.raises(ValueError, match="generative lm-eval tasks are not supported"):
+        lm._model_generate(torch.zeros(1, 3, dtype=torch.long), max_length=5, stop=[])
+
+
+def test_several_operators_share_one_sweep(embedded, site, masks, inc):
+    from nslens.harness import side_effect_tables
+
+    ops = [nslens.zero(), nslens.adaptive_dampen(0.5)]
+    both = side_effect_tables(embedded, site, masks[:2], ops, tasks=TASKS, include_path=inc, limit=8)
+    assert list(both) == [op.label for op in ops]
+    for op in ops:
+        alone = side_effect_table(embedded, site, masks[:2], op, tasks=TASKS, include_path=inc, limit=8)
+        assert both[op.label].clean == alone.clean
+        for part in ("neuron", "range"):
+            for a, b in zip(getattr(both[op.label], part), getattr(alone, part)):
+                for t in TASKS:
+                    assert a[t] == pytest.approx(b[t], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="operators must differ"):
+        side_effect_tables(embedded, site, masks[:1], [nslens.zero(), nslens.zero()], tasks=TASKS, include_path=inc)

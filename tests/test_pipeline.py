@@ -102,13 +102,14 @@ def test_run_with_side_effects_table4(embedded, tmp_path, monkeypatch):
     tab = SideEffectTable.from_json((run / "side_effects_zero.json").read_text())
     assert tab.concepts == ["sports", "science", "business", "politics"] and tab.tasks == list(LOCAL_TASKS)
     stock = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=8, device="cpu"),
+        model=HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=cfg.batch_size,
+                   device="cpu"),  # the run's batches: padding, and so float rounding, depends on them
         tasks=list(LOCAL_TASKS), limit=12, num_fewshot=0, log_samples=False, bootstrap_iters=0,
         task_manager=TaskManager(include_path=str(local_tasks_dir())), verbosity="ERROR")
     assert tab.clean == task_metrics(stock, LOCAL_TASKS)
-    assert all(row["nslens_synth_ppl"]["word_perplexity"] != 0 for row in tab.neuron + tab.range)
+    assert all(row["nslens_synth_token_ppl"]["token_perplexity"] != 0 for row in tab.neuron + tab.range)
     report = (run / "report.md").read_text()
-    assert "## Side effects (lm-eval)" in report and "nslens_synth_ppl PPL" in report
+    assert "## Side effects (lm-eval)" in report and "nslens_synth_token_ppl PPL" in report
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["side_effects"]["zero"]) == {"clean", "neuron", "range"}
 
@@ -118,7 +119,7 @@ def test_table4_experiment_smoke(embedded, tmp_path):
     mod["main"](["--model", "embedded", "--dataset", "synthetic", "--limit", "16", "--lm-eval-limit", "6",
                  "--operators", "zero", "--out", str(tmp_path / "t4"), "--batch-size", "32"])
     text = (tmp_path / "t4" / "table4.md").read_text()
-    assert "| zero | nslens_synth_ppl word_perplexity |" in text and "| zero | nslens_synth_mc acc |" in text
+    assert "| zero | nslens_synth_token_ppl token_perplexity |" in text and "| zero | nslens_synth_mc acc |" in text
 
 
 def test_sweeps_experiment_smoke(embedded, tmp_path):

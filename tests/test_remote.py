@@ -91,23 +91,23 @@ def test_interrupted_record_resumes_from_checkpoint(embedded, site, synth, tmp_p
         record(embedded, site, prompts[:20], labels[:20], tr.label_names, batch_size=4, checkpoint=ck)
 
 
-def test_lm_eval_adapter_under_remote_local(embedded, site, synth, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
+def test_lm_eval_side_effects_under_remote_local(embedded, site, synth, tmp_path):
+    """The one-sweep side-effect table (clean pass + replays per batch, one session each) through nnsight's
+    serialization path equals the local one."""
+    pytest.importorskip("lm_eval")
+    from nslens.harness import local_tasks_dir, side_effects
 
-    from nslens.harness import NsLensLM, local_tasks_dir, task_metrics
-
-    tasks = ["nslens_synth_mc", "nslens_synth_ppl"]
-    tm = TaskManager(include_path=str(local_tasks_dir(tmp_path / "t", n_mc=12, n_ppl=6)), include_defaults=False)
+    tasks = ["nslens_synth_mc", "nslens_synth_cont", "nslens_synth_token_ppl"]
+    inc = local_tasks_dir(tmp_path / "t", n_mc=12, n_ppl=4)
     rec = record(embedded, site, synth["train_prompts"], synth["train"].labels, synth["train"].label_names,
                  batch_size=32)
-    iv = nslens.Intervention(nslens.build_range_masks(rec.stats, fraction=0.5)[0], nslens.zero())
-    out = {}
-    for remote in (False, "local"):
-        res = lm_eval.simple_evaluate(model=NsLensLM(embedded, site, iv, remote=remote, batch_size=8), tasks=tasks,
-                                      task_manager=tm, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-        out[remote] = task_metrics(res, tasks)
-    assert out[False] == out["local"]
+    mask = nslens.build_range_masks(rec.stats, fraction=0.5)[0]
+    ivs = {"neuron": nslens.Intervention(mask, nslens.zero(), gated=False),
+           "range": nslens.Intervention(mask, nslens.zero())}
+    out = {r: side_effects(embedded, site, ivs, tasks=tasks, include_path=inc, remote=r, per_pass=1)
+           for r in (False, "local")}
+    assert dict(out[False]) == dict(out["local"])
+    assert out["local"]["neuron"] != out["local"]["clean"]
 
 
 def test_adapter_accepts_a_meta_remote_style_model(embedded):

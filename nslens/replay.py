@@ -1,0 +1,118 @@
+"""Many interventions per forward pass: compute the layers up to the site once, replay only the layers above it.
+
+Every evaluation that compares interventions at one site (the erasure table, lm-eval side effects) needs the
+same forward for each of them up to the site. ``replay_batch`` runs it once (the *clean pass*, which keeps the
+site's value), then, for each chunk of interventions, tiles the batch, writes every intervention's edit of the
+cached value into its tile and lets ``Envoy.skip`` hand that value out in place of the site layer and the layers
+below it, so only the layers above the site run. What each pass returns is decided by a *readout*: a module-level
+function ``readout(model, *args, tiles=k, offset=o)`` called inside the trace that reduces ``model.output`` to small
+tensors (``tiles`` = how many copies of the batch the pass holds, ``offset`` = the first position whose logits were
+computed). Remotely the clean pass and the replays of one batch form one nnsight session: one request, and the
+cached site value never leaves the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .intervene import Intervention, edit_hidden
+from .models import Site, read_site, site_module
+
+__all__ = ["Chunk", "chunked", "layer_envoy", "replay_batch", "returned_bytes"]
+
+#: interventions that share one forward: (index in the caller's list, intervention or sequence applied in order)
+Chunk = list[tuple[int, Any]]
+
+
+def chunked(interventions: Sequence[Intervention | Sequence[Intervention] | None], per_pass: int) -> list[Chunk]:
+    """The non-clean interventions, ``per_pass`` to a forward (``None`` entries mean the clean model)."""
+    if per_pass < 1:
+        raise ValueError(f"per_pass must be >= 1, got {per_pass}")
+    edits = [(i, iv) for i, iv in enumerate(interventions) if iv is not None]
+    return [edits[j:j + per_pass] for j in range(0, len(edits), per_pass)]
+
+
+def layer_envoy(model: Any, site: Site, i: int) -> Any:
+    """The envoy of decoder layer ``i`` (same module list as the site's layer)."""
+    prefix = site.path.rsplit(".", 1)[0]
+    return site_module(model, Site(i, f"{prefix}.{i}", site.n_layers, site.d_model, site.family))
+
+
+def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
+    for one in [ivs] if isinstance(ivs, Intervention) else list(ivs):
+        h = edit_hidden(h, one)
+    return h
+
+
+def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[Chunk], readout: Callable,
+            args: tuple, logits_to_keep: int, clean_readout: bool, in_session: bool) -> tuple[Any, list]:
+    import nnsight
+
+    clean = None  # assigned before the trace: a local first set in a stopped trace is not handed back
+    with model.trace(enc) as tracer:
+        cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
+        if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
+            cached = nnsight.save(cached)
+        if clean_readout:
+            clean = readout(model, *args, tiles=1, offset=0).save()
+        else:
+            tracer.stop()  # nobody needs the clean model's outputs: the layers above the site never run
+    h, is_tuple = cached["h"], cached["is_tuple"]
+    outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
+    seq = enc["input_ids"].shape[1]
+    keep = logits_to_keep if 0 < logits_to_keep < seq else 0
+    for chunk in chunks:
+        k = len(chunk)
+        tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
+        with model.trace(tiled, logits_to_keep=keep):
+            value = torch.cat([_edit_all(h, ivs) for _, ivs in chunk])
+            value = (value,) if is_tuple else value
+            for layer in range(site.layer + 1):
+                layer_envoy(model, site, layer).skip(value)
+            outs.append(readout(model, *args, tiles=k, offset=seq - keep if keep else 0))
+    return clean, outs
+
+
+def replay_batch(
+    model: Any,
+    site: Site,
+    enc: dict[str, torch.Tensor],
+    chunks: list[Chunk],
+    readout: Callable[..., dict[str, torch.Tensor]],
+    args: tuple = (),
+    *,
+    remote: bool | str = False,
+    logits_to_keep: int = 0,
+    clean_readout: bool = True,
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]]]:
+    """One batch: the clean pass and one replay per chunk; returns (clean readout or None, readout per chunk).
+
+    The readout of a chunk holds its ``k`` tiles in chunk order (``tiles=k``). ``logits_to_keep`` (0 = all)
+    limits the logits the replays compute to the last positions; the clean pass always computes all of them, so
+    the clean numbers are those of an ordinary forward. Without ``clean_readout`` the clean pass stops at the site.
+    """
+    with torch.no_grad():
+        if not remote:
+            return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False)
+        with model.session(remote=remote):
+            clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,
+                                  in_session=True)
+    return clean, list(outs)
+
+
+def returned_bytes(*values: Any) -> int:
+    """Bytes of the tensors in (nested) dicts, lists and tuples: what a remote batch sends back."""
+    total = 0
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total

@@ -1,0 +1,118 @@
+"""Log-likelihoods computed inside the trace: the plan and readout against HFLM's own slicing on planted logits,
+and what one remote batch returns (it must not grow with the vocabulary)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import nslens
+from nslens.loglik import LoglikPlan, LoglikSweep, loglik_readout
+
+
+def hflm_reference(logits: torch.Tensor, rows) -> list[tuple[float, bool]]:
+    """HFLM._loglikelihood_tokens' reduction, transcribed: log-softmax of the whole batch, the row's window
+    [inplen - contlen, inplen), a member's greedy check on the window's last len(cont) positions and its log-probs
+    gathered from the window's first len(cont) positions (torch.gather with a shorter index)."""
+    multi = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    out = []
+    for r, (inplen, contlen, members) in enumerate(rows):
+        window = multi[r][inplen - contlen:inplen].unsqueeze(0)
+        greedy_tokens = window.argmax(dim=-1)
+        for cont in members:
+            c = torch.tensor(cont).unsqueeze(0)
+            max_equal = (greedy_tokens[:, -c.shape[1]:] == c).all()
+            lp = torch.gather(window, 2, c.unsqueeze(-1)).squeeze(-1)
+            out.append((float(lp.sum()), bool(max_equal)))
+    return out
+
+
+def test_readout_equals_hflm_reduction_on_planted_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=g) * 3
+    # row 2 plants greedy continuations: its window's argmax tokens are the continuation
+    logits[2, 5:8] -= 100
+    logits[2, 5, 7] = logits[2, 6, 8] = logits[2, 7, 9] = 50
+    rows = [(9, 4, [[1, 2, 3, 4]]),  # a 4-token continuation at the end of a full row
+            (6, 1, [[5], [6], [7]]),  # three one-token continuations sharing a context (lm-eval's grouping)
+            (8, 3, [[7, 8, 9], [8, 9]])]  # right-padded row; a member shorter than the window
+    model = SimpleNamespace(output=SimpleNamespace(logits=logits))
+    plan = LoglikPlan.build(rows)
+    out = loglik_readout(model, *plan.args(torch.float32))
+    got = list(zip(out["ll"].tolist(), [bool(x) for x in out["greedy"].tolist()]))
+    assert got == hflm_reference(logits, rows)
+    assert [x[1] for x in got] == [False, False, False, False, True, True]
+    assert plan.first_pos == 5 and plan.n_requests == 6
+    # two tiles of the batch in one pass (the replays): each tile's answers in turn
+    both = loglik_readout(SimpleNamespace(output=SimpleNamespace(logits=torch.cat([logits, logits * 0.5]))),
+                          *plan.args(torch.float32), tiles=2)
+    half = loglik_readout(SimpleNamespace(output=SimpleNamespace(logits=logits * 0.5)), *plan.args(torch.float32))
+    assert torch.equal(both["ll"], torch.cat([out["ll"], half["ll"]]))
+    # logits computed from position 5 on only (logits_to_keep): the offset maps positions back
+    kept = loglik_readout(SimpleNamespace(output=SimpleNamespace(logits=logits[:, 5:])), *plan.args(torch.float32),
+                          offset=5)
+    assert torch.equal(kept["ll"], out["ll"])
+
+
+def test_plan_refuses_a_continuation_longer_than_its_window():
+    with pytest.raises(ValueError, match="continuation of 3 tokens in a window of 2"):
+        LoglikPlan.build([(5, 2, [[1, 2, 3]])])
+
+
+def test_sweep_needs_a_site_for_interventions(embedded, site):
+    mask = nslens.RangeMask(torch.tensor([0]), torch.zeros(1), torch.ones(1), torch.zeros(1), torch.ones(1),
+                            {"tau": 2.5, **site.describe()})
+    with pytest.raises(ValueError, match="an intervention needs its site"):
+        LoglikSweep(embedded, None, [None, nslens.Intervention(mask, nslens.zero())])
+    with pytest.raises(ValueError, match="at least one intervention"):
+        LoglikSweep(embedded, site, [])
+
+
+def _random_llama(tok, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return nslens.load_model(LlamaForCausalLM(cfg).eval(), tokenizer=tok)
+
+
+def test_remote_batch_bytes_do_not_grow_with_the_vocabulary(embedded):
+    """One batch under remote='local' (nnsight's serialization path) for the clean model and two interventions:
+    what comes back is the same for a 186- and an 8192-token vocabulary, and far below the full logits."""
+    tok = embedded.tokenizer
+    ids = torch.randint(4, len(tok), (4, 20), generator=torch.Generator().manual_seed(1))
+    rows = [(20, 3, [[5, 6, 7]]), (18, 1, [[8], [9]]), (20, 5, [[1, 2, 3, 4, 5]]), (12, 2, [[4, 4]])]
+    sent = {}
+    for vocab in (len(tok), 8192):
+        model = _random_llama(tok, vocab)
+        site = nslens.resolve_site(model, -2)
+        mask = nslens.RangeMask(torch.arange(8), -torch.ones(8), torch.ones(8), torch.zeros(8), torch.ones(8) * .4,
+                                {"tau": 2.5, **site.describe()})
+        ivs = [None, nslens.Intervention(mask, nslens.zero(), gated=False), nslens.Intervention(mask, nslens.zero())]
+        local = LoglikSweep(model, site, ivs, per_pass=2)
+        remote = LoglikSweep(model, site, ivs, per_pass=2, remote="local")
+        a, b = local.answer(ids, rows, torch.float32), remote.answer(ids, rows, torch.float32)
+        assert a == b and len(a) == 5 and all(len(x) == 3 for x in a)
+        sent[vocab] = remote.batch_bytes[0]
+        assert sent[vocab] < ids.numel() * vocab * 4 / 50  # vs the float32 logits of one pass
+    assert sent[len(tok)] == sent[8192] == 3 * 5 * (4 + 1)  # 3 runs x 5 requests x (float32 + bool)
+
+
+def test_logits_budget_limits_tiles_not_results(embedded, site):
+    """A tight logits budget puts fewer interventions in each replay pass; the answers stay the same."""
+    tok = embedded.tokenizer
+    ids = torch.randint(4, len(tok), (3, 16), generator=torch.Generator().manual_seed(2))
+    rows = [(16, 4, [[5, 6, 7, 8]]), (16, 1, [[9], [10]]), (10, 2, [[4, 4]])]
+    mask = nslens.RangeMask(torch.arange(6), -torch.ones(6), torch.ones(6), torch.zeros(6), torch.ones(6) * .4,
+                            {"tau": 2.5, **site.describe()})
+    ivs = [None, *(nslens.Intervention(mask, op, gated=g) for op in (nslens.zero(), nslens.dampen(0.3))
+                   for g in (False, True))]
+    wide = LoglikSweep(embedded, site, ivs, per_pass=8)
+    one_tile = 3 * 16 * wide.vocab_size * 4
+    tight = LoglikSweep(embedded, site, ivs, per_pass=8, max_logits_bytes=2 * one_tile)
+    assert wide.tiles_per_pass(3, 16) == 8 and tight.tiles_per_pass(3, 16) == 2 and tight.tiles_per_pass(30, 16) == 1
+    a, b = wide.answer(ids, rows, torch.float32), tight.answer(ids, rows, torch.float32)
+    for x, y in zip(a, b):
+        assert [v for v, _ in x] == pytest.approx([v for v, _ in y], rel=1e-6) and [g for _, g in x] == [g for _, g in y]
