@@ -15,7 +15,7 @@ from pathlib import Path
 from nslens.pipeline import RunConfig, run_pipeline
 
 CONFIG = RunConfig(
-    model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-2, method="max", fraction=0.3, tau=2.5,
+    model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
     operators=["zero"], n_per_class=1000, only_correct=True, max_correct_per_class=2000, dtype="bfloat16",
     analyses=True, sweeps=["fraction", "tau", "layer"],
 )

@@ -1,5 +1,5 @@
 """Paper Table 3: concept erasure by neuron vs range masking, Llama-3.2-3B few-shot on AG News, Emotions and
-DBPedia-14 (penultimate layer, top 30 % neurons by max activation, tau = 2.5, zeroing, only samples the clean
+DBPedia-14 (last decoder block, the paper's 'penultimate layer', top 30 % neurons by max activation, tau = 2.5, zeroing, only samples the clean
 model classifies correctly, up to 2000 per class).
 
     python experiments/table3.py                         # the paper's setting (needs the Hub or a local cache)
@@ -19,7 +19,7 @@ from nslens.pipeline import RunConfig, run_pipeline
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B",
-    layer=-2,
+    layer=-1,
     method="max",
     fraction=0.3,
     tau=2.5,

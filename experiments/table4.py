@@ -1,6 +1,6 @@
 """Paper Table 4 and the operator comparison of Tables 12-16: token perplexity on Wikipedia (the paper's PPL) and
 MMLU (zero-shot) under neuron vs range masking of every concept, for zeroing, dampening (alpha 0.125), mean replacement and adaptive
-dampening (beta 0.5), on Llama-3.2-3B (penultimate layer, top 30 %, tau 2.5), with the erasure table beside them.
+dampening (beta 0.5), on Llama-3.2-3B (last decoder block, the paper's 'penultimate layer', top 30 %, tau 2.5), with the erasure table beside them.
 
     python experiments/table4.py --dataset dbpedia_14                # the paper's setting (Hub or local cache)
     python experiments/table4.py --limit 100 --lm-eval-limit 20      # cheaper: fewer samples / lm-eval docs
@@ -18,7 +18,7 @@ from pathlib import Path
 from nslens.pipeline import RunConfig, run_pipeline
 
 CONFIG = RunConfig(
-    model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-2, method="max", fraction=0.3, tau=2.5,
+    model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
     operators=["zero", "dampen", "mean", "adaptive"], n_per_class=3000, only_correct=True,
     max_correct_per_class=2000, side_effects=True, side_effect_tasks=["mmlu", "nslens_wikipedia_ppl"], dtype="bfloat16",
 )

@@ -22,7 +22,10 @@ out_console = Console(width=None if sys.stdout.isatty() else 140)
 ModelOpt = typer.Option("embedded", "--model", "-m", help="Hub id, local directory or 'embedded'.")
 DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="synthetic, ag_news, dbpedia_14, emotion, sst2, "
                           "imdb, or a .csv/.jsonl path.")
-LayerOpt = typer.Option(-2, "--layer", "-l", help="Decoder layer (negative counts from the end).")
+LayerOpt = typer.Option(-1, "--layer", "-l", help="Decoder layer whose output is the site (negative counts from "
+                        "the end; -1 = the last block, the paper's 'penultimate layer' before the output head).")
+OnlyCorrectOpt = typer.Option(True, "--only-correct/--all-samples",
+                              help="Keep only samples the clean model classifies correctly (the paper's protocol).")
 NOpt = typer.Option(400, "--n-per-class", help="Samples per concept before the train/test split.")
 BatchOpt = typer.Option(16, "--batch-size")
 RemoteOpt = typer.Option(False, "--remote", help="Run traces on NDIF (needs a hub id and NDIF_API_KEY).")
@@ -90,7 +93,7 @@ def record_cmd(
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
     position: str = typer.Option("last", help="last or all tokens."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
     quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
     checkpoint: Path | None = typer.Option(None, help="Save partial statistics here; re-run to resume."),
 ) -> None:
@@ -99,7 +102,7 @@ def record_cmd(
     from .pipeline import prepare_data, record_stats
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed,
-                  quantize=quantize, dtype=dtype)
+                  quantize=quantize, dtype=dtype, only_correct=only_correct)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     with _progress() as cb:
@@ -136,7 +139,7 @@ def erase_cmd(
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
     operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
     positions: str = typer.Option("all", help="all or last."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
     quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
 ) -> None:
@@ -148,7 +151,7 @@ def erase_cmd(
     from .ranges import load_masks
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
-                  positions=positions, seed=seed, quantize=quantize, dtype=dtype)
+                  positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct)
     op = make_operator(operator)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
@@ -161,7 +164,7 @@ def erase_cmd(
                             positions=positions, batch_size=batch_size, remote=remote, progress=cb)
     _print_table(tab)
     if out is not None:
-        from .ranges import atomic_path
+        from .files import atomic_path
 
         for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
             with atomic_path(out.with_suffix(f".{ext}")) as tmp:
@@ -182,11 +185,12 @@ def side_effects_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.json here."),
 ) -> None:
     """lm-eval side effects (MMLU acc, Wikipedia token perplexity) of neuron vs range masking of every concept."""
+    from .files import atomic_path
     from .harness import default_cache_dir, side_effect_table
     from .models import load_model, resolve_site
     from .ops import make_operator
     from .pipeline import side_effect_tasks
-    from .ranges import atomic_path, load_masks
+    from .ranges import load_masks
 
     if limit is not None and not limit > 0:
         raise ValueError(f"limit must be > 0, got {limit}")
@@ -236,6 +240,7 @@ def sae_cmd(
     ranges_over: str = typer.Option("firing", help="firing or all samples of the concept."),
     side_effects: bool = typer.Option(True, help="Also measure lm-eval perplexity / MMLU."),
     limit: float | None = typer.Option(None, help="lm-eval --limit."),
+    only_correct: bool = OnlyCorrectOpt,
     out: Path = typer.Option(Path("runs/sae"), "--out", "-o"),
     overwrite: bool = typer.Option(False),
 ) -> None:
@@ -247,7 +252,7 @@ def sae_cmd(
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, sae_path=str(sae_path) if sae_path else None,
                   sae_release=release, sae_id=sae_id, sae_ranges_over=ranges_over, side_effects=side_effects,
                   side_effect_limit=limit, operators=[o.strip() for o in operators.split(",") if o.strip()],
-                  analyses=False)
+                  analyses=False, only_correct=only_correct)
     with _progress() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     report = (run / "report.md").read_text()

@@ -29,9 +29,11 @@ from .record import Progress, batches, prepare_remote, tokenize
 from .remote import maybe_retry
 from .replay import chunked, replay_batch
 
-__all__ = ["METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many"]
+__all__ = ["CACC_AVERAGES", "METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many"]
 
 METRICS = ("acc", "conf", "cacc", "cconf")
+#: how CAcc / CConf average over the other concepts (see ``concept_metrics``)
+CACC_AVERAGES = ("class", "pooled")
 
 
 @dataclass
@@ -151,13 +153,33 @@ def predict_many(
     return result
 
 
-def concept_metrics(p: Predictions, labels: np.ndarray, target: int) -> dict[str, float]:
-    """Acc/Conf on the target concept's samples, CAcc/CConf on all other samples pooled."""
+def concept_metrics(p: Predictions, labels: np.ndarray, target: int, average: str = "class") -> dict[str, float]:
+    """Acc/Conf on the target concept's samples; CAcc/CConf over the other concepts.
+
+    ``average="class"`` (default) is the paper's "average ... across other classes": the mean of each other
+    concept's accuracy (confidence), so every class weighs the same however many test samples it has.
+    ``"pooled"`` averages over all other samples together (large classes weigh more)."""
+    if average not in CACC_AVERAGES:
+        raise ValueError(f"unknown average {average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     on = labels == target
     if not on.any() or on.all():
         raise ValueError(f"concept {target} needs test samples of its own and of other concepts")
-    return {"acc": float(p.correct[on].mean()), "conf": float(p.conf[on].mean()),
-            "cacc": float(p.correct[~on].mean()), "cconf": float(p.conf[~on].mean())}
+    if average == "pooled":
+        cacc, cconf = float(p.correct[~on].mean()), float(p.conf[~on].mean())
+    else:
+        others = [c for c in np.unique(labels) if c != target]
+        cacc = float(np.mean([p.correct[labels == c].mean() for c in others]))
+        cconf = float(np.mean([p.conf[labels == c].mean() for c in others]))
+    return {"acc": float(p.correct[on].mean()), "conf": float(p.conf[on].mean()), "cacc": cacc, "cconf": cconf}
+
+
+def trim_note(n_concepts: int, proportion: float = 0.1) -> str:
+    """What the 10 % trimmed mean across concepts actually cut (scipy cuts int(0.1 * C) from each tail)."""
+    cut = int(proportion * n_concepts)
+    if cut == 0:
+        return (f"Trimmed mean: {proportion:.0%} cut from each tail across {n_concepts} concepts removes nothing "
+                f"below 10 concepts, so it is the plain mean here.")
+    return f"Trimmed mean: {cut} of {n_concepts} concepts cut from each tail ({proportion:.0%})."
 
 
 @dataclass
@@ -202,6 +224,9 @@ class ErasureTable:
         for r in self.rows():
             lines.append("| " + " | ".join([str(r[0]), *(f"{v:+.3f}" if j >= 4 else f"{v:.3f}"
                                                           for j, v in enumerate(r[1:]))]) + " |")
+        pooled = self.meta.get("cacc_average", "class") == "pooled"
+        how = "the other concepts' samples pooled" if pooled else "the mean over the other concepts (class average)"
+        lines += ["", f"CAcc/CConf: {how}. " + trim_note(len(self.concepts))]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -238,6 +263,7 @@ def erasure_table(
     fast: bool = True,
     per_pass: int = 8,
     sae: Any = None,
+    cacc_average: str = "class",
 ) -> ErasureTable:
     """The full table: the clean model, then neuron and range masking of every concept's mask.
 
@@ -245,6 +271,8 @@ def erasure_table(
     2C + 1 full forward passes over the test set (the reference path; same numbers). With ``sae`` the masks select
     SAE features and "neuron" masking is feature masking.
     """
+    if cacc_average not in CACC_AVERAGES:
+        raise ValueError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     labels = np.asarray(labels, dtype=np.int64)
     label_token_ids = list(label_token_ids)
     if len(masks) != len(label_token_ids):
@@ -264,10 +292,11 @@ def erasure_table(
     clean = preds[0]
     base, neuron, rng = [], [], []
     for c in range(len(masks)):
-        b = concept_metrics(clean, labels, c)
+        b = concept_metrics(clean, labels, c, cacc_average)
         base.append(b)
         for gated, out in ((False, neuron), (True, rng)):
-            m = concept_metrics(preds[1 + 2 * c + int(gated)], labels, c)
+            m = concept_metrics(preds[1 + 2 * c + int(gated)], labels, c, cacc_average)
             out.append({k: m[k] - b[k] for k in METRICS})
     return ErasureTable(concepts, base, neuron, rng, operator=operator.label,
-                        meta={"positions": positions, "n_test": int(len(prompts)), **site.describe()})
+                        meta={"positions": positions, "n_test": int(len(prompts)), "cacc_average": cacc_average,
+                              **site.describe()})

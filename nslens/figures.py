@@ -22,7 +22,7 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .ranges import atomic_path
+    from .files import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .erasure import trim_note
 from .intervene import Intervention, apply_in_trace
 from .loglik import LoglikSweep
 from .models import Site, model_id
@@ -552,7 +553,7 @@ def side_effects(
     results = {run: evaluate(i) for i, run in enumerate(runs)}
     out = SideEffects(clean=cached_clean if cached_clean is not None else results[None])
     if cached_clean is None and cache is not None:
-        from .ranges import atomic_path
+        from .files import atomic_path
 
         with atomic_path(cache) as tmp:
             Path(tmp).write_text(json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
@@ -612,6 +613,7 @@ class SideEffectTable:
         lines.append("| trimmed mean (10%) | " + " | ".join(
             [*(f"{s['neuron'][f'{t}/{k}']:+.4f}" for t, k in cols),
              *(f"{s['range'][f'{t}/{k}']:+.4f}" for t, k in cols)]) + " |")
+        lines += ["", trim_note(len(self.concepts))]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:

@@ -83,9 +83,12 @@ def model_id(model: Any) -> str:
     return str(name) or "in-memory"
 
 
-def resolve_site(model: Any, layer: int = -2) -> Site:
-    """The residual-stream site after decoder layer ``layer``; negative layers count from the end (-2 =
-    penultimate, the paper's default)."""
+def resolve_site(model: Any, layer: int = -1) -> Site:
+    """The residual-stream site after decoder layer ``layer``; negative layers count from the end.
+
+    The default, -1, is the last decoder block's output: the paper's "penultimate layer" is the layer before the
+    output head (the authors mask block 27 of Llama-3.2-3B's 28, GPT-2's 12 of 12, and the Gemma Scope SAEs sit
+    at layer 25 of Gemma-2-2B's 26)."""
     family = model_family(model)
     cfg = _hf_config(model)
     n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)

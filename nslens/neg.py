@@ -36,7 +36,8 @@ __all__ = ["NEURON_KINDS", "LinearityReport", "NeuronSite", "linearity_report", 
 logger = logging.getLogger(__name__)
 
 NEURON_KINDS = ("product", "up_proj", "act_fn", "residual")
-DEFAULT_SHIFTS = (-2.0, -1.5, -1.0, -0.5, -0.1, 0.1, 0.5, 1.0, 1.5, 2.0)
+#: the NEG paper's grid: shifts of -2 to +2 in steps of 0.2 (0 itself changes nothing and is left out)
+DEFAULT_SHIFTS = tuple(round(0.2 * i, 1) for i in range(-10, 11) if i != 0)
 _EMBED = {"gpt2": "transformer.wte"}
 
 

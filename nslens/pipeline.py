@@ -1,17 +1,16 @@
 """The whole NeuronLens pipeline from a config: data -> record -> ranges -> erasure -> run directory.
 
 A run directory holds everything a user keeps: ``config.json``, ``stats.safetensors``, ``ranges/*.safetensors``
-(+ JSON sidecars), ``erasure_<operator>.{md,csv,json}``, ``summary.json`` and ``report.md``. It is built in a
-temporary directory and renamed into place at the end, so a failed or interrupted run leaves nothing behind.
+(+ JSON sidecars), ``erasure_<operator>.{md,csv,json}``, ``summary.json`` and ``report.md``. Each file is written
+atomically as soon as it is finished, and ``summary.json`` records how far the run got, so a failed or interrupted
+run keeps its finished work and never holds a half-written file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from .data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset
-from .erasure import ErasureTable, erasure_table, predict
+from .erasure import CACC_AVERAGES, erasure_table, predict
+from .files import atomic_path, write_text
 from .intervene import INTERVENE_POSITIONS
 from .models import Site, load_model, model_id, resolve_site
 from .ops import OPERATORS, make_operator
@@ -43,8 +43,9 @@ class RunConfig:
     """'synthetic', a paper dataset (ag_news, dbpedia_14, emotion, sst2, imdb) or a .csv/.jsonl path."""
     label_words: list[str] | None = None
     """Words the model answers with (default: the dataset's)."""
-    layer: int = -2
-    """Decoder layer whose output is the site; negative counts from the end (-2 = penultimate)."""
+    layer: int = -1
+    """Decoder layer whose output is the site; negative counts from the end (-1 = the last block, the layer before
+    the output head: the paper's "penultimate layer")."""
     method: str = "max"
     """Saliency ranking: max, probeless, probe or neurgrad."""
     fraction: float = 0.3
@@ -65,10 +66,12 @@ class RunConfig:
     """Demonstrations per class in the few-shot prompt."""
     max_words: int = 64
     """Texts are cut to this many words inside prompts."""
-    only_correct: bool = False
-    """Keep only samples the clean model classifies correctly (the paper's protocol for Llama)."""
+    only_correct: bool = True
+    """Keep only samples the clean model classifies correctly (the paper's protocol for Llama, App. H)."""
     max_correct_per_class: int = 2000
     """Cap per concept when only_correct is set."""
+    cacc_average: str = "class"
+    """CAcc/CConf over the other concepts: class (mean of per-concept values, the paper's) or pooled samples."""
     batch_size: int = 16
     record_position: str = "last"
     """Where activations are recorded: last (the label-predicting token) or all tokens."""
@@ -120,6 +123,8 @@ class RunConfig:
                 raise ValueError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
         if not self.operators:
             raise ValueError("no operators given; choose from " + ", ".join(OPERATORS))
+        if self.cacc_average not in CACC_AVERAGES:
+            raise ValueError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
         if self.record_position not in POSITIONS:
             raise ValueError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
         if self.positions not in INTERVENE_POSITIONS:
@@ -228,77 +233,110 @@ def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
                   meta={"dataset": cfg.dataset, **data.train.source, "seed": cfg.seed})
 
 
+#: steps whose failure is recorded in the run (summary.json, report) instead of ending it
+OPTIONAL_STEPS = ("side_effects", "analyses", "sweeps", "report")
+
+
 def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | None = None,
                  model: Any = None, overwrite: bool = False) -> Path:
-    """Run everything and write the run directory; returns its path."""
+    """Run everything into the run directory ``out_dir``; returns its path.
+
+    Every artifact is written into the run as soon as it is finished (atomically), and ``summary.json`` says how
+    far the run got (``status``: running, complete, failed or interrupted). A failing optional step (side
+    effects, analyses, sweeps, report) is recorded under ``failed_steps`` and in the report, and the run goes on:
+    an hour of remote erasure work is never thrown away because a figure failed.
+    """
     cfg.validate()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"run directory {out} exists and is not empty (pass overwrite)")
+        raise ValueError(f"run directory {out} exists and is not empty (pass --overwrite to replace it)")
     if model is None:
         model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, remote=cfg.remote)
     site = resolve_site(model, cfg.layer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     sae = load_run_sae(cfg)  # fail fast on a missing or mismatched SAE, before any model pass
     if sae is not None:
         sae.check(site)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    summary: dict[str, Any] = {"status": "running", "model_id": model_id(model), "site": site.describe(),
+                               "dataset": cfg.dataset, "failed_steps": {}}
+
+    def save_summary() -> None:
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
+
+    def optional(step: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # recorded, not fatal: the finished artifacts stay valid
+            summary["failed_steps"][step] = f"{type(e).__name__}: {e}"
+            logger.warning("step %s failed (%s: %s); the run goes on", step, type(e).__name__, e)
+            return None
+        finally:
+            save_summary()
+
+    save_summary()
     try:
         data = prepare_data(model, site, cfg, progress)
-        rec = None
+        summary.update(n_train=len(data.train), n_test=len(data.test))
+        _write_texts(out / "train.jsonl", data.train)
+        rec, scores = None, None
         if sae is not None:
-            masks = _sae_masks(model, site, sae, data, cfg, tmp, progress)
+            masks = _sae_masks(model, site, sae, data, cfg, out, progress)
+            sae.save_npz(out / "sae_params.npz")
+            summary["basis"] = "sae"
         else:
             rec = record_stats(model, site, data, cfg, progress)
-            rec.stats.save(tmp / "stats.safetensors")
+            rec.stats.save(out / "stats.safetensors")
             if rec.samples is not None:
-                rec.save_samples(tmp / "samples.safetensors")
+                rec.save_samples(out / "samples.safetensors")
             scores = _scores(model, site, rec, data, cfg, progress)
-            np.save(tmp / "scores.npy", scores)
+            with atomic_path(out / "scores.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, scores)
             masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
                                       samples=rec.samples, sample_labels=rec.sample_labels, scores=scores)
         for i, m in enumerate(masks):
-            m.save(tmp / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
-        if sae is not None:
-            sae.save_npz(tmp / "sae_params.npz")
-        tables: dict[str, ErasureTable] = {}
+            m.save(out / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
+        summary["neurons_per_concept"] = len(masks[0])
+        summary["erasure"] = {}
+        save_summary()
         for op_name in cfg.operators:
             op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                                 positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
-                                progress=progress, sae=sae)
-            tables[op_name] = tab
+                                progress=progress, sae=sae, cacc_average=cfg.cacc_average)
             for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
-                (tmp / f"erasure_{op_name}.{ext}").write_text(text)
-        summary = {
-            "model_id": model_id(model), "site": site.describe(), "dataset": cfg.dataset,
-            "n_train": len(data.train), "n_test": len(data.test), "neurons_per_concept": len(masks[0]),
-            "erasure": {k: t.summary() for k, t in tables.items()},
-        }
-        if sae is not None:
-            summary["basis"] = "sae"
+                write_text(out / f"erasure_{op_name}.{ext}", text)
+            summary["erasure"][op_name] = tab.summary()
+            save_summary()
         if cfg.side_effects:
-            summary["side_effects"] = _side_effects(model, site, masks, cfg, tmp, progress, sae)
-        _write_texts(tmp / "train.jsonl", data.train)
+            summary["side_effects"] = optional(
+                "side_effects", lambda: _side_effects(model, site, masks, cfg, out, progress, sae))
         if cfg.analyses and rec is not None and rec.samples is not None:
-            from .analysis import write_analyses
+            def analyses() -> bool:
+                from .analysis import write_analyses
 
-            texts = data.train.texts[: len(rec.samples)]
-            write_analyses(tmp, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
-                           overlap_fraction=cfg.fraction)
-            summary["analyses"] = True
+                texts = [data.train.texts[i] for i in rec.sample_index]
+                write_analyses(out, rec.samples, rec.sample_labels, texts, rec.stats.label_names, masks, scores,
+                               overlap_fraction=cfg.fraction)
+                return True
+
+            summary["analyses"] = optional("analyses", analyses)
         if cfg.sweeps and rec is not None:
-            summary["sweeps"] = _sweeps(model, site, rec, data, cfg, tmp, progress)
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            summary["sweeps"] = optional("sweeps", lambda: _sweeps(model, site, rec, data, cfg, out, progress))
+        summary["status"] = "complete"
+        save_summary()
         from .report import write_report
 
-        write_report(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        optional("report", lambda: write_report(out))
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        save_summary()
+        raise
+    except BaseException as e:
+        summary["status"] = f"failed: {type(e).__name__}: {e}"
+        save_summary()
         raise
     return out
 
@@ -347,8 +385,8 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig
     result = {}
     for op_name, op in ops.items():
         tab = tabs[op.label]
-        (out / f"side_effects_{op_name}.md").write_text(tab.to_markdown())
-        (out / f"side_effects_{op_name}.json").write_text(tab.to_json())
+        write_text(out / f"side_effects_{op_name}.md", tab.to_markdown())
+        write_text(out / f"side_effects_{op_name}.json", tab.to_json())
         result[op_name] = {"clean": tab.clean, **tab.summary()}
     return result
 
@@ -367,9 +405,7 @@ def _scores(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
 
 
 def _write_texts(path: Path, ds: ConceptDataset) -> None:
-    with path.open("w") as f:
-        for t, y in zip(ds.texts, ds.labels.tolist()):
-            f.write(json.dumps({"text": t, "label": y}) + "\n")
+    write_text(path, "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(ds.texts, ds.labels.tolist())))
 
 
 def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
@@ -394,8 +430,8 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
                              layers=cfg.sweep_layers, method=method,
                              fraction=cfg.fraction, tau=cfg.tau, batch_size=cfg.batch_size, remote=cfg.remote,
                              progress=progress)
-        (out / f"sweep_{param}.json").write_text(sw.to_json())
-        (out / f"sweep_{param}.md").write_text(sw.to_markdown())
+        write_text(out / f"sweep_{param}.json", sw.to_json())
+        write_text(out / f"sweep_{param}.md", sw.to_markdown())
         plot_sweep(sw, out / "figures" / f"sweep_{param}.png")
         done.append(param)
     return done
@@ -426,13 +462,15 @@ def analyze_run(run_dir: str | Path) -> Path:
     with (run / "train.jsonl").open() as f:
         texts = [json.loads(line)["text"] for line in f]
     labels = raw["labels"].astype(np.int64)
+    index = raw["index"] if "index" in raw else np.arange(len(labels))  # runs before round 2: the first samples
     scores = (np.load(run / "scores.npy") if (run / "scores.npy").exists()
               else rank(cfg["method"], stats, raw["samples"], labels))
-    write_analyses(run, raw["samples"], labels, texts[: len(labels)], stats.label_names, masks, scores,
+    write_analyses(run, raw["samples"], labels, [texts[i] for i in index], stats.label_names, masks, scores,
                    overlap_fraction=cfg["fraction"])
     summary = json.loads((run / "summary.json").read_text())
     summary["analyses"] = True
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary.get("failed_steps", {}).pop("analyses", None)
+    write_text(run / "summary.json", json.dumps(summary, indent=2))
     return write_report(run)
 
 

@@ -7,12 +7,8 @@ model with another layer count, d_model or layer is an error that says what diff
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,29 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_path
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
-__all__ = ["DEFAULT_TAU", "RangeMask", "atomic_path", "build_range_masks", "check_tau", "load_masks"]
+__all__ = ["DEFAULT_TAU", "RangeMask", "build_range_masks", "check_tau", "load_masks"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TAU = 2.5  # the paper's value (~98.76 % of a Gaussian); the authors' CLI defaulted to 2.0
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temporary file name next to ``path``; rename it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_tau(tau: float) -> None:

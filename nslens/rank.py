@@ -72,11 +72,11 @@ def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,
 def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the top ``fraction`` of neurons by score, most salient first (ties: lower index first).
 
-    At least one neuron is kept: ``ceil(fraction * d)``.
+    The count is the authors' ``int(fraction * d)`` (floor), at least one: 19 of 64 neurons for 30 %.
     """
     check_fraction(fraction)
     scores = np.asarray(scores)
-    k = max(1, int(np.ceil(fraction * scores.shape[-1] - 1e-9)))
+    k = max(1, int(fraction * scores.shape[-1]))
     order = np.argsort(-scores, kind="stable")
     return order[:k]
 

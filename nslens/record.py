@@ -21,7 +21,8 @@ from .models import Site, model_id, read_site
 from .remote import maybe_retry
 from .stats import ConceptStats, batch_partials
 
-__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "prepare_remote", "record", "tokenize"]
+__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "prepare_remote", "record",
+           "sample_per_concept", "tokenize"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +33,25 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class RecordResult:
-    """Streaming statistics, plus the raw vectors when asked for (``[N, d]`` float32, dataset order)."""
+    """Streaming statistics, plus the raw vectors when asked for (``[n, d]`` float32) with their labels and their
+    indices into the recorded prompts (``sample_index``, ascending)."""
 
     stats: ConceptStats
     samples: np.ndarray | None = None
     sample_labels: np.ndarray | None = None
+    sample_index: np.ndarray | None = None
 
     def save_samples(self, path: str | Path) -> Path:
         """Raw vectors and their labels as ``.safetensors`` (written to a temp file, then renamed)."""
         from safetensors.numpy import save_file
 
-        from .ranges import atomic_path
+        from .files import atomic_path
 
         if self.samples is None or self.sample_labels is None:
             raise ValueError("no raw samples were kept: record with keep_samples=True")
         with atomic_path(path) as tmp:
-            save_file({"samples": self.samples, "labels": self.sample_labels}, tmp,
+            index = self.sample_index if self.sample_index is not None else np.arange(len(self.samples))
+            save_file({"samples": self.samples, "labels": self.sample_labels, "index": index.astype(np.int64)}, tmp,
                       metadata={"label_names": json.dumps(self.stats.label_names), "format": "nslens.samples/1"})
         return Path(path)
 
@@ -68,6 +72,24 @@ def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     return dict(tok(list(prompts), return_tensors="pt", padding=True))
 
 
+def sample_per_concept(labels: np.ndarray, max_samples: int, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of at most ``max_samples`` samples, balanced across concepts: every concept gets an
+    equal share (a concept with fewer samples gives its unused share to the others), drawn at random (seeded)
+    within the concept. Class-grouped datasets (DBPedia-14 on the Hub is stored by class) keep every class."""
+    labels = np.asarray(labels)
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if len(labels) <= max_samples:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    groups = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    quota, left = {}, max_samples
+    for n_left, (c, idx) in enumerate(sorted(groups.items(), key=lambda kv: len(kv[1]))):
+        quota[c] = min(len(idx), left // (len(groups) - n_left))
+        left -= quota[c]
+    return np.sort(np.concatenate([rng.choice(idx, quota[c], replace=False) for c, idx in groups.items()]))
+
+
 def batches(n: int, batch_size: int) -> list[slice]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -85,6 +107,7 @@ def record(
     position: str = "last",
     keep_samples: bool = False,
     max_samples: int = 50_000,
+    sample_seed: int = 0,
     remote: bool | str = False,
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
@@ -96,8 +119,9 @@ def record(
     ``position="last"`` reads each prompt's last token (the paper's protocol: the position that predicts the
     label); ``"all"`` reads every real (non-padding) token, each labelled with its prompt's concept.
     ``keep_samples`` also returns the raw last-token vectors (for the probe ranking and the analyses), at most
-    ``max_samples`` of them (the first ones, in dataset order; statistics always use every sample); it is only
-    allowed with ``position="last"``. ``RecordResult.save_samples`` keeps them on disk.
+    ``max_samples`` of them, a balanced seeded sample of every concept (``sample_per_concept``; statistics always
+    use every sample); only the kept rows leave the trace. It is only allowed with ``position="last"``.
+    ``RecordResult.save_samples`` keeps them on disk.
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
@@ -113,8 +137,11 @@ def record(
     stats = ConceptStats.empty(c, site.d_model, list(label_names), meta={
         "model_id": model_id(model), **site.describe(), "position": position, **(meta or {})})
     kept: list[np.ndarray] = []
+    keep_idx = sample_per_concept(labels, max_samples, sample_seed) if keep_samples else np.zeros(0, np.int64)
+    keep_mask = np.zeros(len(labels), dtype=bool)
+    keep_mask[keep_idx] = True
     parts = batches(len(prompts), batch_size)
-    start, fingerprint, n_kept = 0, "", 0
+    start, fingerprint = 0, ""
     if checkpoint is not None:
         if keep_samples:
             raise ValueError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
@@ -125,16 +152,16 @@ def record(
             continue
         enc = tokenize(model, prompts[sl])
         lab = torch.as_tensor(labels[sl])
-        part = maybe_retry(remote, lambda enc=enc, lab=lab: _record_batch(model, site, enc, lab, c, position,
-                                                                          keep_samples, remote),
+        rows = torch.as_tensor(np.flatnonzero(keep_mask[sl])) if keep_samples else None
+        part = maybe_retry(remote, lambda enc=enc, lab=lab, rows=rows: _record_batch(model, site, enc, lab, c,
+                                                                                    position, rows, remote),
                            what=f"record batch {i}")
         if not bool(part["finite"]):
             raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
         stats.update(part)
-        if keep_samples and n_kept < max_samples:
-            kept.append(part["x"].float().numpy()[: max_samples - n_kept])
-            n_kept += len(kept[-1])
+        if keep_samples:
+            kept.append(part["x"].float().numpy())
         if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == len(parts)):
             _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1)
         if progress is not None:
@@ -142,20 +169,21 @@ def record(
     if checkpoint is not None and Path(checkpoint).exists():
         Path(checkpoint).unlink()
     stats.meta["n_samples"] = int(len(prompts))
-    samples = np.concatenate(kept) if keep_samples else None
-    return RecordResult(stats, samples, labels[: len(samples)].copy() if samples is not None else None)
+    if not keep_samples:
+        return RecordResult(stats)
+    return RecordResult(stats, np.concatenate(kept), labels[keep_idx].copy(), keep_idx)
 
 
 def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: torch.Tensor, c: int,
-                  position: str, keep: bool, remote: bool | str) -> dict[str, torch.Tensor]:
+                  position: str, rows: torch.Tensor | None, remote: bool | str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         with model.trace(enc, remote=remote) as tracer:
             h = read_site(model, site)
             if position == "last":
                 x = h[:, -1, :]
                 part = batch_partials(x, lab, c)
-                if keep:
-                    part["x"] = x.detach().cpu()
+                if rows is not None:  # only the kept rows leave the trace
+                    part["x"] = x[rows.to(x.device)].detach().cpu()
             else:
                 w = enc["attention_mask"].reshape(-1)
                 x = h.reshape(-1, h.shape[-1])

@@ -27,8 +27,8 @@ def write_report(run_dir: str | Path) -> Path:
         f"concept, tau = {cfg['tau']}",
         f"- interventions at {cfg['positions']} positions", "",
         "## Concept erasure", "",
-        "Acc/Conf on the target concept, CAcc/CConf on all other concepts pooled; the last row is the 10 % "
-        "trimmed mean across concepts. Neuron masking changes every value of the selected neurons, range "
+        "Acc/Conf on the target concept, CAcc/CConf averaged over the other concepts (see each table's footer); "
+        "the last row is the 10 % trimmed mean across concepts. Neuron masking changes every value of the selected neurons, range "
         "masking only values inside [mu - tau*sigma, mu + tau*sigma].", "",
     ]
     for path in sorted(run.glob("erasure_*.json")):
@@ -49,9 +49,13 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _analysis_sections(run)
     lines += _sweep_sections(run)
     lines += _neg_sections(run)
-    out = run / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    failed = summary.get("failed_steps") or {}
+    if failed or summary.get("status", "complete") != "complete":
+        lines += ["## Run status", "", f"Status: {summary.get('status', 'complete')}.", ""]
+        lines += [f"- step `{step}` failed: {msg}" for step, msg in failed.items()] + [""]
+    from .files import write_text
+
+    return write_text(run / "report.md", "\n".join(lines))
 
 
 def _analysis_sections(run: Path) -> list[str]:

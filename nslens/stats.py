@@ -123,7 +123,7 @@ class ConceptStats:
         """``.safetensors`` with the arrays and JSON metadata; written to a temp file, then renamed."""
         from safetensors.numpy import save_file
 
-        from .ranges import atomic_path
+        from .files import atomic_path
 
         path = Path(path)
         meta = {"label_names": json.dumps(self.label_names), "meta": json.dumps(self.meta, default=str),

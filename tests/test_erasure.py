@@ -87,3 +87,26 @@ def test_predict_many_matches_predict_and_runs_remote_local(embedded, site, synt
         np.testing.assert_array_equal(rem.conf, got.conf)
     with pytest.raises(ValueError, match="per_pass must be >= 1"):
         predict_many(embedded, site, prompts, gold, ivs, per_pass=0)
+
+
+def test_cacc_is_the_class_average_by_default_pooled_on_request():
+    # concept 1 has 1 test sample (correct), concept 2 has 3 (all wrong): class average 0.5, pooled 0.25
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    p = Predictions(np.array([True, True, True, False, False, False]), np.array([.9, .9, .8, .1, .2, .3]),
+                    np.zeros(6, dtype=np.int64))
+    m = concept_metrics(p, labels, 0)
+    assert m["cacc"] == pytest.approx(np.mean([1.0, 0.0])) and m["cconf"] == pytest.approx(np.mean([.8, .2]))
+    pooled = concept_metrics(p, labels, 0, "pooled")
+    assert pooled["cacc"] == pytest.approx(0.25) and pooled["cconf"] == pytest.approx(np.mean([.8, .1, .2, .3]))
+    with pytest.raises(ValueError, match="unknown average 'x'; choose one of class, pooled"):
+        concept_metrics(p, labels, 0, "x")
+
+
+def test_footer_says_what_the_trimmed_mean_cut():
+    from nslens.erasure import trim_note
+
+    assert "removes nothing" in trim_note(4) and "plain mean" in trim_note(9)
+    assert trim_note(14).startswith("Trimmed mean: 1 of 14 concepts cut from each tail")
+    x = np.arange(14.0) ** 2
+    assert trim_mean(x, 0.1) == pytest.approx(np.mean(np.sort(x)[1:-1]))  # what the footer claims
+    assert trim_mean(x[:9], 0.1) == pytest.approx(np.mean(x[:9]))

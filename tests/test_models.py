@@ -96,3 +96,14 @@ def test_load_model_bad_inputs(embedded, tmp_path):
     with pytest.raises(ValueError, match="unknown dtype"):
         nslens.load_model("embedded", dtype="float8")
     assert model_family(embedded) == "llama"
+
+
+def test_default_site_is_the_last_decoder_block(embedded):
+    """The paper's 'penultimate layer' is the layer before the output head: the last block's output."""
+    import nslens
+
+    site = nslens.resolve_site(embedded)
+    assert site.layer == site.n_layers - 1 == 3
+    from nslens.pipeline import RunConfig
+
+    assert RunConfig().layer == -1 and RunConfig().only_correct is True and RunConfig().cacc_average == "class"

@@ -154,3 +154,10 @@ def test_neg_sweep_remote_local_equals_local(embedded, task):
     a = neg_sweep(embedded, ns, prompts[0], ids[0], [1, 7], shifts=[-1.0, 1.0])
     b = neg_sweep(embedded, ns, prompts[0], ids[0], [1, 7], shifts=[-1.0, 1.0], remote="local")
     np.testing.assert_array_equal(a["changes"], b["changes"])
+
+
+def test_default_shift_grid_is_the_papers():
+    from nslens.neg import DEFAULT_SHIFTS
+
+    assert len(DEFAULT_SHIFTS) == 20 and 0.0 not in DEFAULT_SHIFTS
+    np.testing.assert_allclose(sorted(DEFAULT_SHIFTS), [v for v in np.round(np.arange(-2, 2.01, 0.2), 1) if v != 0])

@@ -21,7 +21,7 @@ def test_run_directory_contents(embedded, tmp_path):
     names = {p.name for p in run.iterdir()}
     assert {"config.json", "summary.json", "report.md", "stats.safetensors", "samples.safetensors", "ranges",
             "erasure_zero.md", "erasure_zero.csv", "erasure_zero.json", "erasure_dampen.json"} <= names
-    masks = load_masks(run / "ranges", expect={"d_model": 64, "n_layers": 4, "layer": 2})
+    masks = load_masks(run / "ranges", expect={"d_model": 64, "n_layers": 4, "layer": 3})  # the last block
     assert [m.concept for m in masks] == ["sports", "science", "business", "politics"]
     assert all(len(m) == 32 and m.meta["ranking"] == "probe" for m in masks)
     report = (run / "report.md").read_text()
@@ -53,16 +53,22 @@ def test_only_correct_keeps_correct_samples(embedded, tmp_path):
     assert all(row["acc"] == 1.0 for row in tab["base"])
 
 
-def test_failed_run_leaves_nothing(embedded, tmp_path, monkeypatch):
+def test_failed_run_keeps_finished_work_and_says_so(embedded, tmp_path, monkeypatch):
+    """A core step failing (here erasure) keeps what was finished before it, marks the run failed, and leaves no
+    hidden temporary directory or half-written file."""
     import nslens.pipeline as pl
 
     def boom(*a, **k):
-        raise RuntimeError("interrupted")
+        raise RuntimeError("out of memory")
 
     monkeypatch.setattr(pl, "erasure_table", boom)
     with pytest.raises(RuntimeError):
         run_pipeline(small_cfg(), tmp_path / "run", model=embedded)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed: RuntimeError: out of memory"
+    assert {"config.json", "stats.safetensors", "ranges", "train.jsonl"} <= {p.name for p in run.iterdir()}
+    assert not [p for p in run.rglob(".*")]
 
 
 def test_config_files(tmp_path):
@@ -128,3 +134,35 @@ def test_sweeps_experiment_smoke(embedded, tmp_path):
                  "--out", str(tmp_path / "sw"), "--batch-size", "32"])
     assert (tmp_path / "sw" / "figures" / "sweep_tau.png").exists()
     assert "## Normality" in (tmp_path / "sw" / "report.md").read_text()
+
+
+def test_a_failed_optional_step_keeps_the_run(embedded, tmp_path, monkeypatch):
+    """An analysis that fails after erasure leaves the erasure tables, the masks and a report naming the failure."""
+    import nslens.analysis
+
+    def broken(*a, **k):
+        raise RuntimeError("figure backend exploded")
+
+    monkeypatch.setattr(nslens.analysis, "write_analyses", broken)
+    run = run_pipeline(small_cfg(), tmp_path / "run", model=embedded)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["failed_steps"] == {"analyses": "RuntimeError: figure backend exploded"}
+    assert (run / "erasure_zero.json").exists() and len(list((run / "ranges").glob("*.safetensors"))) == 4
+    assert "step `analyses` failed: RuntimeError: figure backend exploded" in (run / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden temporary directory
+
+
+def test_a_failed_core_step_keeps_finished_work(embedded, tmp_path, monkeypatch):
+    import nslens.pipeline as pl
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "erasure_table", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(small_cfg(), tmp_path / "run", model=embedded)
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert (run / "stats.safetensors").exists() and len(list((run / "ranges").glob("*.safetensors"))) == 4
+    assert not [p for p in run.rglob("*.tmp")]

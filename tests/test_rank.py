@@ -50,3 +50,10 @@ def test_bad_methods(rng):
         rank("probe", st)
     with pytest.raises(ValueError, match="needs raw samples"):
         rank_probe(None, None, 2)
+
+
+def test_top_fraction_count_is_the_authors_floor():
+    """The authors take int(p * d) neurons (at least one): 19 of 64 for 30 %, 28 of 100 for 29 %."""
+    assert len(select_top(np.arange(64.0), 0.3)) == int(0.3 * 64) == 19
+    assert len(select_top(np.arange(100.0), 0.29)) == int(0.29 * 100) == 28
+    assert len(select_top(np.arange(3.0), 0.2)) == 1

@@ -36,11 +36,14 @@ def test_kept_samples_are_bounded_and_saved(embedded, site, synth, tmp_path):
     full = record(embedded, site, prompts, tr.labels[:20], tr.label_names, batch_size=6, keep_samples=True)
     capped = record(embedded, site, prompts, tr.labels[:20], tr.label_names, batch_size=6, keep_samples=True,
                     max_samples=8)
-    assert capped.samples.shape == (8, site.d_model) and capped.sample_labels.tolist() == tr.labels[:8].tolist()
-    np.testing.assert_array_equal(capped.samples, full.samples[:8])
+    assert capped.samples.shape == (8, site.d_model) and len(capped.sample_index) == 8
+    assert capped.sample_labels.tolist() == tr.labels[:20][capped.sample_index].tolist()
+    np.testing.assert_array_equal(full.sample_index, np.arange(20))
+    np.testing.assert_array_equal(capped.samples, full.samples[capped.sample_index])
     np.testing.assert_array_equal(capped.stats.count, full.stats.count)  # statistics still use every sample
     back = load_file(str(capped.save_samples(tmp_path / "s.safetensors")))
     np.testing.assert_array_equal(back["samples"], capped.samples)
+    np.testing.assert_array_equal(back["index"], capped.sample_index)
     with pytest.raises(ValueError, match="no raw samples were kept"):
         record(embedded, site, prompts[:2], tr.labels[:2], tr.label_names).save_samples(tmp_path / "x.safetensors")
 
@@ -85,3 +88,28 @@ def test_nonfinite_activations_are_an_error(embedded, synth):
     site = nslens.resolve_site(model, -2)
     with pytest.raises(ValueError, match=r"non-finite activations \(NaN/inf\) at model.layers.2 in batch 0"):
         record(model, site, synth["train_prompts"][:3], [0, 1, 2], synth["train"].label_names)
+
+
+def test_raw_samples_are_a_balanced_sample_of_every_concept_on_class_grouped_data(embedded, site, synth):
+    """Hub datasets such as DBPedia-14 are stored grouped by class: the kept raw samples must still cover every
+    concept (a balanced, seeded sample), and each kept vector is that prompt's activation (plain forward)."""
+    from conftest import encode, plain_forward
+
+    from nslens.record import sample_per_concept
+
+    order = np.argsort(synth["train"].labels, kind="stable")  # class-grouped, as on the Hub
+    prompts = [synth["train_prompts"][i] for i in order]
+    labels = synth["train"].labels[order]
+    rec = record(embedded, site, prompts, labels, synth["train"].label_names, batch_size=8, keep_samples=True,
+                 max_samples=20)
+    assert np.bincount(rec.sample_labels, minlength=4).tolist() == [5, 5, 5, 5]
+    assert np.array_equal(rec.sample_labels, labels[rec.sample_index]) and np.all(np.diff(rec.sample_index) > 0)
+    enc = encode(embedded, [prompts[i] for i in rec.sample_index[:6]])
+    ref = plain_forward(embedded, enc).hidden_states[site.layer + 1][:, -1].numpy()
+    np.testing.assert_allclose(rec.samples[:6], ref, rtol=1e-4, atol=1e-5)
+    # unequal classes: a small class gives its unused share to the others; seeded and reproducible
+    lab = np.array([0] * 3 + [1] * 50 + [2] * 50)
+    idx = sample_per_concept(lab, 43, seed=1)
+    assert np.bincount(lab[idx]).tolist() == [3, 20, 20]
+    assert np.array_equal(idx, sample_per_concept(lab, 43, seed=1))
+    assert np.array_equal(sample_per_concept(lab, 500), np.arange(len(lab)))
