@@ -137,7 +137,7 @@ def erase_cmd(
     ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
-    operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
+    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
     positions: str = typer.Option("all", help="all or last."),
     seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
@@ -146,16 +146,15 @@ def erase_cmd(
     """Evaluate neuron vs range masking of every concept on the test split."""
     from .erasure import erasure_table
     from .models import load_model, resolve_site
-    from .ops import make_operator
-    from .pipeline import prepare_data
+    from .pipeline import prepare_data, run_operators
     from .ranges import load_masks
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
                   positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct)
-    op = make_operator(operator)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
+    op = run_operators(m, site, cfg)[operator]
     with _progress() as cb:
         data = prepare_data(m, site, cfg, cb)
         if len(masks) != len(data.label_ids):
@@ -176,7 +175,7 @@ def side_effects_cmd(
     ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
     model: str = ModelOpt, layer: int = LayerOpt, batch_size: int = typer.Option(8, "--batch-size"),
     remote: bool = RemoteOpt,
-    operator: str = typer.Option("zero", help="zero, dampen, mean or adaptive."),
+    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
     tasks: str = typer.Option("mmlu,nslens_wikipedia_ppl", help="Comma-separated lm-eval tasks (embedded model: offline "
                               "synthetic tasks replace the defaults)."),
     limit: float | None = typer.Option(None, help="lm-eval --limit (per subtask for the mmlu group)."),
@@ -188,8 +187,7 @@ def side_effects_cmd(
     from .files import atomic_path
     from .harness import default_cache_dir, side_effect_table
     from .models import load_model, resolve_site
-    from .ops import make_operator
-    from .pipeline import side_effect_tasks
+    from .pipeline import run_operators, side_effect_tasks
     from .ranges import load_masks
 
     if limit is not None and not limit > 0:
@@ -197,10 +195,10 @@ def side_effects_cmd(
     cfg = _config(model, "synthetic", layer, 400, batch_size, remote, operators=[operator], positions=positions,
                   side_effect_tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                   lm_eval_include=str(include) if include else None)
-    op = make_operator(operator)
     m = load_model(cfg.model, remote=cfg.remote)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
+    op = run_operators(m, site, cfg)[operator]
     task_list, inc = side_effect_tasks(cfg)
     with _progress() as cb:
         tab = side_effect_table(m, site, masks, op, tasks=task_list, positions=positions, limit=limit,

@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "HF_DATASETS",
+    "WIKIPEDIA_DATA_FILES",
     "ConceptDataset",
     "FewShotPrompter",
     "HFDatasetSpec",
@@ -27,6 +28,8 @@ __all__ = [
     "load_dataset",
     "load_hf_dataset",
     "load_local_dataset",
+    "cut_to_tokens",
+    "wikipedia_articles",
 ]
 
 logger = logging.getLogger(__name__)
@@ -314,3 +317,29 @@ def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "
             "label words share their first token: " + "; ".join(clashes) + " (pass distinct label_words)"
         )
     return ids
+
+
+# --------------------------------------------------------------------------------------------- general text
+
+#: the NeuronLens authors' Wikipedia snapshot (``wikipedia`` 20220301.en); its first shard holds the first articles
+WIKIPEDIA_DATA_FILES = "hf://datasets/legacy-datasets/wikipedia/data/20220301.en/train-00000-of-00041.parquet"
+
+
+def wikipedia_articles(n_docs: int = 200, data_files: str = WIKIPEDIA_DATA_FILES) -> list[str]:
+    """The first ``n_docs`` articles of the authors' Wikipedia snapshot (20220301.en), streamed through
+    ``datasets`` (only the first shard is read)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files={"train": data_files}, split="train", streaming=True)
+        return [row["text"] for row, _ in zip(ds, range(n_docs))]
+    except Exception as e:  # the hub's errors are many and deep: one line that names the source
+        raise ValueError(f"could not load Wikipedia articles from {data_files} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass data_files= a local parquet/json") from e
+
+
+def cut_to_tokens(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """Each text cut to its first ``max_tokens`` tokens of ``tokenizer`` (no special tokens), decoded back."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    return [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens]) for t in texts]

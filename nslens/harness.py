@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from .data import WIKIPEDIA_DATA_FILES, cut_to_tokens, wikipedia_articles
 from .erasure import trim_note
 from .intervene import Intervention, apply_in_trace
 from .loglik import LoglikSweep
-from .models import Site, model_id
+from .models import Site, model_fingerprint, model_id
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -46,7 +47,6 @@ __all__ = [
     "task_metrics",
     "token_ppl_task",
     "traced_logits",
-    "wikipedia_articles",
     "wikipedia_ppl_task_dir",
 ]
 
@@ -59,8 +59,6 @@ DEFAULT_TASKS = ("mmlu", WIKIPEDIA_PPL_TASK)
 #: offline task fixtures for the embedded model (written by ``local_tasks_dir``), standing in for DEFAULT_TASKS
 LOCAL_TASKS = ("nslens_synth_mc", "nslens_synth_token_ppl")
 METRIC_KEYS = ("acc", "perplexity", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
-#: the authors' Wikipedia snapshot (``wikipedia`` 20220301.en); its first shard holds the first articles
-WIKIPEDIA_DATA_FILES = "hf://datasets/legacy-datasets/wikipedia/data/20220301.en/train-00000-of-00041.parquet"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
@@ -288,17 +286,11 @@ def token_ppl_task(base: str | Path, task: str, texts: Sequence[str], tokenizer:
     re-encoded without special tokens, as lm-eval's rolling requests encode it)."""
     import shutil
 
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        cut = tokenizer.decode(ids)
-        n = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
-        if n:
-            rows.append({"text": cut, "n_tokens": n})
+    rows = [{"text": cut, "n_tokens": len(tokenizer(cut, add_special_tokens=False)["input_ids"])}
+            for cut in cut_to_tokens(tokenizer, texts, max_tokens)]
+    rows = [r for r in rows if r["n_tokens"]]
     if not rows:
         raise ValueError(f"no text to build the {task} task from")
     data = f"{task}.jsonl"
@@ -307,19 +299,6 @@ def token_ppl_task(base: str | Path, task: str, texts: Sequence[str], tokenizer:
     template = (TASKS_DIR / "token_ppl" / "template.yaml").read_text()
     (base / f"{task}.yaml").write_text(template.format(task=task, data_file=base / data))
     return base
-
-
-def wikipedia_articles(n_docs: int = 200, data_files: str = WIKIPEDIA_DATA_FILES) -> list[str]:
-    """The first ``n_docs`` articles of the authors' Wikipedia snapshot (20220301.en), streamed through
-    ``datasets`` (only the first shard is read)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset("parquet", data_files={"train": data_files}, split="train", streaming=True)
-        return [row["text"] for row, _ in zip(ds, range(n_docs))]
-    except Exception as e:  # the hub's errors are many and deep: one line that names the source
-        raise ValueError(f"could not load Wikipedia articles from {data_files} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); pass data_files= a local parquet/json") from e
 
 
 def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 512,
@@ -426,14 +405,7 @@ def clean_cache_key(model: Any, tasks: Sequence[str], limit: float | None, num_f
     """What the clean results depend on: the model (id, config and a checksum of its weights when they are
     local), the tasks with the contents of local task files, the limit and the number of shots."""
     h = hashlib.sha256()
-    h.update(json.dumps([model_id(model), sorted(tasks), limit, num_fewshot]).encode())
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json_string"):
-        h.update(cfg.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for p in list(model._module.parameters())[:: 7]:
-            if p.device.type != "meta":
-                h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    h.update(json.dumps([model_fingerprint(model), sorted(tasks), limit, num_fewshot]).encode())
     for inc in _include_paths(include_path):
         for f in sorted(Path(inc).rglob("*")):
             if f.is_file():

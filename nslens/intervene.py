@@ -48,6 +48,14 @@ class Intervention:
         if self.operator.values is not None and self.operator.values.numel() != len(self.mask):
             raise ValueError(f"mean replacement has {self.operator.values.numel()} values for "
                              f"{len(self.mask)} selected neurons")
+        site_values = self.operator.site_values
+        if site_values is not None:
+            if self.sae is not None:
+                raise ValueError("the general-text mean is per neuron; for SAE features use mean_concept")
+            d = self.mask.meta.get("d_model")
+            if (d is not None and site_values.numel() != d) or int(self.mask.neurons.max()) >= site_values.numel():
+                raise ValueError(f"mean replacement has {site_values.numel()} site values for a mask over "
+                                 f"{d if d is not None else 'more'} neurons")
 
     @property
     def tau(self) -> float:
@@ -83,7 +91,7 @@ def _edit_selected(x: torch.Tensor, iv: Intervention) -> torch.Tensor:
     m = iv.mask
     x32 = x.float()
     mu, sigma = m.mu.to(x.device), m.sigma.to(x.device)
-    y = iv.operator(x32, mu, sigma, iv.tau)
+    y = iv.operator(x32, mu, sigma, iv.tau, neurons=m.neurons)
     if iv.gated:
         inside = (x32 >= m.lo.to(x.device)) & (x32 <= m.hi.to(x.device))
         y = torch.where(inside, y, x32)

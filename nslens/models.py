@@ -20,6 +20,7 @@ __all__ = [
     "load_model",
     "model_family",
     "model_id",
+    "model_fingerprint",
     "read_site",
     "resolve_site",
     "site_module",
@@ -81,6 +82,22 @@ def model_id(model: Any) -> str:
     """A stable name for artifacts: the hub id or local path the model was loaded from."""
     name = getattr(model, "_nslens_id", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
     return str(name) or "in-memory"
+
+
+def model_fingerprint(model: Any) -> str:
+    """What cached per-model results depend on: the model id, its config and a checksum of (a sample of) its
+    weights where they are local, so a retrained model with the same id never reads another's cache."""
+    import hashlib
+
+    h = hashlib.sha256(model_id(model).encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for p in list(model._module.parameters())[:: 7]:
+            if p.device.type != "meta":
+                h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def resolve_site(model: Any, layer: int = -1) -> Site:

@@ -7,7 +7,9 @@ mask's per-neuron ``mu``/``sigma`` ``[k]``; it returns phi(x) with x's shape. Ga
 
 - ``zero``: phi(x) = 0 (the paper's concept erasure).
 - ``dampen``: phi(x) = alpha * x (Suau et al. 2024; alpha = 0.125 in the paper).
-- ``mean``: phi(x) = v, a given per-neuron vector; by default the concept mean mu (paper Tables 13-15).
+- ``mean``: phi(x) = the neuron's mean over general text (paper App. G.2, Tables 13-15; ``nslens.general``),
+  given for the whole site (``site_values``, ``[d_model]``) so one operator serves every concept's mask.
+- ``mean_concept``: phi(x) = the mask's concept mean mu (pulls the concept to its most typical value).
 - ``adaptive``: phi(x) = a(x) * x with a(x) = beta * |x - mu| / (tau * sigma) (paper Appendix G): full suppression
   at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single point mu and
   a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are never
@@ -23,7 +25,7 @@ import torch
 
 __all__ = ["OPERATORS", "Operator", "adaptive_dampen", "dampen", "make_operator", "mean_replace", "zero"]
 
-OPERATORS = ("zero", "dampen", "mean", "adaptive")
+OPERATORS = ("zero", "dampen", "mean", "mean_concept", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,23 @@ class Operator:
     alpha: float = 0.125
     beta: float = 0.5
     values: torch.Tensor | None = None
+    """Replacement values, one per selected neuron (``mean`` with explicit values)."""
+    site_values: torch.Tensor | None = None
+    """Replacement values for every neuron of the site ``[d_model]`` (``mean``: the general-text mean)."""
 
-    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
         if self.name == "zero":
             return torch.zeros_like(x)
         if self.name == "dampen":
             return x * self.alpha
-        if self.name == "mean":
-            v = mu if self.values is None else self.values.to(device=x.device, dtype=x.dtype)
+        if self.name in ("mean", "mean_concept"):
+            if self.site_values is not None:
+                if neurons is None:
+                    raise ValueError("site-wide replacement values need the selected neurons' indices")
+                v = self.site_values.to(x.device)[neurons.to(x.device)]
+            else:
+                v = mu if self.values is None else self.values
             return v.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
         if self.name == "adaptive":
             denom = tau * sigma.to(device=x.device, dtype=x.dtype)
@@ -57,13 +68,14 @@ class Operator:
             d["alpha"] = self.alpha
         if self.name == "adaptive":
             d["beta"] = self.beta
-        if self.name == "mean":
-            d["values"] = "mu" if self.values is None else "given"
+        if self.name in ("mean", "mean_concept"):
+            d["values"] = ("general-text mean" if self.site_values is not None
+                           else "mu" if self.values is None else "given")
         return d
 
     @property
     def label(self) -> str:
-        return {"zero": "zero", "dampen": f"dampen(a={self.alpha:g})", "mean": "mean",
+        return {"zero": "zero", "dampen": f"dampen(a={self.alpha:g})", "mean": "mean", "mean_concept": "mean(mu)",
                 "adaptive": f"adaptive(b={self.beta:g})"}[self.name]
 
 
@@ -77,9 +89,16 @@ def dampen(alpha: float = 0.125) -> Operator:
     return Operator("dampen", alpha=float(alpha))
 
 
-def mean_replace(values: torch.Tensor | None = None) -> Operator:
-    """Replace by ``values`` (one per selected neuron), or by the mask's concept mean mu when None."""
-    return Operator("mean", values=None if values is None else torch.as_tensor(values, dtype=torch.float32))
+def mean_replace(values: torch.Tensor | None = None, *, site_values: torch.Tensor | None = None) -> Operator:
+    """Replace by ``site_values`` (one per neuron of the site: the general-text mean, ``nslens.general_mean``), by
+    ``values`` (one per selected neuron), or, with neither, by the mask's concept mean mu (``mean_concept``)."""
+    if values is not None and site_values is not None:
+        raise ValueError("give values (per selected neuron) or site_values (per site neuron), not both")
+    if site_values is not None:
+        return Operator("mean", site_values=torch.as_tensor(site_values, dtype=torch.float32).flatten())
+    if values is not None:
+        return Operator("mean", values=torch.as_tensor(values, dtype=torch.float32))
+    return Operator("mean_concept")
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:
@@ -88,13 +107,19 @@ def adaptive_dampen(beta: float = 0.5) -> Operator:
     return Operator("adaptive", beta=float(beta))
 
 
-def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5) -> Operator:
-    """Operator by name (CLI and configs)."""
+def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
+                  general_mean: torch.Tensor | None = None) -> Operator:
+    """Operator by name (CLI and configs). ``mean`` needs the site's general-text mean (``nslens.general_mean``)."""
     if name == "zero":
         return zero()
     if name == "dampen":
         return dampen(alpha)
     if name == "mean":
+        if general_mean is None:
+            raise ValueError("the mean operator replaces with the general-text mean: pass general_mean= "
+                             "(nslens.general_mean(model, site)), or use mean_concept for the concept mean")
+        return mean_replace(site_values=general_mean)
+    if name == "mean_concept":
         return mean_replace()
     if name == "adaptive":
         return adaptive_dampen(beta)

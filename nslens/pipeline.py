@@ -53,7 +53,7 @@ class RunConfig:
     tau: float = DEFAULT_TAU
     """Range half-width in standard deviations."""
     operators: list[str] = field(default_factory=lambda: ["zero"])
-    """Operators to evaluate (zero, dampen, mean, adaptive)."""
+    """Operators to evaluate (zero, dampen, mean = the general-text mean, mean_concept = mu, adaptive)."""
     alpha: float = 0.125
     """Dampening factor."""
     beta: float = 0.5
@@ -301,8 +301,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         summary["neurons_per_concept"] = len(masks[0])
         summary["erasure"] = {}
         save_summary()
-        for op_name in cfg.operators:
-            op = make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta)
+        ops = run_operators(model, site, cfg, progress)
+        for op_name, op in ops.items():
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                                 positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                                 progress=progress, sae=sae, cacc_average=cfg.cacc_average)
@@ -312,7 +312,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             save_summary()
         if cfg.side_effects:
             summary["side_effects"] = optional(
-                "side_effects", lambda: _side_effects(model, site, masks, cfg, out, progress, sae))
+                "side_effects", lambda: _side_effects(model, site, masks, ops, cfg, out, progress, sae))
         if cfg.analyses and rec is not None and rec.samples is not None:
             def analyses() -> bool:
                 from .analysis import write_analyses
@@ -324,7 +324,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
 
             summary["analyses"] = optional("analyses", analyses)
         if cfg.sweeps and rec is not None:
-            summary["sweeps"] = optional("sweeps", lambda: _sweeps(model, site, rec, data, cfg, out, progress))
+            summary["sweeps"] = optional("sweeps", lambda: _sweeps(model, site, rec, data, cfg, out, progress,
+                                                                   next(iter(ops.values()))))
         summary["status"] = "complete"
         save_summary()
         from .report import write_report
@@ -373,12 +374,21 @@ def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunCon
     return masks
 
 
-def _side_effects(model: Any, site: Site, masks: list[RangeMask], cfg: RunConfig, out: Path,
+def run_operators(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """The run's operators by name; ``mean`` gets the site's general-text mean (recorded once, cached)."""
+    gm = None
+    if "mean" in cfg.operators:
+        from .general import general_mean
+
+        gm = general_mean(model, site, batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
+    return {name: make_operator(name, alpha=cfg.alpha, beta=cfg.beta, general_mean=gm) for name in cfg.operators}
+
+
+def _side_effects(model: Any, site: Site, masks: list[RangeMask], ops: dict[str, Any], cfg: RunConfig, out: Path,
                   progress: Progress | None, sae: Any = None) -> dict[str, Any]:
     from .harness import default_cache_dir, side_effect_tables
 
     tasks, include = side_effect_tasks(cfg)
-    ops = {op_name: make_operator(op_name, alpha=cfg.alpha, beta=cfg.beta) for op_name in cfg.operators}
     tabs = side_effect_tables(model, site, masks, list(ops.values()), tasks=tasks, positions=cfg.positions,
                               limit=cfg.side_effect_limit, include_path=include, cache_dir=default_cache_dir(),
                               batch_size=cfg.batch_size, remote=cfg.remote, progress=progress, sae=sae)
@@ -409,11 +419,10 @@ def _write_texts(path: Path, ds: ConceptDataset) -> None:
 
 
 def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
-            progress: Progress | None) -> list[str]:
+            progress: Progress | None, op: Any) -> list[str]:
     from .figures import plot_sweep
     from .sweeps import fraction_sweep, layer_sweep, tau_sweep
 
-    op = make_operator(cfg.operators[0], alpha=cfg.alpha, beta=cfg.beta)
     test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
     method = cfg.method if cfg.method in ("max", "probeless") else "max"  # sweeps rebuild masks from statistics
     common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions}

@@ -45,9 +45,9 @@ def test_record_ranges_erase_roundtrip(embedded, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Concept erasure" in r.stdout and "trimmed mean" in r.stdout
     assert (tmp_path / "tab.md").exists() and (tmp_path / "tab.csv").exists()
-    # masks made for layer 2 do not fit layer 1
+    # masks made for layer 3 (the default: the last block) do not fit layer 1
     r = nslens("erase", "--ranges", "ranges", "--layer", "1", cwd=tmp_path)
-    assert r.returncode == 1 and "made for another model/site: layer: mask has 2, model has 1" in r.stderr
+    assert r.returncode == 1 and "made for another model/site: layer: mask has 3, model has 1" in r.stderr
 
 
 def test_run_from_config(embedded, tmp_path):

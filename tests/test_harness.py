@@ -240,7 +240,8 @@ def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
-    from nslens.harness import WIKIPEDIA_PPL_TASK, wikipedia_articles, wikipedia_ppl_task_dir
+    from nslens.data import wikipedia_articles
+    from nslens.harness import WIKIPEDIA_PPL_TASK, wikipedia_ppl_task_dir
     from nslens.synthetic import synthetic_corpus
 
     articles = [" ".join(synthetic_corpus(6, seed=s)) for s in range(5)]

@@ -141,3 +141,21 @@ def test_bad_positions(batch):
 def test_public_api_exports():
     for name in nslens.__all__:
         assert hasattr(nslens, name), name
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_general_mean_replacement_equals_plain_hook(embedded, site, batch, gated):
+    """mean: each selected neuron replaced by its own general-text mean (a site-wide vector), as a plain hook."""
+    enc, h = batch
+    neurons = list(range(1, 64, 4))
+    mask = mask_for(h, neurons)
+    general = torch.linspace(-1.0, 1.0, site.d_model)
+    with torch.no_grad():
+        with embedded.trace(enc):
+            apply_in_trace(embedded, site, Intervention(mask, mean_replace(site_values=general), gated=gated))
+            logits = embedded.output.logits.save()
+    values = iter(general[neurons])
+    ref = hook_reference(embedded, site, enc, mask, lambda x, mu, s: torch.full_like(x, float(next(values))), gated)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mean replacement has 10 site values for a mask over"):
+        Intervention(mask, mean_replace(site_values=torch.zeros(10)))

@@ -19,6 +19,16 @@ def test_zero_dampen_mean(xs):
     assert torch.equal(mean_replace()(x, mu, sigma, 2.5), mu.expand_as(x))
     v = torch.tensor([9.0, 8.0, 7.0, 6.0])
     assert torch.equal(mean_replace(v)(x, mu, sigma, 2.5), v.expand_as(x))
+    # the general-text mean is given for the whole site and indexed by the selected neurons
+    site = torch.arange(10.0) * 0.5
+    general = make_operator("mean", general_mean=site)
+    assert general.label == "mean" and mean_replace().label == "mean(mu)"
+    assert torch.equal(general(x, mu, sigma, 2.5, neurons=torch.tensor([7, 0, 3, 3])),
+                       torch.tensor([3.5, 0.0, 1.5, 1.5]).expand_as(x))
+    with pytest.raises(ValueError, match="the mean operator replaces with the general-text mean"):
+        make_operator("mean")
+    with pytest.raises(ValueError, match="not both"):
+        mean_replace(v, site_values=site)
 
 
 def test_adaptive_formula_and_sigma_zero(xs):
@@ -38,7 +48,7 @@ def test_adaptive_formula_and_sigma_zero(xs):
 
 
 def test_bad_operators():
-    with pytest.raises(ValueError, match="unknown operator 'clamp'; choose one of zero, dampen, mean, adaptive"):
+    with pytest.raises(ValueError, match="unknown operator 'clamp'; choose one of zero, dampen, mean, mean_concept, adaptive"):
         make_operator("clamp")
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         dampen(1.5)

@@ -121,7 +121,7 @@ def test_sae_run_end_to_end(embedded, sae_file, tmp_path, monkeypatch):
 
     monkeypatch.setenv("NSLENS_HOME", str(tmp_path / "home"))
     cfg = RunConfig(sae_path=str(sae_file), n_per_class=24, batch_size=32, side_effects=True, side_effect_limit=8,
-                    operators=["zero"])
+                    operators=["zero"], layer=-2)  # the synthetic SAE was fitted at the site fixture's layer
     run = run_pipeline(cfg, tmp_path / "run", model=embedded)
     report = (run / "report.md").read_text()
     assert "## SAE features" in report and "| zero | feature |" in report and "| zero | range |" in report
