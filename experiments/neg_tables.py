@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nslens
 from nslens.data import FewShotPrompter, label_token_ids
-from nslens.neg import linearity_report, neurgrad, resolve_neuron_site
+from nslens.neg import linearity_report, neurgrad, resolve_neuron_site, resolve_neuron_sites
 from nslens.probes import evaluate_probes
 
 
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="meta-llama/Llama-3.2-3B")
     ap.add_argument("--dataset", default="ag_news")
-    ap.add_argument("--layer", type=int, default=-2)
+    ap.add_argument("--layer", type=int, default=-1, help="the probes' layer; NEG sweeps sample all layers")
+    ap.add_argument("--one-layer", action="store_true", help="NEG sweeps at --layer only (the paper: all layers)")
     ap.add_argument("--kind", default="product")
     ap.add_argument("--n-per-class", type=int, default=500)
     ap.add_argument("--sweep-prompts", type=int, default=100)
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> None:
                                                else {})).balanced(args.n_per_class)
     ids = label_token_ids(model.tokenizer, ds.label_words)
     prompts = FewShotPrompter(list(ds.label_words)).prompts(ds.texts)
-    rep = linearity_report(model, ns, prompts[: args.sweep_prompts],
-                           [ids[y] for y in ds.labels[: args.sweep_prompts]], n_neurons=4 if args.smoke else 100)
+    sites = [ns] if args.one_layer else resolve_neuron_sites(model, args.kind)
+    rep = linearity_report(model, sites, prompts[: args.sweep_prompts],
+                           [ids[y] for y in ds.labels[: args.sweep_prompts]], n_neurons=4 if args.smoke else 100,
+                           ig_steps=4 if args.smoke else 20)
     probes = evaluate_probes(neurgrad(model, ns, prompts, options=ids), ds.labels, ds.texts)
     args.out.mkdir(parents=True, exist_ok=True)
     text = f"## NEG linearity\n\n{rep.to_markdown()}\n## Skill-neuron probes\n\n{probes.to_markdown()}"

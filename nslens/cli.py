@@ -263,31 +263,36 @@ def sae_cmd(
 def neg_cmd(
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt,
     kind: str = typer.Option("product", help="product (default), up_proj, act_fn or residual."),
-    prompts: int = typer.Option(8, help="Prompts (test split) to sweep."),
-    neurons: int = typer.Option(16, help="Neurons sampled per prompt."),
+    prompts: int = typer.Option(8, help="Prompts (test split) to sweep; those answered correctly are used."),
+    neurons: int = typer.Option(100, help="Neurons sampled per prompt (the paper: 100)."),
+    all_layers: bool = typer.Option(True, "--all-layers/--one-layer",
+                                    help="Sample neurons from every feed-forward layer (the paper) or --layer only."),
     log_prob: bool = typer.Option(False, help="Differentiate log p instead of p."),
+    ig_steps: int = typer.Option(20, help="Integrated-gradients steps."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/neg"), "--out", "-o"),
 ) -> None:
-    """NEG linearity: ground-truth shift sweeps vs NeurGrad (NEG paper Tables 1-2): share of linear neurons,
-    polarity split, correlation and MAE."""
+    """NEG linearity (NEG paper Tables 1-2): ground-truth shift sweeps (+-2, step 0.2) vs NeurGrad and the CG, IG
+    and LPI baselines, on prompts the model answers correctly: share of linear neurons, polarity split,
+    correlation and MAE."""
     import json as _json
 
     from .models import load_model, resolve_site
-    from .neg import linearity_report, resolve_neuron_site
+    from .neg import linearity_report, resolve_neuron_site, resolve_neuron_sites
     from .pipeline import prepare_data
 
-    cfg = _config(model, dataset, layer, 50, 16, False, seed=seed)
+    cfg = _config(model, dataset, layer, 50, 16, False, seed=seed, only_correct=False)
     m = load_model(cfg.model)
-    ns = resolve_neuron_site(m, layer, kind)
+    sites = resolve_neuron_sites(m, kind) if all_layers else [resolve_neuron_site(m, layer, kind)]
     data = prepare_data(m, resolve_site(m, layer), cfg)
     sub = data.test.subset(list(range(min(prompts, len(data.test)))))
     gold = [data.label_ids[y] for y in sub.labels]
     with _progress() as cb:
-        rep = linearity_report(m, ns, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
-                               progress=cb)
+        rep = linearity_report(m, sites, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
+                               ig_steps=ig_steps, progress=cb)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "neg.md").write_text(f"NEG linearity at layer {ns.site.layer} ({kind}, {ns.width} neurons)\n\n"
+    where = "all feed-forward layers" if all_layers else f"layer {sites[0].site.layer}"
+    (out / "neg.md").write_text(f"NEG linearity, neurons from {where} ({kind}, {sites[0].width} per layer)\n\n"
                                 + rep.to_markdown())
     (out / "neg.json").write_text(_json.dumps(rep.summary(), indent=2))
     _refresh_report(out)

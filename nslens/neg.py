@@ -13,6 +13,12 @@ backward gives every (prompt, target) gradient, and only the last position's gra
 Neuron sites: MLP intermediate neurons of a Llama-family decoder layer -- ``product`` (default: act_fn(gate) * up,
 the input of down_proj, i.e. the value that weights down_proj's columns), ``up_proj`` (the authors' hook) and
 ``act_fn`` -- or the ``residual`` stream (the layer output, nslens' usual site).
+
+The paper's Table 2 compares NeurGrad with three estimators, all here: the plain computational gradient
+(``neurgrad(..., signed=False)``, CG), integrated gradients (``integrated_gradients``, IG, one trace and one
+backward per batch over ``steps`` scaled copies) and the log-probability increase (``lpi``, LPI). ``linearity_report``
+follows the paper's sampling: prompts the model answers correctly, and ``n_neurons`` random neurons per prompt drawn
+from all feed-forward layers (``resolve_neuron_sites``; one layer stays possible).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from .models import Site, model_family, read_site, resolve_site, site_module, wr
 from .record import Progress, batches, prepare_remote, tokenize
 from .remote import maybe_retry
 
-__all__ = ["NEURON_KINDS", "LinearityReport", "NeuronSite", "linearity_report", "neg_sweep", "neurgrad",
-           "neurgrad_concept_scores", "resolve_neuron_site"]
+__all__ = ["DEFAULT_SHIFTS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "integrated_gradients",
+           "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores", "resolve_neuron_site",
+           "resolve_neuron_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ class NeuronSite:
     width: int
 
 
-def resolve_neuron_site(model: Any, layer: int = -2, kind: str = "product") -> NeuronSite:
+def resolve_neuron_site(model: Any, layer: int = -1, kind: str = "product") -> NeuronSite:
     if kind not in NEURON_KINDS:
         raise ValueError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
     site = resolve_site(model, layer)
@@ -61,6 +68,13 @@ def resolve_neuron_site(model: Any, layer: int = -2, kind: str = "product") -> N
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     return NeuronSite(site, kind, int(cfg.intermediate_size))
+
+
+def resolve_neuron_sites(model: Any, kind: str = "product", layers: Sequence[int] | None = None) -> list[NeuronSite]:
+    """The neuron sites of every decoder layer (the paper samples neurons from all feed-forward layers), or of
+    ``layers``."""
+    n = resolve_site(model, -1).n_layers
+    return [resolve_neuron_site(model, layer, kind) for layer in (range(n) if layers is None else layers)]
 
 
 def _mlp_envoy(model: Any, ns: NeuronSite) -> Any:
@@ -131,11 +145,12 @@ def _target_matrix(targets: Any, options: Any, n: int) -> torch.Tensor:
 
 def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *, options: Any = None,
              batch_size: int = 8, log_prob: bool = False, remote: bool | str = False,
-             progress: Progress | None = None) -> np.ndarray:
+             progress: Progress | None = None, signed: bool = True) -> np.ndarray:
     """NeurGrad ``[prompts, targets, neurons]`` at the last token: d p(target) / d a x sign(a).
 
     ``targets``: token ids per prompt, ``[N]`` or ``[N, K]``; or ``options``: ``[K]`` ids shared by every prompt.
-    ``log_prob=True`` differentiates log p instead of p.
+    ``log_prob=True`` differentiates log p instead of p. ``signed=False`` gives the plain computational gradient
+    d p / d a (the paper's CG baseline).
     """
     t = _target_matrix(targets, options, len(prompts))
     k = t.shape[1]
@@ -148,7 +163,7 @@ def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = 
             tiled = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
             tg = t[sl].reshape(-1)
             out.append(maybe_retry(remote, lambda tiled=tiled, tg=tg: _neurgrad_batch(model, ns, tiled, tg,
-                                                                                      log_prob, remote),
+                                                                                      log_prob, remote, signed),
                                    what=f"neurgrad batch {i}").reshape(-1, k, ns.width))
             if progress is not None:
                 progress("neurgrad", i + 1, len(parts))
@@ -156,18 +171,95 @@ def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = 
 
 
 def _neurgrad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor, log_prob: bool,
-                    remote: bool | str) -> torch.Tensor:
+                    remote: bool | str, signed: bool = True) -> torch.Tensor:
     with torch.enable_grad():
         with model.trace(enc, remote=remote):
             _embedding(model).output.requires_grad_(True)
             a = _read_neurons(model, ns)
-            sign = torch.sign(a[:, -1, :].detach())
+            sign = torch.sign(a[:, -1, :].detach()) if signed else torch.ones_like(a[:, -1, :].detach())
             logits = _at_least_f32(model.output.logits[:, -1, :])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
             objective = lp if log_prob else lp.exp()
             with objective.sum().backward():
                 g = (_at_least_f32(a.grad[:, -1, :]) * sign).cpu().save()
     return g
+
+
+def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *,
+                         options: Any = None, steps: int = 20, batch_size: int = 4, log_prob: bool = False,
+                         remote: bool | str = False, progress: Progress | None = None) -> np.ndarray:
+    """Integrated gradients of p(target) for every neuron at the last token, ``[prompts, targets, neurons]``
+    (the paper's IG baseline; Dai et al.'s knowledge-neuron attribution): a_j x mean over alpha = 1/m .. 1 of
+    d p / d x_j at x = alpha a, the layer's last-token activations scaled together (right Riemann sum, m =
+    ``steps``). One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled
+    by its alpha. With x = alpha a, d p / d a = alpha d p / d x, so the gradient is read on a and divided by alpha.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = _target_matrix(targets, options, len(prompts))
+    k = t.shape[1]
+    alphas = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    prepare_remote(remote)
+    out = []
+    parts = batches(len(prompts), batch_size)
+    with _frozen(model) if not remote or remote == "local" else contextlib.nullcontext():
+        for i, sl in enumerate(parts):
+            enc = tokenize(model, prompts[sl])
+            reps = k * steps  # row order: prompt, target, step
+            tiled = {key: v.repeat_interleave(reps, dim=0) for key, v in enc.items()}
+            tg = t[sl].repeat_interleave(steps, dim=1).reshape(-1)
+            al = alphas.repeat(len(t[sl]) * k)
+            g, a = maybe_retry(remote, lambda tiled=tiled, tg=tg, al=al: _ig_batch(model, ns, tiled, tg, al, log_prob,
+                                                                                 remote), what=f"ig batch {i}")
+            n = len(t[sl])
+            mean_grad = g.reshape(n, k, steps, ns.width).mean(2)
+            out.append(mean_grad * a.reshape(n, k, steps, ns.width)[:, :, 0])
+            if progress is not None:
+                progress("integrated gradients", i + 1, len(parts))
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _ig_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor, alphas: torch.Tensor,
+              log_prob: bool, remote: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        with model.trace(enc, remote=remote):
+            _embedding(model).output.requires_grad_(True)
+            a = _read_neurons(model, ns)
+            al = alphas.to(a.device, a.dtype)[:, None]
+            _write_neurons(model, ns, torch.cat([a[:, :-1], (a[:, -1, :] * al)[:, None, :]], dim=1))
+            logits = _at_least_f32(model.output.logits[:, -1, :])
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
+            objective = lp if log_prob else lp.exp()
+            with objective.sum().backward():
+                g = (_at_least_f32(a.grad[:, -1, :]) / _at_least_f32(al)).cpu().save()
+            act = _at_least_f32(a[:, -1, :].detach()).cpu().save()
+    return g, act
+
+
+def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int]) -> np.ndarray:
+    """Log-probability increase (the paper's LPI baseline; Yu and Ananiadou 2024) of each neuron in ``neurons``:
+    log p(target | h + a_j W_j) - log p(target | h), where h is the residual stream entering the MLP at the last
+    token (after the layer's attention), a_j W_j the neuron's contribution (its activation times its down_proj
+    column), and p the final norm and LM head applied to the vector (logit lens). ``product`` neurons only; the
+    unembedding runs locally, so a remote model is refused."""
+    if ns.kind != "product":
+        raise ValueError("LPI needs product neurons (the down_proj input): their contribution is a_j W_down[:, j]")
+    if next(model._module.parameters()).device.type == "meta":
+        raise ValueError("LPI unembeds locally: it needs local weights (not a remote model)")
+    neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
+    layer = site_module(model, ns.site)
+    pre_mlp = layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.pre_feedforward_layernorm
+    enc = tokenize(model, [prompt])
+    with torch.no_grad():
+        with model.trace(enc):
+            h = pre_mlp.input[0, -1].save()
+            a = _mlp_envoy(model, ns).input[0, -1].save()
+        hf = model._module
+        w = hf.model.layers[ns.site.layer].mlp.down_proj.weight  # [d, width]
+        contrib = (a[neurons].to(w.dtype)[:, None] * w[:, neurons].T)  # [n, d]
+        x = torch.cat([h[None].to(w.dtype), h[None].to(w.dtype) + contrib])
+        lp = torch.log_softmax(_at_least_f32(hf.lm_head(hf.model.norm(x))), dim=-1)[:, target]
+    return (lp[1:] - lp[0]).double().cpu().numpy()
 
 
 def neg_sweep(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int], *,
@@ -222,45 +314,116 @@ def _shifted_probs(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tar
 
 @dataclass
 class LinearityReport:
-    """Per sampled (prompt, neuron): ground-truth NEG slope, Pearson r, and NeurGrad (NEG Tables 1-2 shape)."""
+    """Per sampled (prompt, neuron): ground-truth NEG slope and Pearson r, NeurGrad, and the Table 2 baselines
+    (CG, IG, LPI; None where not computed). ``layers`` holds each pair's layer."""
 
     slope: np.ndarray
     r: np.ndarray
     neurgrad: np.ndarray
+    cg: np.ndarray | None = None
+    ig: np.ndarray | None = None
+    lpi: np.ndarray | None = None
+    layers: np.ndarray | None = None
+    prompts_used: int = 0
+    prompts_offered: int = 0
+
+    def _corr(self, x: np.ndarray | None) -> float:
+        if x is None or self.slope.std() == 0 or x.std() == 0:
+            return float("nan")
+        return float(np.corrcoef(x, self.slope)[0, 1])
+
+    def _mae(self, x: np.ndarray | None) -> float:
+        return float("nan") if x is None else float(np.mean(np.abs(x - self.slope)))
 
     def summary(self, threshold: float = 0.95) -> dict[str, float]:
         nz = self.slope != 0
-        corr = float(np.corrcoef(self.neurgrad, self.slope)[0, 1]) if self.slope.std() > 0 else float("nan")
-        return {"pairs": int(len(self.slope)), "linear_share": float(np.mean(np.abs(self.r) >= threshold)),
-                "positive_share": float(np.mean(self.slope[nz] > 0)) if nz.any() else float("nan"),
-                "negative_share": float(np.mean(self.slope[nz] < 0)) if nz.any() else float("nan"),
-                "neurgrad_corr": corr, "neurgrad_mae": float(np.mean(np.abs(self.neurgrad - self.slope)))}
+        out = {"pairs": int(len(self.slope)), "prompts_used": self.prompts_used,
+               "prompts_offered": self.prompts_offered,
+               "linear_share": float(np.mean(np.abs(self.r) >= threshold)),
+               "positive_share": float(np.mean(self.slope[nz] > 0)) if nz.any() else float("nan"),
+               "negative_share": float(np.mean(self.slope[nz] < 0)) if nz.any() else float("nan"),
+               "neurgrad_corr": self._corr(self.neurgrad), "neurgrad_mae": self._mae(self.neurgrad)}
+        for name in ("cg", "ig", "lpi"):
+            out[f"{name}_corr"] = self._corr(getattr(self, name))
+            if name != "lpi":  # LPI is a log-probability difference, not a slope: the paper reports no MAE for it
+                out[f"{name}_mae"] = self._mae(getattr(self, name))
+        return out
 
     def to_markdown(self, threshold: float = 0.95) -> str:
         s = self.summary(threshold)
-        return (f"| pairs | linear (\\|r\\| >= {threshold:.2f}) | positive | negative | r(NeurGrad, NEG) | MAE |\n"
-                "|---|---|---|---|---|---|\n"
-                f"| {s['pairs']} | {s['linear_share']:.3f} | {s['positive_share']:.3f} | {s['negative_share']:.3f} | "
-                f"{s['neurgrad_corr']:.3f} | {s['neurgrad_mae']:.2e} |\n")
+        f = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731
+        e = lambda v: "n/a" if np.isnan(v) else f"{v:.2e}"  # noqa: E731
+        return (f"NEG Table 1 ({s['pairs']} (prompt, neuron) pairs over {s['prompts_used']} prompts the model "
+                f"answers correctly, of {s['prompts_offered']}):\n\n"
+                f"| pairs | linear (\\|r\\| >= {threshold:.2f}) | positive | negative |\n|---|---|---|---|\n"
+                f"| {s['pairs']} | {s['linear_share']:.3f} | {s['positive_share']:.3f} | {s['negative_share']:.3f} |\n\n"
+                "NEG Table 2 (correlation r and MAE against the ground-truth NEG):\n\n"
+                "| r CG | r IG | r LPI | r NeurGrad | MAE CG | MAE IG | MAE NeurGrad |\n|---|---|---|---|---|---|---|\n"
+                f"| {f(s['cg_corr'])} | {f(s['ig_corr'])} | {f(s['lpi_corr'])} | {f(s['neurgrad_corr'])} | "
+                f"{e(s['cg_mae'])} | {e(s['ig_mae'])} | {e(s['neurgrad_mae'])} |\n")
 
 
-def linearity_report(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Sequence[int], *,
-                     n_neurons: int = 16, shifts: Sequence[float] = DEFAULT_SHIFTS, seed: int = 0,
-                     log_prob: bool = False, remote: bool | str = False,
+def _answered_correctly(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Sequence[int],
+                        remote: bool | str) -> np.ndarray:
+    from .erasure import predict
+
+    return predict(model, ns.site, prompts, np.asarray(targets), batch_size=8, remote=remote).correct
+
+
+def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts: Sequence[str],
+                     targets: Sequence[int], *, n_neurons: int = 100, shifts: Sequence[float] = DEFAULT_SHIFTS,
+                     seed: int = 0, log_prob: bool = False, only_correct: bool = True, baselines: bool = True,
+                     ig_steps: int = 20, remote: bool | str = False,
                      progress: Progress | None = None) -> LinearityReport:
-    """Sample ``n_neurons`` neurons per prompt; compare the ground-truth NEG with NeurGrad."""
+    """The NEG paper's Tables 1-2: for each prompt the model answers correctly (``only_correct``), ``n_neurons``
+    neurons drawn at random from all the given neuron sites (pass ``resolve_neuron_sites(model)`` for all
+    feed-forward layers, as the paper does; one ``NeuronSite`` for one layer); the ground-truth NEG of each, and
+    NeurGrad, CG, IG and LPI for the same pairs (``baselines``; LPI needs local product neurons)."""
+    sites = [ns] if isinstance(ns, NeuronSite) else list(ns)
+    if not sites:
+        raise ValueError("no neuron sites given")
+    targets = [int(t) for t in targets]
+    offered = len(prompts)
+    if only_correct:
+        ok = _answered_correctly(model, sites[0], prompts, targets, remote)
+        prompts, targets = [p for p, k in zip(prompts, ok) if k], [t for t, k in zip(targets, ok) if k]
+        if not prompts:
+            raise ValueError(f"the model answers none of the {offered} prompts correctly; pass only_correct=False "
+                             "to measure NEG on them anyway")
     rng = np.random.default_rng(seed)
-    grads = neurgrad(model, ns, prompts, np.asarray(targets), log_prob=log_prob, remote=remote)[:, 0, :]
-    slopes, rs, ngs = [], [], []
+    widths = np.array([s.width for s in sites])
+    bounds = np.concatenate([[0], np.cumsum(widths)])
+    picks = [np.sort(rng.choice(bounds[-1], size=min(n_neurons, int(bounds[-1])), replace=False))
+             for _ in prompts]
+    used = sorted({int(np.searchsorted(bounds, j, side="right") - 1) for pick in picks for j in pick})
+    do_lpi = baselines and sites[0].kind == "product" and not remote
+    est: dict[str, dict[int, np.ndarray]] = {"neurgrad": {}, "cg": {}, "ig": {}}
+    tg = np.asarray(targets)
+    for li in used:
+        est["neurgrad"][li] = neurgrad(model, sites[li], prompts, tg, log_prob=log_prob, remote=remote)[:, 0]
+        if baselines:
+            est["cg"][li] = neurgrad(model, sites[li], prompts, tg, log_prob=log_prob, remote=remote,
+                                     signed=False)[:, 0]
+            est["ig"][li] = integrated_gradients(model, sites[li], prompts, tg, steps=ig_steps, log_prob=log_prob,
+                                                 remote=remote)[:, 0]
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("slope", "r", "neurgrad", "cg", "ig", "lpi", "layers")}
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        neurons = rng.choice(ns.width, size=min(n_neurons, ns.width), replace=False)
-        sw = neg_sweep(model, ns, p, int(t), neurons, shifts=shifts, log_prob=log_prob, remote=remote)
-        slopes.append(sw["slope"])
-        rs.append(sw["r"])
-        ngs.append(grads[i, neurons])
+        for li in sorted({int(np.searchsorted(bounds, j, side="right") - 1) for j in picks[i]}):
+            local = picks[i][(picks[i] >= bounds[li]) & (picks[i] < bounds[li + 1])] - bounds[li]
+            sw = neg_sweep(model, sites[li], p, t, local, shifts=shifts, log_prob=log_prob, remote=remote)
+            cols["slope"].append(sw["slope"])
+            cols["r"].append(sw["r"])
+            cols["layers"].append(np.full(len(local), sites[li].site.layer))
+            for k in ("neurgrad", "cg", "ig"):
+                if est[k]:
+                    cols[k].append(est[k][li][i, local])
+            if do_lpi:
+                cols["lpi"].append(lpi(model, sites[li], p, t, local))
         if progress is not None:
             progress("neg sweep", i + 1, len(prompts))
-    return LinearityReport(np.concatenate(slopes), np.concatenate(rs), np.concatenate(ngs))
+    cat = lambda k: np.concatenate(cols[k]) if cols[k] else None  # noqa: E731
+    return LinearityReport(cat("slope"), cat("r"), cat("neurgrad"), cat("cg"), cat("ig"), cat("lpi"),
+                           cat("layers"), prompts_used=len(prompts), prompts_offered=offered)
 
 
 def neurgrad_concept_scores(model: Any, site: Site, prompts: Sequence[str], labels: np.ndarray,

@@ -9,11 +9,14 @@ from conftest import encode
 import nslens
 from nslens.neg import (
     NEURON_KINDS,
+    integrated_gradients,
     linearity_report,
+    lpi,
     neg_sweep,
     neurgrad,
     neurgrad_concept_scores,
     resolve_neuron_site,
+    resolve_neuron_sites,
 )
 
 
@@ -131,7 +134,7 @@ def test_neg_probe_cli_and_experiment(embedded, tmp_path):
 
     r = cli("neg", "--prompts", "2", "--neurons", "4", "--out", "neg")
     assert r.returncode == 0, r.stderr
-    assert "r(NeurGrad, NEG)" in r.stdout and (tmp_path / "neg" / "neg.json").exists()
+    assert "r NeurGrad" in r.stdout and "r IG" in r.stdout and (tmp_path / "neg" / "neg.json").exists()
     r = cli("neg", "--kind", "gate")
     assert r.returncode == 1 and "unknown neuron kind 'gate'" in r.stderr and "Traceback" not in r.stderr
     r = cli("probe", "--n-per-class", "30", "--kind", "residual", "--out", "probe")
@@ -161,3 +164,104 @@ def test_default_shift_grid_is_the_papers():
 
     assert len(DEFAULT_SHIFTS) == 20 and 0.0 not in DEFAULT_SHIFTS
     np.testing.assert_allclose(sorted(DEFAULT_SHIFTS), [v for v in np.round(np.arange(-2, 2.01, 0.2), 1) if v != 0])
+
+
+def _plain_grads(model, layer, prompt, target, alpha=1.0):
+    """Plain torch: scale the last token's down_proj input by alpha in a pre-hook; return (a, d p / d x) there."""
+    hf = model._module
+    enc = encode(model, [prompt])
+    store = {}
+
+    def pre(m, args):
+        x = args[0]
+        store["a"] = x[0, -1].detach().clone()
+        scaled = torch.cat([x[:, :-1], x[:, -1:] * alpha], dim=1)
+        scaled.retain_grad()
+        store["x"] = scaled
+        return (scaled,)
+
+    h = hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(pre)
+    try:
+        hf.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            p = torch.softmax(hf(**enc).logits[0, -1].double(), -1)[target]
+            p.backward()
+        return store["a"].double(), store["x"].grad[0, -1].double(), float(p.detach())
+    finally:
+        h.remove()
+        hf.zero_grad(set_to_none=True)
+
+
+def test_cg_and_ig_equal_plain_autograd_and_ig_is_complete(synth):
+    """CG = d p / d a; IG = a x mean_alpha d p / d x(alpha a) (plain torch hooks); and IG's completeness: summed
+    over the layer's neurons it equals p(a) - p(0 at the last token) as the steps grow (float64 weights)."""
+    model = nslens.load_model("embedded", dtype=torch.float64)
+    ids = nslens.label_token_ids(model.tokenizer, synth["ds"].label_words)
+    ns = resolve_neuron_site(model, 1, "product")
+    prompt, target = synth["test_prompts"][1], ids[synth["test"].labels[1]]
+    a, g1, p1 = _plain_grads(model, 1, prompt, target)
+    cg = neurgrad(model, ns, [prompt], [target], signed=False)[0, 0]
+    np.testing.assert_allclose(cg, g1.numpy(), rtol=1e-6, atol=1e-12)
+    steps = 5
+    ref = sum(_plain_grads(model, 1, prompt, target, (k + 1) / steps)[1] for k in range(steps)) / steps * a
+    ig = integrated_gradients(model, ns, [prompt], [target], steps=steps, batch_size=1)[0, 0]
+    np.testing.assert_allclose(ig, ref.numpy(), rtol=1e-6, atol=1e-12)
+    p0 = _plain_grads(model, 1, prompt, target, 0.0)[2]
+    fine = integrated_gradients(model, ns, [prompt], [target], steps=200)[0, 0]
+    assert fine.sum() == pytest.approx(p1 - p0, rel=0.02)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        integrated_gradients(model, ns, [prompt], [target], steps=0)
+
+
+def test_lpi_equals_logit_lens_by_hand(embedded, task):
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, 2, "product")
+    hf = embedded._module
+    layer = hf.model.layers[2]
+    store = {}
+    h1 = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: store.__setitem__("h", a[0][0, -1]))
+    h2 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: store.__setitem__("a", a[0][0, -1]))
+    try:
+        with torch.no_grad():
+            hf(**encode(embedded, prompts[:1]))
+    finally:
+        h1.remove()
+        h2.remove()
+    neurons = [0, 5, 77, 191]
+    w = layer.mlp.down_proj.weight
+    with torch.no_grad():
+        base = torch.log_softmax(hf.lm_head(hf.model.norm(store["h"])), -1)[ids[0]]
+        ref = [float(torch.log_softmax(hf.lm_head(hf.model.norm(store["h"] + store["a"][j] * w[:, j])), -1)[ids[0]]
+                     - base) for j in neurons]
+    # a difference of two float32 log-probs: both sides carry ~1e-6 of rounding
+    np.testing.assert_allclose(lpi(embedded, ns, prompts[0], ids[0], neurons), ref, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="LPI needs product neurons"):
+        lpi(embedded, resolve_neuron_site(embedded, 2, "up_proj"), prompts[0], ids[0], [0])
+
+
+def test_linearity_report_samples_all_layers_on_correct_prompts(synth):
+    model = nslens.load_model("embedded", dtype=torch.float64)
+    ids = nslens.label_token_ids(model.tokenizer, synth["ds"].label_words)
+    prompts = synth["test_prompts"][:6]
+    targets = [ids[y] for y in synth["test"].labels[:6]]
+    targets[0] = ids[(synth["test"].labels[0] + 1) % 4]  # a wrong answer: that prompt is not answered correctly
+    sites = resolve_neuron_sites(model)
+    assert [s.site.layer for s in sites] == [0, 1, 2, 3]
+    rep = linearity_report(model, sites, prompts, targets, n_neurons=12, shifts=[-1e-2, 5e-3, 1e-2], ig_steps=4)
+    s = rep.summary()
+    assert s["prompts_offered"] == 6 and s["prompts_used"] <= 5 and s["pairs"] == 12 * s["prompts_used"]
+    assert len(set(rep.layers.tolist())) > 1  # neurons from several feed-forward layers
+    assert s["neurgrad_corr"] > 0.999 and s["linear_share"] == 1.0
+    assert np.isfinite([s["cg_corr"], s["ig_corr"], s["lpi_corr"], s["cg_mae"], s["ig_mae"]]).all()
+    md = rep.to_markdown()
+    assert "| r CG | r IG | r LPI | r NeurGrad |" in md and "answers correctly" in md
+    with pytest.raises(ValueError, match="answers none of the 1 prompts correctly"):
+        linearity_report(model, sites, prompts[:1], targets[:1], n_neurons=2)
+
+
+def test_ig_remote_local_equals_local(embedded, task):
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, 2, "product")
+    a = integrated_gradients(embedded, ns, prompts[:2], options=ids[:2], steps=3)
+    b = integrated_gradients(embedded, ns, prompts[:2], options=ids[:2], steps=3, remote="local")
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
