@@ -14,7 +14,7 @@ from pathlib import Path
 import nslens
 from nslens.data import FewShotPrompter, label_token_ids
 from nslens.neg import linearity_report, neurgrad, resolve_neuron_site, resolve_neuron_sites
-from nslens.probes import evaluate_probes
+from nslens.probes import evaluate_probes, probe_features
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     rep = linearity_report(model, sites, prompts[: args.sweep_prompts],
                            [ids[y] for y in ds.labels[: args.sweep_prompts]], n_neurons=4 if args.smoke else 100,
                            ig_steps=4 if args.smoke else 20)
-    probes = evaluate_probes(neurgrad(model, ns, prompts, options=ids), ds.labels, ds.texts)
+    probs, acts = probe_features(model, ns, prompts, ids)
+    probes = evaluate_probes(neurgrad(model, ns, prompts, options=ids), ds.labels, ds.texts, option_probs=probs,
+                             activations=acts)
     args.out.mkdir(parents=True, exist_ok=True)
     text = f"## NEG linearity\n\n{rep.to_markdown()}\n## Skill-neuron probes\n\n{probes.to_markdown()}"
     (args.out / "neg_tables.md").write_text(text)

@@ -304,29 +304,43 @@ def probe_cmd(
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
     kind: str = typer.Option("product", help="product (default), up_proj, act_fn or residual."),
     batch_size: int = typer.Option(8, "--batch-size"),
+    mceval: str | None = typer.Option(None, "--mceval", help="An MCEval8K task (e.g. agnews, paws, ner) instead "
+                                      "of --dataset: its prompts, answers and option letters."),
+    mceval_path: Path | None = typer.Option(None, "--mceval-path", help="A local copy of the task's json file."),
+    limit: int | None = typer.Option(None, help="At most this many MCEval8K queries."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/probe"), "--out", "-o"),
 ) -> None:
-    """Skill-neuron probes (Polar, Magn, Tree) on NeurGrad features; the dataset's labels are the options."""
+    """Skill-neuron probes (Polar, Magn, Tree) on NeurGrad features, with the LM-Prob and Act baselines; the
+    options are the dataset's labels, or an MCEval8K task's answer tokens."""
     import json as _json
 
     from .models import load_model, resolve_site
     from .neg import neurgrad, resolve_neuron_site
     from .pipeline import _load_concepts
-    from .probes import evaluate_probes
+    from .probes import evaluate_probes, probe_features
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, False, seed=seed)
     m = load_model(cfg.model)
     ns = resolve_neuron_site(m, layer, kind)
     resolve_site(m, layer)
-    ds = _load_concepts(cfg)
-    from .data import FewShotPrompter, label_token_ids
+    if mceval is not None:
+        from .mceval import answer_token_ids, load_mceval
 
-    ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
-    prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
+        data = load_mceval(mceval, path=mceval_path, limit=limit)
+        prompts, answers, queries = data.prompts, data.answers, data.prompts
+        ids = answer_token_ids(m.tokenizer, prompts[0], data.labels)
+    else:
+        from .data import FewShotPrompter, label_token_ids
+
+        ds = _load_concepts(cfg)
+        ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
+        prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
+        prompts, answers, queries = prompter.prompts(ds.texts), ds.labels, ds.texts
     with _progress() as cb:
-        neg = neurgrad(m, ns, prompter.prompts(ds.texts), options=ids, batch_size=batch_size, progress=cb)
-    res = evaluate_probes(neg, ds.labels, ds.texts, seed=seed)
+        neg = neurgrad(m, ns, prompts, options=ids, batch_size=batch_size, progress=cb)
+    probs, acts = probe_features(m, ns, prompts, ids, batch_size=batch_size)
+    res = evaluate_probes(neg, answers, queries, seed=seed, option_probs=probs, activations=acts)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probes.md").write_text(res.to_markdown())
     (out / "probes.json").write_text(_json.dumps(res.__dict__, indent=2))

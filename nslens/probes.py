@@ -11,22 +11,26 @@ Features are NeurGrad values ``[queries, options, neurons]`` (``nslens.neg.neurg
   features.
 For the majority-vote probes the number of neurons is chosen on the validation split from 2^0 ... 2^13.
 
+The paper's baselines (its probe table): Rand (chance), LM-Prob (the option whose answer token the model gives the
+highest probability) and Act (activation-based skill neurons, Wang et al. 2022). Act here: each neuron classifies a
+query by the nearest class-conditional mean of its activation on the training split (for two options: a threshold
+halfway between the class means); neurons rank by training accuracy, their number is chosen on validation from
+2^0 ... 2^13, and they vote. ``probe_features`` reads both baselines' inputs in one trace per batch.
+
 Splits are 6:1:1 and cannot overlap: identical queries (after whitespace normalisation) always land in the same
 split (the authors' released splits do overlap for several tasks).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MagnProbe", "PolarProbe", "ProbeResults", "evaluate_probes", "load_mceval", "split_queries",
-           "tree_probe"]
+__all__ = ["ActProbe", "MagnProbe", "PolarProbe", "ProbeResults", "evaluate_probes", "probe_features",
+           "split_queries", "tree_probe"]
 
 
 def split_queries(queries: Sequence[str], seed: int = 0, ratios: tuple[int, int, int] = (6, 1, 1)
@@ -97,6 +101,62 @@ class MagnProbe(_VoteProbe):
         return pick[:, None, :] == np.arange(neg.shape[1])[None, :, None]
 
 
+class ActProbe(_VoteProbe):
+    """Activation-based skill neurons (the Act baseline): features ``[queries, neurons]``, options ``k``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def fit(self, acts: np.ndarray, answers: np.ndarray) -> ActProbe:
+        means = np.stack([acts[answers == c].mean(0) if (answers == c).any() else np.full(acts.shape[1], np.inf)
+                          for c in range(self.k)])  # [K, W]
+        self.means = means
+        acc = np.mean(self._nearest(acts, means) == answers[:, None], axis=0)
+        self.order = np.argsort(-acc, kind="stable")
+        self.n = len(self.order)
+        return self
+
+    @staticmethod
+    def _nearest(acts: np.ndarray, means: np.ndarray) -> np.ndarray:  # [Q, W]: each neuron's predicted class
+        return np.abs(acts[:, None, :] - means[None]).argmin(1)
+
+    def _votes(self, acts: np.ndarray) -> np.ndarray:
+        pick = self._nearest(acts, self.means[:, self.order[: acts.shape[-1]]])
+        return pick[:, None, :] == np.arange(self.k)[None, :, None]
+
+    def predict(self, acts: np.ndarray, n: int | None = None) -> np.ndarray:
+        sel = self.order[: n or self.n]
+        return self._votes(acts[:, sel]).sum(-1).argmax(-1)
+
+
+def probe_features(model: Any, ns: Any, prompts: Sequence[str], option_ids: Sequence[int], *, batch_size: int = 8,
+                   remote: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+    """The baselines' inputs, one trace per batch: the probability of each option's answer token at the last
+    position ``[queries, options]`` (LM-Prob) and the neurons' last-token activations ``[queries, neurons]`` (Act)."""
+    import torch
+
+    from .neg import _read_neurons
+    from .record import batches, prepare_remote, tokenize
+    from .remote import maybe_retry
+
+    ids = torch.as_tensor(list(option_ids), dtype=torch.int64)
+    prepare_remote(remote)
+    probs, acts = [], []
+
+    def run(enc: dict) -> dict:
+        with torch.no_grad(), model.trace(enc, remote=remote):
+            a = _read_neurons(model, ns)[:, -1, :].float().cpu().save()
+            p = torch.softmax(model.output.logits[:, -1, :].float(), -1)[:, ids].cpu().save()
+        return {"p": p, "a": a}
+
+    for i, sl in enumerate(batches(len(prompts), batch_size)):
+        enc = tokenize(model, prompts[sl])
+        out = maybe_retry(remote, lambda enc=enc: run(enc), what=f"probe features batch {i}")
+        probs.append(out["p"])
+        acts.append(out["a"])
+    return torch.cat(probs).numpy().astype(np.float64), torch.cat(acts).numpy().astype(np.float64)
+
+
 def tree_probe(neg_train: np.ndarray, answers_train: np.ndarray, seed: int = 0) -> Any:
     """A random forest on per-neuron argmax-over-options features (scikit-learn defaults)."""
     from sklearn.ensemble import RandomForestClassifier
@@ -118,15 +178,27 @@ class ProbeResults:
         return "\n".join(lines) + f"\n\nSplits (train/valid/test queries): {self.sizes}\n"
 
 
-def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str], *, seed: int = 0
-                    ) -> ProbeResults:
-    """Train the three probes on the train split, choose sizes on valid, report test accuracy."""
+def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str], *, seed: int = 0,
+                    option_probs: np.ndarray | None = None, activations: np.ndarray | None = None) -> ProbeResults:
+    """Train the three NEG probes on the train split, choose sizes on valid, report test accuracy; with
+    ``option_probs`` ``[queries, options]`` and ``activations`` ``[queries, neurons]`` (``probe_features``) also the
+    LM-Prob and Act baselines on the same test split."""
     answers = np.asarray(answers, dtype=np.int64)
     if neg.ndim != 3 or neg.shape[0] != len(answers) or len(queries) != len(answers):
         raise ValueError(f"need NEG [queries, options, neurons] and one answer per query; got {neg.shape}, "
                          f"{len(answers)} answers, {len(queries)} queries")
     tr, va, te = split_queries(queries, seed)
     acc, neurons = {}, {}
+    if option_probs is not None:
+        if option_probs.shape != neg.shape[:2]:
+            raise ValueError(f"option_probs must be [queries, options] = {neg.shape[:2]}, got {option_probs.shape}")
+        acc["LM-Prob"] = float(np.mean(option_probs[te].argmax(1) == answers[te]))
+    if activations is not None:
+        if activations.ndim != 2 or activations.shape[0] != len(answers):
+            raise ValueError(f"activations must be [queries, neurons], got {activations.shape}")
+        act = ActProbe(neg.shape[1]).fit(activations[tr], answers[tr])
+        neurons["Act"] = act.choose(activations[va], answers[va])
+        acc["Act"] = float(np.mean(act.predict(activations[te]) == answers[te]))
     for name, probe in (("Polar-Probe", PolarProbe()), ("Magn-Probe", MagnProbe())):
         probe.fit(neg[tr], answers[tr])
         neurons[name] = probe.choose(neg[va], answers[va])
@@ -135,33 +207,3 @@ def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str]
     acc["Tree-Probe"] = float(np.mean(forest.predict(neg[te].argmax(1)) == answers[te]))
     neurons["Tree-Probe"] = int((forest.feature_importances_ > 0).sum())
     return ProbeResults(acc, neurons, 1.0 / neg.shape[1], {"train": len(tr), "valid": len(va), "test": len(te)})
-
-
-def load_mceval(task: str | Path, *, split: str = "train", query_column: str = "query",
-                options_column: str = "options", answer_column: str = "answer") -> tuple[list[str], list[list[str]],
-                                                                                        np.ndarray]:
-    """MCEval8K queries: ``task`` is a local JSON/JSONL file, or ``<genre>/<task>`` of the hub dataset
-    ``iszhaoxin/MCEval8K`` (files ``<genre>/<task>/{train,valid,test}.json``). Column names are parameters because
-    the schema is not checked here offline. Answers may be option indices or option strings."""
-    path = Path(task)
-    if path.exists():
-        text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                       if x.strip()]
-    else:
-        if task.count("/") != 1:
-            raise ValueError(f"MCEval8K task {task!r}: give a local file or '<genre>/<task>' (e.g. fact/fever)")
-        import datasets
-
-        rows = list(datasets.load_dataset("iszhaoxin/MCEval8K", data_files={split: f"{task}/{split}.json"},
-                                          split=split))
-    if not rows:
-        raise ValueError(f"no queries in {task}")
-    missing = [c for c in (query_column, options_column, answer_column) if c not in rows[0]]
-    if missing:
-        raise ValueError(f"MCEval8K rows lack {missing}; columns are {sorted(rows[0])} (set the *_column names)")
-    queries = [str(r[query_column]) for r in rows]
-    options = [list(map(str, r[options_column])) for r in rows]
-    answers = np.array([o.index(str(r[answer_column])) if not str(r[answer_column]).lstrip("-").isdigit()
-                        else int(r[answer_column]) for r, o in zip(rows, options)])
-    return queries, options, answers

@@ -139,7 +139,8 @@ def test_neg_probe_cli_and_experiment(embedded, tmp_path):
     assert r.returncode == 1 and "unknown neuron kind 'gate'" in r.stderr and "Traceback" not in r.stderr
     r = cli("probe", "--n-per-class", "30", "--kind", "residual", "--out", "probe")
     assert r.returncode == 0, r.stderr
-    assert "Tree-Probe" in r.stdout and (tmp_path / "probe" / "probes.json").exists()
+    assert "Tree-Probe" in r.stdout and "LM-Prob" in r.stdout and "| Act |" in r.stdout
+    assert (tmp_path / "probe" / "probes.json").exists()
     cfg = tmp_path / "c.toml"
     cfg.write_text("n_per_class = 16\nbatch_size = 32\nanalyses = false\n")
     assert cli("run", str(cfg), "--out", "run").returncode == 0

@@ -1,10 +1,10 @@
-import json
 
 import numpy as np
 import pytest
+import torch
 
 import nslens
-from nslens.probes import MagnProbe, PolarProbe, evaluate_probes, load_mceval, split_queries
+from nslens.probes import ActProbe, MagnProbe, PolarProbe, evaluate_probes, probe_features, split_queries
 
 
 def planted(rng, n=400, k=3, w=60, skill=8):
@@ -46,19 +46,6 @@ def test_splits_are_disjoint_even_with_duplicate_queries():
         split_queries(["a", "b"])
 
 
-def test_mceval_local_file(tmp_path):
-    rows = [{"query": f"Is {i} even?", "options": ["yes", "no"], "answer": "yes" if i % 2 == 0 else "no"}
-            for i in range(6)]
-    p = tmp_path / "task.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows))
-    q, opts, ans = load_mceval(p)
-    assert q[1] == "Is 1 even?" and opts[0] == ["yes", "no"] and ans.tolist() == [0, 1, 0, 1, 0, 1]
-    with pytest.raises(ValueError, match=r"lack \['question'\]"):
-        load_mceval(p, query_column="question")
-    with pytest.raises(ValueError, match="give a local file or '<genre>/<task>'"):
-        load_mceval("fever")
-
-
 def test_probes_on_embedded_model_neurgrad(embedded, synth):
     """End to end: NeurGrad features of the embedded model read its topic skill far above chance."""
     from nslens.neg import neurgrad, resolve_neuron_site
@@ -69,3 +56,36 @@ def test_probes_on_embedded_model_neurgrad(embedded, synth):
     neg = neurgrad(embedded, resolve_neuron_site(embedded, -2, "residual"), prompts, options=ids, batch_size=16)
     res = evaluate_probes(neg, ds.labels, ds.texts)
     assert max(res.accuracy.values()) > 0.6  # chance is 0.25
+
+
+def test_lm_prob_and_act_baselines(embedded, synth):
+    """LM-Prob = argmax of the options' probabilities (checked against a plain forward); Act reads a planted skill
+    neuron and stays at chance on noise."""
+    from conftest import encode, plain_forward
+
+    from nslens.neg import resolve_neuron_site
+
+    ds = synth["ds"].subset(np.arange(40))
+    ids = nslens.label_token_ids(embedded.tokenizer, ds.label_words)
+    prompts = nslens.FewShotPrompter(list(ds.label_words)).prompts(ds.texts)
+    ns = resolve_neuron_site(embedded, 2, "residual")  # hidden_states[3] (the last entry is after the final norm)
+    probs, acts = probe_features(embedded, ns, prompts, ids, batch_size=16)
+    out = plain_forward(embedded, encode(embedded, prompts[:8]))
+    ref = torch.softmax(out.logits[:, -1].float(), -1)[:, ids].numpy()
+    np.testing.assert_allclose(probs[:8], ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(acts[:8], out.hidden_states[3][:, -1].numpy(), rtol=1e-4, atol=1e-5)
+    rng = np.random.default_rng(0)
+    answers = rng.integers(0, 3, 600)
+    noise = rng.normal(size=(600, 20))
+    planted = noise.copy()
+    planted[:, 7] = answers * 2.0 + rng.normal(scale=0.1, size=600)  # neuron 7 encodes the answer
+    neg = rng.normal(size=(600, 3, 5))
+    queries = [f"q{i}" for i in range(600)]
+    good = evaluate_probes(neg, answers, queries, activations=planted, option_probs=np.eye(3)[answers] + 0.1)
+    assert good.accuracy["Act"] > 0.95 and good.accuracy["LM-Prob"] == 1.0
+    bad = evaluate_probes(neg, answers, queries, activations=noise)
+    assert bad.accuracy["Act"] < 0.5
+    act = ActProbe(3).fit(planted, answers)
+    assert act.order[0] == 7
+    with pytest.raises(ValueError, match=r"option_probs must be \[queries, options\]"):
+        evaluate_probes(neg, answers, queries, option_probs=np.zeros((600, 2)))
