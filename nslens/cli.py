@@ -64,8 +64,11 @@ def _print_table(tab) -> None:
     for r in tab.rows():
         t.add_row(str(r[0]), *(f"{v:.3f}" if j < 4 else f"{v:+.3f}" for j, v in enumerate(r[1:])))
     out_console.print(t)
-    out_console.print("N = neuron masking (ungated), R = range masking (gated); deltas vs base; last row: 10% "
-                      "trimmed mean across concepts.")
+    from .erasure import trim_note
+
+    out_console.print("N = neuron masking (ungated), R = range masking (gated); deltas vs base; CAcc/CConf "
+                      f"{'pooled over' if tab.meta.get('cacc_average') == 'pooled' else 'averaged over'} the other "
+                      "concepts. " + trim_note(len(tab.concepts)))
 
 
 def _refresh_report(out: Path) -> None:
