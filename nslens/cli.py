@@ -425,26 +425,83 @@ def demo_cmd(
     console.print(f"[green]run written to[/] {run}")
 
 
+def _error(message: str) -> None:
+    """One line on stderr, unwrapped (also without a terminal), coloured only on a terminal."""
+    text = " ".join(str(message).split())
+    if sys.stderr.isatty():
+        console.print(f"[red]error:[/] {text}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(f"error: {text}\n")
+
+
+def _is(e: BaseException, name: str) -> bool:
+    """Click's exception classes by name: typer >= 0.2x bundles its own click (``typer._click``), older typer
+    uses ``click``; both are recognised."""
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
+def _interrupted(argv: list[str]) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), "nslens")
+    hint = ""
+    ck = next((a.split("=", 1)[1] for a in args if a.startswith("--checkpoint=")), None)
+    if "--checkpoint" in args[:-1]:
+        ck = args[args.index("--checkpoint") + 1]
+    if ck is not None:
+        hint = ("; the checkpoint keeps the saved batches: run the same command again to resume ("
+                + " ".join(["nslens", *args]) + ")") if Path(ck).exists() else "; no batch was checkpointed yet"
+    elif command in ("run", "demo", "sae"):
+        hint = "; finished artifacts stay in the run directory (summary.json says how far it got)"
+    _error(f"interrupted: nslens {command}{hint}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one red line and exit code 1, never a traceback."""
+    """Entry point. Usage errors: the usage line and one ``error:`` line, exit 2. Other user errors: one line, exit
+    1. Ctrl-C: one line saying what was interrupted (and how to resume), exit 130. Never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="nslens")
     except (ValueError, FileNotFoundError, OSError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        _error(str(e))
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
+        _interrupted(argv)
         sys.exit(130)
-    except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except Exception as e:  # click's (or typer's bundled click's) exceptions
+        if _is(e, "Abort"):  # click turns Ctrl-C into Abort when it is not in standalone mode
+            _interrupted(argv)
+            sys.exit(130)
+        if _is(e, "UsageError"):
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                sys.stderr.write(ctx.get_usage().strip() + "\n")
+            if _is(e, "NoArgsIsHelpError"):
+                names = sorted(getattr(ctx.command, "commands", {})) if ctx is not None else []
+                _error("missing command; choose one of " + ", ".join(names))
+            else:
+                _error(e.format_message())
+            sys.exit(2)
+        if _is(e, "ClickException"):
+            _error(e.format_message())
+            sys.exit(getattr(e, "exit_code", 1))
         raise
+    # typer >= 0.2x turns Ctrl-C into Exit(130), which a non-standalone call returns instead of raising
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            _interrupted(argv)
+        sys.exit(code)
+
+
+def _quiet_libraries() -> None:
+    """No third-party progress bars or chatter around nslens's own output (transformers' weight-loading bar)."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 if __name__ == "__main__":

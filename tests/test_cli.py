@@ -29,7 +29,55 @@ def test_bad_input_is_one_line_and_exit_1(embedded, tmp_path, args, message):
     r = nslens(*args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]  # one unwrapped line, even without a terminal
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "missing command; choose one of analyze, demo, erase"),
+    (["record"], "Missing option '--out'"),
+    (["record", "--out", "x", "--layer", "1.5"], "Invalid value for '--layer'"),
+    (["recrd"], "No such command 'recrd'. Did you mean 'record'?"),
+    (["record", "--out", "x", "--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_are_the_usage_line_and_one_error_exit_2(tmp_path, args, message):
+    r = nslens(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[-2].startswith("Usage: nslens") and lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("exc", ["keyboard", "typer-exit-130"])
+def test_ctrl_c_exits_130_saying_what_and_how_to_resume(monkeypatch, capsys, tmp_path, exc):
+    """Ctrl-C reaches main either as KeyboardInterrupt or, with typer >= 0.2x, as the exit code 130 that a
+    non-standalone typer app returns (typer converts the KeyboardInterrupt into Exit(130))."""
+    import nslens.cli as cli
+
+    def interrupted(*a, **k):
+        if exc == "keyboard":
+            raise KeyboardInterrupt
+        return 130
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.chdir(tmp_path)
+    argv = ["record", "--out", "s.safetensors", "--checkpoint", "ck.safetensors"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: interrupted: nslens record; no batch was checkpointed yet"]
+    (tmp_path / "ck.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: interrupted: nslens record")
+    assert "run the same command again to resume (nslens record --out s.safetensors --checkpoint ck.safetensors)" \
+        in err[0]
+    with pytest.raises(SystemExit):
+        cli.main(["run", "c.toml"])
+    assert "finished artifacts stay in the run directory" in capsys.readouterr().err
 
 
 def test_record_ranges_erase_roundtrip(embedded, tmp_path):
@@ -104,3 +152,21 @@ def test_analyze_sweep_report_commands(embedded, tmp_path):
     r = nslens("report", str(tmp_path))
     assert r.returncode == 1 and "not an nslens run directory" in r.stderr
     assert nslens("report", str(tmp_path / "sw")).returncode == 0
+
+
+def test_real_sigint_during_record(embedded, tmp_path):
+    """A real Ctrl-C (SIGINT) in the middle of a recording: exit 130, one line, no traceback."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "nslens.cli", "record", "--out", "s.safetensors", "--n-per-class",
+                          "2000", "--batch-size", "4", "--checkpoint", "ck.safetensors"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(6)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-500:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted: nslens record") and "Traceback" not in err
+    assert not (tmp_path / "s.safetensors").exists()
