@@ -24,6 +24,8 @@ DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="synthetic, ag_ne
                           "imdb, or a .csv/.jsonl path.")
 LayerOpt = typer.Option(-1, "--layer", "-l", help="Decoder layer whose output is the site (negative counts from "
                         "the end; -1 = the last block, the paper's 'penultimate layer' before the output head).")
+AllowOtherModelOpt = typer.Option(False, "--allow-other-model",
+                                  help="Use masks recorded on another model id (e.g. a fine-tuned copy).")
 OnlyCorrectOpt = typer.Option(True, "--only-correct/--all-samples",
                               help="Keep only samples the clean model classifies correctly (the paper's protocol).")
 NOpt = typer.Option(400, "--n-per-class", help="Samples per concept before the train/test split.")
@@ -143,25 +145,27 @@ def erase_cmd(
     operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
     positions: str = typer.Option("all", help="all or last."),
     seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
+    allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
     quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
 ) -> None:
     """Evaluate neuron vs range masking of every concept on the test split."""
     from .erasure import erasure_table
     from .models import load_model, resolve_site
-    from .pipeline import prepare_data, run_operators
-    from .ranges import load_masks
+    from .pipeline import load_concepts, prepare_data, run_operators
+    from .ranges import check_masks_fit, load_masks
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
                   positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct)
+    ds = load_concepts(cfg)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
+    check_masks_fit(masks, label_names=ds.label_names, model=m, dataset=cfg.dataset,
+                    allow_other_model=allow_other_model, source=f"the masks in {ranges}")
     op = run_operators(m, site, cfg)[operator]
     with _progress() as cb:
-        data = prepare_data(m, site, cfg, cb)
-        if len(masks) != len(data.label_ids):
-            raise ValueError(f"{len(masks)} masks in {ranges} but the dataset has {len(data.label_ids)} concepts")
+        data = prepare_data(m, site, cfg, cb, ds=ds)
         tab = erasure_table(m, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                             positions=positions, batch_size=batch_size, remote=remote, progress=cb)
     _print_table(tab)
@@ -185,13 +189,14 @@ def side_effects_cmd(
     include: Path | None = typer.Option(None, help="Directory of extra lm-eval task YAMLs."),
     positions: str = typer.Option("all", help="all or last."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.json here."),
+    allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """lm-eval side effects (MMLU acc, Wikipedia token perplexity) of neuron vs range masking of every concept."""
     from .files import atomic_path
     from .harness import default_cache_dir, side_effect_table
     from .models import load_model, resolve_site
     from .pipeline import run_operators, side_effect_tasks
-    from .ranges import load_masks
+    from .ranges import check_masks_fit, load_masks
 
     if limit is not None and not limit > 0:
         raise ValueError(f"limit must be > 0, got {limit}")
@@ -201,6 +206,7 @@ def side_effects_cmd(
     m = load_model(cfg.model, remote=cfg.remote)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
+    check_masks_fit(masks, model=m, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
     op = run_operators(m, site, cfg)[operator]
     task_list, inc = side_effect_tasks(cfg)
     with _progress() as cb:
@@ -320,7 +326,7 @@ def probe_cmd(
 
     from .models import load_model, resolve_site
     from .neg import neurgrad, resolve_neuron_site
-    from .pipeline import _load_concepts
+    from .pipeline import load_concepts
     from .probes import evaluate_probes, probe_features
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, False, seed=seed)
@@ -336,7 +342,7 @@ def probe_cmd(
     else:
         from .data import FewShotPrompter, label_token_ids
 
-        ds = _load_concepts(cfg)
+        ds = load_concepts(cfg)
         ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
         prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
         prompts, answers, queries = prompter.prompts(ds.texts), ds.labels, ds.texts

@@ -24,6 +24,7 @@ __all__ = [
     "read_site",
     "resolve_site",
     "site_module",
+    "tokenizer_fingerprint",
     "write_site",
 ]
 
@@ -98,6 +99,14 @@ def model_fingerprint(model: Any) -> str:
             if p.device.type != "meta":
                 h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's vocabulary: masks made with one tokenizer do not fit another's label tokens."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
 def resolve_site(model: Any, layer: int = -1) -> Site:

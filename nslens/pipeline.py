@@ -28,7 +28,7 @@ from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .record import POSITIONS, Progress, RecordResult, record
 
-__all__ = ["PreparedData", "RunConfig", "analyze_run", "prepare_data", "run_pipeline"]
+__all__ = ["PreparedData", "RunConfig", "analyze_run", "load_concepts", "prepare_data", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ class PreparedData:
         return self.prompter.prompts(ds.texts)
 
 
-def _load_concepts(cfg: RunConfig) -> ConceptDataset:
+def load_concepts(cfg: RunConfig) -> ConceptDataset:
+    """The run's dataset, balanced to ``n_per_class`` (label words from the config when given)."""
     if cfg.dataset == "synthetic":
         ds = load_dataset("synthetic", n_per_class=cfg.n_per_class, seed=cfg.seed + 1)
     else:
@@ -201,10 +202,12 @@ def _load_concepts(cfg: RunConfig) -> ConceptDataset:
     return ds.balanced(cfg.n_per_class, seed=cfg.seed)
 
 
-def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None) -> PreparedData:
+def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None,
+                 ds: ConceptDataset | None = None) -> PreparedData:
     """Balanced sampling, seeded stratified split, few-shot prompter, label tokens (checked for collisions) and,
-    with ``only_correct``, the filter to samples the clean model gets right."""
-    ds = _load_concepts(cfg)
+    with ``only_correct``, the filter to samples the clean model gets right. ``ds``: the dataset, when the caller
+    already loaded it (``load_concepts(cfg)``)."""
+    ds = ds if ds is not None else load_concepts(cfg)
     ds.check_concepts(min_samples=4)
     label_ids = label_token_ids(model.tokenizer, ds.label_words or ds.label_names)
     train, test = ds.split(cfg.test_size, seed=cfg.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from .files import atomic_path
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
-__all__ = ["DEFAULT_TAU", "RangeMask", "build_range_masks", "check_tau", "load_masks"]
+__all__ = ["DEFAULT_TAU", "RangeMask", "check_masks_fit", "build_range_masks", "check_tau", "load_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +173,30 @@ def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -
         raise ValueError(f"no range masks (*.safetensors) in {directory}")
     masks = [RangeMask.load(f, expect=expect) for f in files]
     return sorted(masks, key=lambda m: m.meta.get("concept_index", 0))
+
+
+def check_masks_fit(masks: Sequence[RangeMask], *, label_names: Sequence[str] | None = None, model: Any = None,
+                    dataset: str | None = None, allow_other_model: bool = False, source: str = "the masks") -> None:
+    """Refuse masks whose metadata says they were made for other concepts (names or order), another model,
+    tokenizer or dataset, so that no result is ever printed under the wrong name. ``allow_other_model`` lets a
+    fine-tuned copy of the model use them (the model id check only)."""
+    from .models import model_id, tokenizer_fingerprint
+
+    if not masks:
+        raise ValueError(f"{source}: no masks")
+    concepts = [m.concept for m in masks]
+    if label_names is not None and concepts != list(label_names):
+        raise ValueError(f"{source} are for the concepts {concepts} but the dataset has {list(label_names)}; "
+                         "record and build masks on this dataset")
+    meta = masks[0].meta
+    if model is not None:
+        made, here = meta.get("model_id"), model_id(model)
+        if made is not None and made != here and not allow_other_model:
+            raise ValueError(f"{source} were recorded on model {made!r}, not {here!r} "
+                             "(pass --allow-other-model for a fine-tuned copy of it)")
+        tok = meta.get("tokenizer")
+        if tok is not None and getattr(model, "tokenizer", None) is not None \
+                and tok != tokenizer_fingerprint(model.tokenizer):
+            raise ValueError(f"{source} were made with another tokenizer than this model's")
+    if dataset is not None and meta.get("dataset") not in (None, dataset):
+        raise ValueError(f"{source} were made from the dataset {meta.get('dataset')!r}, not {dataset!r}")

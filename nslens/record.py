@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import Site, model_id, read_site
+from .models import Site, model_id, read_site, tokenizer_fingerprint
 from .remote import maybe_retry
 from .stats import ConceptStats, batch_partials
 
@@ -135,7 +135,9 @@ def record(
     c = len(label_names)
     prepare_remote(remote)
     stats = ConceptStats.empty(c, site.d_model, list(label_names), meta={
-        "model_id": model_id(model), **site.describe(), "position": position, **(meta or {})})
+        "model_id": model_id(model), **site.describe(), "position": position,
+        **({"tokenizer": tokenizer_fingerprint(model.tokenizer)} if getattr(model, "tokenizer", None) else {}),
+        **(meta or {})})
     kept: list[np.ndarray] = []
     keep_idx = sample_per_concept(labels, max_samples, sample_seed) if keep_samples else np.zeros(0, np.int64)
     keep_mask = np.zeros(len(labels), dtype=bool)

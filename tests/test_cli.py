@@ -96,6 +96,25 @@ def test_record_ranges_erase_roundtrip(embedded, tmp_path):
     # masks made for layer 3 (the default: the last block) do not fit layer 1
     r = nslens("erase", "--ranges", "ranges", "--layer", "1", cwd=tmp_path)
     assert r.returncode == 1 and "made for another model/site: layer: mask has 3, model has 1" in r.stderr
+    # a dataset whose concepts come in another order would print one concept's numbers under another's name
+    from nslens.synthetic import synthetic_concepts
+
+    ds = synthetic_concepts(12, seed=3)
+    rows = sorted(zip(ds.texts, [ds.label_names[y] for y in ds.labels]), key=lambda r: r[1] != "politics")
+    (tmp_path / "other.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    r = nslens("erase", "--ranges", "ranges", "--dataset", "other.csv", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "are for the concepts ['sports', 'science', 'business', 'politics'] but the dataset has" in r.stderr
+    # masks recorded on another model (a copy of the embedded model under another id) are refused ...
+    from nslens.synthetic import embedded_model_dir
+
+    r = nslens("erase", "--ranges", "ranges", "--model", str(embedded_model_dir()), "--n-per-class", "24",
+               "--batch-size", "32", cwd=tmp_path)
+    assert r.returncode == 1 and "were recorded on model 'embedded'" in r.stderr and "--allow-other-model" in r.stderr
+    # ... unless the user says it is a copy of it
+    r = nslens("erase", "--ranges", "ranges", "--model", str(embedded_model_dir()), "--n-per-class", "24",
+               "--batch-size", "32", "--allow-other-model", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
 
 
 def test_run_from_config(embedded, tmp_path):

@@ -88,3 +88,27 @@ def test_failed_write_leaves_nothing(tmp_path, rng, monkeypatch):
     with pytest.raises(OSError):
         m.save(tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_masks_fit_refuses_what_would_print_under_the_wrong_name(embedded):
+    from nslens.models import tokenizer_fingerprint
+    from nslens.ranges import check_masks_fit
+
+    def mask(concept, **meta):
+        return RangeMask(torch.tensor([0]), torch.zeros(1), torch.ones(1), torch.zeros(1), torch.ones(1),
+                         {"concept": concept, "model_id": "embedded", "dataset": "synthetic",
+                          "tokenizer": tokenizer_fingerprint(embedded.tokenizer), **meta})
+
+    masks = [mask("sports"), mask("science")]
+    check_masks_fit(masks, label_names=["sports", "science"], model=embedded, dataset="synthetic")
+    with pytest.raises(ValueError, match=r"are for the concepts \['sports', 'science'\] but the dataset has "
+                                         r"\['science', 'sports'\]"):
+        check_masks_fit(masks, label_names=["science", "sports"])
+    other = [mask("sports", model_id="meta-llama/Llama-3.2-3B")]
+    with pytest.raises(ValueError, match="recorded on model 'meta-llama/Llama-3.2-3B', not 'embedded'"):
+        check_masks_fit(other, model=embedded)
+    check_masks_fit(other, model=embedded, allow_other_model=True)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        check_masks_fit([mask("sports", tokenizer="0" * 16)], model=embedded, allow_other_model=True)
+    with pytest.raises(ValueError, match="made from the dataset 'synthetic', not 'ag_news'"):
+        check_masks_fit(masks, dataset="ag_news")
