@@ -12,6 +12,8 @@ import json
 import logging
 import shutil
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -158,12 +160,17 @@ class RunConfig:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"config file not found: {path}")
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
+        if path.suffix not in (".toml", ".json"):
             raise ValueError(f"config must be .toml or .json, got {path.name}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start})") from e
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"config file {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a table of keys, got {type(data).__name__}")
         return cls.from_dict(data)
 
     @classmethod
@@ -172,9 +179,41 @@ class RunConfig:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _fits(value, hints[key]):
+                raise ValueError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
         cfg = cls(**data)
         cfg.validate()
         return cfg
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a config value (from TOML/JSON) has the field's type: bool is not a number, ints are floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], _type_name(args[0]))
+    return {type(None): "none", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 @dataclass

@@ -91,11 +91,23 @@ def load_sae_npz(path: str | Path) -> JumpReLUSAE:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"SAE file not found: {path}")
-    with np.load(path) as z:
-        missing = [k for k in NPZ_KEYS if k not in z.files]
-        if missing:
-            raise ValueError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
-        return JumpReLUSAE(*(z[k] for k in NPZ_KEYS), meta={"source": str(path)})
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # pickled data, not numpy at all, a truncated zip
+        raise ValueError(f"SAE file {path} is not a readable .npz archive ({type(e).__name__}); Gemma Scope's "
+                         f"params.npz holds {list(NPZ_KEYS)}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"SAE file {path} is a single array (.npy), not an .npz archive of {list(NPZ_KEYS)}")
+    try:
+        with z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise ValueError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
+            return JumpReLUSAE(*(z[k] for k in NPZ_KEYS), meta={"source": str(path)})
+    except ValueError:
+        raise
+    except Exception as e:  # a member that cannot be read (truncated archive)
+        raise ValueError(f"SAE file {path} could not be read ({type(e).__name__}: {e}); is it truncated?") from e
 
 
 def load_sae(release: str, sae_id: str, *, device: str = "cpu") -> JumpReLUSAE:

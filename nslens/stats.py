@@ -140,9 +140,15 @@ class ConceptStats:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"statistics file not found: {path}")
-        with safe_open(str(path), framework="np") as f:
-            md = f.metadata() or {}
-            if md.get("format") != "nslens.stats/1":
-                raise ValueError(f"{path} is not an nslens statistics file (format {md.get('format')!r})")
-            arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
+        try:
+            with safe_open(str(path), framework="np") as f:
+                md = f.metadata() or {}
+                if md.get("format") != "nslens.stats/1":
+                    raise ValueError(f"{path} is not an nslens statistics file (format {md.get('format')!r})")
+                arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors: not safetensors, truncated, a missing tensor
+            raise ValueError(f"{path} is not a readable nslens statistics file (safetensors: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from e
         return cls(**arrays, label_names=json.loads(md["label_names"]), meta=json.loads(md["meta"]))

@@ -166,3 +166,22 @@ def test_a_failed_core_step_keeps_finished_work(embedded, tmp_path, monkeypatch)
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert (run / "stats.safetensors").exists() and len(list((run / "ranges").glob("*.safetensors"))) == 4
     assert not [p for p in run.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("tau = true\n", "config key 'tau' must be a number, got True"),
+    ('operators = "zero"\n', "config key 'operators' must be a list of strings, got 'zero'"),
+    ('n_per_class = "x"\n', "config key 'n_per_class' must be an integer, got 'x'"),
+    ("sweep_layers = [1, 2.5]\n", "config key 'sweep_layers' must be a list of integers or none"),
+    ("tau = \n", "c.toml: Invalid value (at line 1, column 7)"),
+])
+def test_config_values_are_type_checked(tmp_path, text, message):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        RunConfig.from_file(p)
+    p.write_bytes(b"\xff\xfe tau")
+    with pytest.raises(ValueError, match="c.toml is not UTF-8 text"):
+        RunConfig.from_file(p)
+    cfg = RunConfig.from_dict({"tau": 2, "fraction": 0.5, "sweep_layers": None, "label_words": ["a", "b"]})
+    assert cfg.tau == 2 and cfg.sweep_layers is None

@@ -182,3 +182,15 @@ def test_record_features_remote_local_equals_local(sae, embedded, site, synth):
     a, b = record_features(*args, batch_size=4), record_features(*args, batch_size=4, remote="local")
     for k in ("n", "mean", "m2", "fire_n", "fire_mean", "fire_m2", "l0_sum"):
         np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_bad_sae_files_are_one_line_errors(tmp_path, sae_file):
+    from nslens.sae import load_sae_npz
+
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"one.npy is a single array \(.npy\), not an .npz archive"):
+        load_sae_npz(tmp_path / "one.npy")
+    data = sae_file.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.npz"):
+        load_sae_npz(tmp_path / "cut.npz")

@@ -55,3 +55,15 @@ def test_merge_and_roundtrip(tmp_path, rng):
 def test_nonfinite_flag():
     x = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
     assert not bool(batch_partials(x, torch.tensor([0, 1]), 2)["finite"])
+
+
+def test_bad_statistics_files_are_one_line_errors(tmp_path):
+    (tmp_path / "a.safetensors").write_text("not safetensors")
+    with pytest.raises(ValueError, match="a.safetensors is not a readable nslens statistics file"):
+        ConceptStats.load(tmp_path / "a.safetensors")
+    st = ConceptStats.empty(2, 3, ["x", "y"])
+    st.save(tmp_path / "b.safetensors")
+    data = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="is it truncated"):
+        ConceptStats.load(tmp_path / "b.safetensors")
