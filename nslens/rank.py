@@ -34,6 +34,15 @@ def rank_probeless(stats: ConceptStats) -> np.ndarray:
     return np.abs(q[:, None, :] - q[None, :, :]).sum(1)
 
 
+def _elastic_net() -> dict[str, str]:
+    """scikit-learn >= 1.8 makes a fractional l1_ratio mean elastic net and deprecates ``penalty`` (removed in
+    1.10); older versions need ``penalty="elasticnet"``. Same objective either way."""
+    import sklearn
+
+    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    return {} if (major, minor) >= (1, 8) else {"penalty": "elasticnet"}
+
+
 def rank_probe(samples: np.ndarray, labels: np.ndarray, n_concepts: int, *, l1_ratio: float = 0.5, C: float = 1.0,
                seed: int = 0, max_iter: int = 300) -> np.ndarray:
     """|weights| of an elastic-net logistic-regression probe trained on standardised activations."""
@@ -43,7 +52,7 @@ def rank_probe(samples: np.ndarray, labels: np.ndarray, n_concepts: int, *, l1_r
     if samples is None:
         raise ValueError("the probe ranking needs raw samples: record with keep_samples=True")
     x = StandardScaler().fit_transform(np.asarray(samples, dtype=np.float64))
-    clf = LogisticRegression(penalty="elasticnet", solver="saga", l1_ratio=l1_ratio, C=C, max_iter=max_iter,
+    clf = LogisticRegression(**_elastic_net(), solver="saga", l1_ratio=l1_ratio, C=C, max_iter=max_iter,
                              random_state=seed)
     clf.fit(x, labels)
     w = np.abs(clf.coef_)

@@ -57,3 +57,24 @@ def test_top_fraction_count_is_the_authors_floor():
     assert len(select_top(np.arange(64.0), 0.3)) == int(0.3 * 64) == 19
     assert len(select_top(np.arange(100.0), 0.29)) == int(0.29 * 100) == 28
     assert len(select_top(np.arange(3.0), 0.2)) == 1
+
+
+def test_probe_uses_the_current_elastic_net_api_with_the_same_result():
+    import warnings
+
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6))
+    y = (x[:, 2] > 0).astype(int) + (x[:, 4] > 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated argument on the current scikit-learn
+        w = rank_probe(x, y, 3, max_iter=200)
+    if tuple(int(v) for v in sklearn.__version__.split(".")[:2]) < (1, 10):  # the old spelling still runs here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = LogisticRegression(penalty="elasticnet", solver="saga", l1_ratio=0.5, C=1.0, max_iter=200,
+                                     random_state=0).fit(StandardScaler().fit_transform(x), y)
+        np.testing.assert_allclose(w, np.abs(ref.coef_), rtol=1e-10)
