@@ -49,6 +49,18 @@ def _progress() -> Iterator:
         yield callback
 
 
+def _check_writable(path: Path) -> None:
+    """Fail before any work when an output cannot be written (its folder is made if missing)."""
+    import tempfile
+
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def _config(model: str, dataset: str, layer: int, n_per_class: int, batch_size: int, remote: bool, **kw):
     from .pipeline import RunConfig
 
@@ -108,12 +120,15 @@ def record_cmd(
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed,
                   quantize=quantize, dtype=dtype, only_correct=only_correct)
+    _check_writable(out)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
     with _progress() as cb:
         data = prepare_data(m, site, cfg, cb)
-        rec = record_stats(m, site, data, cfg, cb, checkpoint=checkpoint)
+        rec = record_stats(m, site, data, cfg, cb, checkpoint=checkpoint, keep_checkpoint=True)
     rec.stats.save(out)
+    if checkpoint is not None and checkpoint.exists():  # only now: a failed write above keeps the progress
+        checkpoint.unlink()
     console.print(f"[green]wrote[/] {out} ({int(rec.stats.count.sum())} samples, {site.d_model} neurons, "
                   f"{rec.stats.n_concepts} concepts, layer {site.layer})")
 
@@ -157,6 +172,8 @@ def erase_cmd(
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
                   positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct)
+    if out is not None:
+        _check_writable(out)
     ds = load_concepts(cfg)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
@@ -203,6 +220,8 @@ def side_effects_cmd(
     cfg = _config(model, "synthetic", layer, 400, batch_size, remote, operators=[operator], positions=positions,
                   side_effect_tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                   lm_eval_include=str(include) if include else None)
+    if out is not None:
+        _check_writable(out)
     m = load_model(cfg.model, remote=cfg.remote)
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())

@@ -267,11 +267,13 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
 
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
-                 progress: Progress | None = None, checkpoint: str | Path | None = None) -> RecordResult:
+                 progress: Progress | None = None, checkpoint: str | Path | None = None,
+                 keep_checkpoint: bool = False) -> RecordResult:
     keep = (cfg.method == "probe" or cfg.analyses) and cfg.record_position == "last" and checkpoint is None
     return record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
                   batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=keep,
                   max_samples=cfg.max_samples, remote=cfg.remote, progress=progress, checkpoint=checkpoint,
+                  keep_checkpoint=keep_checkpoint,
                   meta={"dataset": cfg.dataset, **data.train.source, "seed": cfg.seed})
 
 

@@ -113,6 +113,7 @@ def record(
     meta: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
+    keep_checkpoint: bool = False,
 ) -> RecordResult:
     """Per-concept statistics of the site's activations over ``prompts``.
 
@@ -121,7 +122,9 @@ def record(
     ``keep_samples`` also returns the raw last-token vectors (for the probe ranking and the analyses), at most
     ``max_samples`` of them, a balanced seeded sample of every concept (``sample_per_concept``; statistics always
     use every sample); only the kept rows leave the trace. It is only allowed with ``position="last"``.
-    ``RecordResult.save_samples`` keeps them on disk.
+    ``RecordResult.save_samples`` keeps them on disk. ``checkpoint`` saves the partial statistics every
+    ``checkpoint_every`` batches and resumes from them; the file is removed at the end unless ``keep_checkpoint``
+    (then the caller removes it once the result is safely written).
     """
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
@@ -168,8 +171,8 @@ def record(
             _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1)
         if progress is not None:
             progress("record", i + 1, len(parts))
-    if checkpoint is not None and Path(checkpoint).exists():
-        Path(checkpoint).unlink()
+    if checkpoint is not None and Path(checkpoint).exists() and not keep_checkpoint:
+        Path(checkpoint).unlink()  # the caller that writes the result elsewhere keeps it until that write succeeded
     stats.meta["n_samples"] = int(len(prompts))
     if not keep_samples:
         return RecordResult(stats)

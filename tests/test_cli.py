@@ -189,3 +189,38 @@ def test_real_sigint_during_record(embedded, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: interrupted: nslens record") and "Traceback" not in err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_unwritable_out_fails_before_any_work_and_a_failed_final_write_keeps_the_checkpoint(embedded, tmp_path,
+                                                                                              monkeypatch, capsys):
+    import nslens.cli as cli
+    from nslens.stats import ConceptStats
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: a regular file as the folder then
+            locked = tmp_path / "file"
+            locked.write_text("x")
+        r = nslens("record", "--out", str(locked / "s.safetensors"), cwd=tmp_path)
+        assert r.returncode == 1 and f"cannot write {locked / 's.safetensors'}" in r.stderr
+        assert "Loading weights" not in r.stderr  # refused before the model loads
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    # the final write fails after recording: the checkpoint (all the progress) must survive
+    monkeypatch.chdir(tmp_path)
+
+    save = ConceptStats.save
+
+    def disk_full(self, path):  # checkpoints still save; the final output does not
+        if Path(path).name == "s.safetensors":
+            raise OSError(28, "No space left on device")
+        return save(self, path)
+
+    monkeypatch.setattr(ConceptStats, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["record", "--out", "s.safetensors", "--n-per-class", "12", "--batch-size", "8", "--checkpoint",
+                  "ck.safetensors", "--all-samples"])
+    assert e.value.code == 1 and "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "ck.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
