@@ -24,6 +24,8 @@ DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="synthetic, ag_ne
                           "imdb, or a .csv/.jsonl path.")
 LayerOpt = typer.Option(-1, "--layer", "-l", help="Decoder layer whose output is the site (negative counts from "
                         "the end; -1 = the last block, the paper's 'penultimate layer' before the output head).")
+LabelWordsOpt = typer.Option(None, "--label-words", help="Comma-separated words the model answers with, one per "
+                             "concept in the dataset's order (default: the label names).")
 AllowOtherModelOpt = typer.Option(False, "--allow-other-model",
                                   help="Use masks recorded on another model id (e.g. a fine-tuned copy).")
 OnlyCorrectOpt = typer.Option(True, "--only-correct/--all-samples",
@@ -64,6 +66,8 @@ def _check_writable(path: Path) -> None:
 def _config(model: str, dataset: str, layer: int, n_per_class: int, batch_size: int, remote: bool, **kw):
     from .pipeline import RunConfig
 
+    if isinstance(kw.get("label_words"), str):
+        kw["label_words"] = [w.strip() for w in kw["label_words"].split(",") if w.strip()]
     cfg = RunConfig(model=model, dataset=dataset, layer=layer, n_per_class=n_per_class, batch_size=batch_size,
                     remote=remote, **kw)
     cfg.validate()
@@ -110,7 +114,7 @@ def record_cmd(
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
     position: str = typer.Option("last", help="last or all tokens."),
-    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
+    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt, label_words: str | None = LabelWordsOpt,
     quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
     checkpoint: Path | None = typer.Option(None, help="Save partial statistics here; re-run to resume."),
 ) -> None:
@@ -119,7 +123,7 @@ def record_cmd(
     from .pipeline import prepare_data, record_stats
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, record_position=position, seed=seed,
-                  quantize=quantize, dtype=dtype, only_correct=only_correct)
+                  quantize=quantize, dtype=dtype, only_correct=only_correct, label_words=label_words)
     _check_writable(out)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
@@ -159,7 +163,7 @@ def erase_cmd(
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
     operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
     positions: str = typer.Option("all", help="all or last."),
-    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt,
+    seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt, label_words: str | None = LabelWordsOpt,
     allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here."),
     quantize: str | None = QuantOpt, dtype: str | None = DtypeOpt,
@@ -171,7 +175,8 @@ def erase_cmd(
     from .ranges import check_masks_fit, load_masks
 
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator],
-                  positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct)
+                  positions=positions, seed=seed, quantize=quantize, dtype=dtype, only_correct=only_correct,
+                  label_words=label_words)
     if out is not None:
         _check_writable(out)
     ds = load_concepts(cfg)

@@ -192,14 +192,22 @@ def load_local_dataset(
     if not path.exists():
         raise ValueError(f"dataset file not found: {path}")
     rows: list[dict[str, Any]]
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
+    if path.suffix not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"unsupported dataset file {path.name!r}; use .csv or .jsonl")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = []
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"dataset file {path}, line {number}: not JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset file {path} is not UTF-8 text (byte {e.start})") from e
     if not rows:
         raise ValueError(f"dataset file {path} is empty")
     columns = list(rows[0])
@@ -314,7 +322,8 @@ def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "
         seen.setdefault(t, w)
     if clashes:
         raise ValueError(
-            "label words share their first token: " + "; ".join(clashes) + " (pass distinct label_words)"
+            "label words share their first token: " + "; ".join(clashes)
+            + " (give distinct ones: --label-words w1,w2,... on the CLI, label_words in a config)"
         )
     return ids
 

@@ -240,7 +240,13 @@ def load_model(
         check_remote(name)
     if not is_local and not remote and "/" not in name:
         raise ValueError(f"model {name!r} is neither a local directory, 'embedded', nor a hub id (org/name)")
-    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:  # not on the Hub, no network, a gated repo, a folder without one
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"could not load the model {name!r}: {first[:300]}") from e
+    tok = tokenizer
     tok = _prepare_tokenizer(tok)
     if remote:
         model = TransformersModel(name, tokenizer=tok, task="text-generation")

@@ -24,8 +24,17 @@ def nslens(*args, cwd=None):
     (["erase", "--ranges", "nowhere", "--operator", "clamp"], "unknown operator 'clamp'"),
     (["run", "missing.toml"], "config file not found"),
     (["record", "--out", "x.safetensors", "--model", "no-such-model"], "neither a local directory"),
+    (["record", "--out", "x.safetensors", "--model", "org/no-such-model"],
+     "could not load the model 'org/no-such-model'"),
+    (["record", "--out", "x.safetensors", "--dataset", "bad.jsonl"], "bad.jsonl, line 3: not JSON"),
+    (["record", "--out", "x.safetensors", "--dataset", "latin1.csv"], "latin1.csv is not UTF-8 text"),
+    (["record", "--out", "x.safetensors", "--label-words", "sports,sports,business,politics"],
+     "label words share their first token: 'sports' and 'sports' (token 'sports') (give distinct ones: "
+     "--label-words"),
 ])
 def test_bad_input_is_one_line_and_exit_1(embedded, tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n\n{"text": bad}\n')
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\u00e9,x\n".encode("latin-1"))
     r = nslens(*args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
