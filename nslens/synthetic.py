@@ -11,13 +11,14 @@ Everything is seeded; building takes well under two minutes on 2 CPU cores and i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -205,13 +206,42 @@ def build_embedded_model(
     """Train the tiny Llama on the synthetic task and save it (model + tokenizer) to ``out_dir``.
 
     Written to a temporary directory and renamed into place, so an interrupted build leaves nothing behind.
+    Processes sharing ``NSLENS_HOME`` train it once: a file lock serialises the builds, and a process that waited
+    finds the finished model. Without ``progress`` the training is announced and its progress logged (WARNING),
+    so every entry point says what the first minute is spent on.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(out_dir) if out_dir is not None else embedded_model_dir()
     if (out / "config.json").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if (out / "config.json").exists():  # built by another process while this one waited
+            return out
+        return _train_embedded(out, steps, seed, progress)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_embedded(out: Path, steps: int, seed: int, progress: Callable[[int, int], None] | None) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if progress is None:
+        logger.warning("training the embedded model (once, about a minute on 2 cores; cached in %s)", out)
+
+        def progress(done: int, total: int) -> None:
+            if done % max(1, total // 10) == 0 or done == total:
+                logger.warning("training the embedded model: %d/%d steps", done, total)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer()
@@ -241,8 +271,7 @@ def build_embedded_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if progress is not None:
-            progress(step + 1, steps)
+        progress(step + 1, steps)
         if step % 100 == 0:
             logger.info("embedded model step %d/%d loss %.3f (cls %.3f)", step, steps, loss.item(), cls.item())
     model.eval()
