@@ -152,37 +152,11 @@ def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = 
     ``log_prob=True`` differentiates log p instead of p. ``signed=False`` gives the plain computational gradient
     d p / d a (the paper's CG baseline).
     """
-    t = _target_matrix(targets, options, len(prompts))
-    k = t.shape[1]
-    prepare_remote(remote)
-    out = []
-    parts = batches(len(prompts), batch_size)
-    with _frozen(model) if not remote or remote == "local" else contextlib.nullcontext():
-        for i, sl in enumerate(parts):
-            enc = tokenize(model, prompts[sl])
-            tiled = {key: v.repeat_interleave(k, dim=0) for key, v in enc.items()}
-            tg = t[sl].reshape(-1)
-            out.append(maybe_retry(remote, lambda tiled=tiled, tg=tg: _neurgrad_batch(model, ns, tiled, tg,
-                                                                                      log_prob, remote, signed),
-                                   what=f"neurgrad batch {i}").reshape(-1, k, ns.width))
-            if progress is not None:
-                progress("neurgrad", i + 1, len(parts))
-    return torch.cat(out).numpy().astype(np.float64)
-
-
-def _neurgrad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor, log_prob: bool,
-                    remote: bool | str, signed: bool = True) -> torch.Tensor:
-    with torch.enable_grad():
-        with model.trace(enc, remote=remote):
-            _embedding(model).output.requires_grad_(True)
-            a = _read_neurons(model, ns)
-            sign = torch.sign(a[:, -1, :].detach()) if signed else torch.ones_like(a[:, -1, :].detach())
-            logits = _at_least_f32(model.output.logits[:, -1, :])
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
-            objective = lp if log_prob else lp.exp()
-            with objective.sum().backward():
-                g = (_at_least_f32(a.grad[:, -1, :]) * sign).cpu().save()
-    return g
+    g, a = _last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), None,
+                             batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
+                             desc="neurgrad")
+    g = g[:, :, 0]
+    return (g * torch.sign(a)[:, None, :] if signed else g).numpy().astype(np.float64)
 
 
 def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *,
@@ -192,46 +166,61 @@ def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], tar
     (the paper's IG baseline; Dai et al.'s knowledge-neuron attribution): a_j x mean over alpha = 1/m .. 1 of
     d p / d x_j at x = alpha a, the layer's last-token activations scaled together (right Riemann sum, m =
     ``steps``). One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled
-    by its alpha. With x = alpha a, d p / d a = alpha d p / d x, so the gradient is read on a and divided by alpha.
+    by its alpha.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    t = _target_matrix(targets, options, len(prompts))
-    k = t.shape[1]
     alphas = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    g, a = _last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), alphas,
+                             batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
+                             desc="integrated gradients")
+    return (g.mean(2) * a[:, None, :]).numpy().astype(np.float64)
+
+
+def _last_token_grads(model: Any, ns: NeuronSite, prompts: Sequence[str], t: torch.Tensor,
+                      alphas: torch.Tensor | None, *, batch_size: int, log_prob: bool, remote: bool | str,
+                      progress: Progress | None, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """d p(target) / d x at the last token, ``[N, K, S, neurons]``, with x = alpha a for each of the S ``alphas``
+    (x = a, S = 1, when None), and the last-token activations a ``[N, neurons]``. One trace and one backward per
+    batch: each prompt is tiled once per (target, alpha); the model's weights stay frozen."""
+    k, s = t.shape[1], 1 if alphas is None else len(alphas)
     prepare_remote(remote)
-    out = []
+    grads, acts = [], []
     parts = batches(len(prompts), batch_size)
     with _frozen(model) if not remote or remote == "local" else contextlib.nullcontext():
         for i, sl in enumerate(parts):
-            enc = tokenize(model, prompts[sl])
-            reps = k * steps  # row order: prompt, target, step
-            tiled = {key: v.repeat_interleave(reps, dim=0) for key, v in enc.items()}
-            tg = t[sl].repeat_interleave(steps, dim=1).reshape(-1)
-            al = alphas.repeat(len(t[sl]) * k)
-            g, a = maybe_retry(remote, lambda tiled=tiled, tg=tg, al=al: _ig_batch(model, ns, tiled, tg, al, log_prob,
-                                                                                 remote), what=f"ig batch {i}")
             n = len(t[sl])
-            mean_grad = g.reshape(n, k, steps, ns.width).mean(2)
-            out.append(mean_grad * a.reshape(n, k, steps, ns.width)[:, :, 0])
+            enc = tokenize(model, prompts[sl])
+            tiled = {key: v.repeat_interleave(k * s, dim=0) for key, v in enc.items()}  # rows: prompt, target, alpha
+            tg = t[sl].repeat_interleave(s, dim=1).reshape(-1)
+            al = None if alphas is None else alphas.repeat(n * k)
+            g, a = maybe_retry(remote, lambda tiled=tiled, tg=tg, al=al: _grad_batch(model, ns, tiled, tg, al,
+                                                                                   log_prob, remote),
+                               what=f"{desc} batch {i}")
+            grads.append(g.reshape(n, k, s, ns.width))
+            acts.append(a.reshape(n, k * s, ns.width)[:, 0])
             if progress is not None:
-                progress("integrated gradients", i + 1, len(parts))
-    return torch.cat(out).numpy().astype(np.float64)
+                progress(desc, i + 1, len(parts))
+    return torch.cat(grads), torch.cat(acts)
 
 
-def _ig_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor, alphas: torch.Tensor,
-              log_prob: bool, remote: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor,
+                alphas: torch.Tensor | None, log_prob: bool, remote: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
         with model.trace(enc, remote=remote):
             _embedding(model).output.requires_grad_(True)
             a = _read_neurons(model, ns)
-            al = alphas.to(a.device, a.dtype)[:, None]
-            _write_neurons(model, ns, torch.cat([a[:, :-1], (a[:, -1, :] * al)[:, None, :]], dim=1))
+            if alphas is not None:  # x = alpha a at the last token; d p / d a = alpha d p / d x there
+                al = alphas.to(a.device, a.dtype)[:, None]
+                _write_neurons(model, ns, torch.cat([a[:, :-1], (a[:, -1, :] * al)[:, None, :]], dim=1))
             logits = _at_least_f32(model.output.logits[:, -1, :])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
             objective = lp if log_prob else lp.exp()
             with objective.sum().backward():
-                g = (_at_least_f32(a.grad[:, -1, :]) / _at_least_f32(al)).cpu().save()
+                g = _at_least_f32(a.grad[:, -1, :])
+                if alphas is not None:
+                    g = g / _at_least_f32(al)
+                g = g.cpu().save()
             act = _at_least_f32(a[:, -1, :].detach()).cpu().save()
     return g, act
 
