@@ -292,6 +292,42 @@ def sae_cmd(
     console.print(f"[green]run written to[/] {run}")
 
 
+@app.command("steer")
+def steer_cmd(
+    model: str = ModelOpt, dataset: str = DatasetOpt,
+    layer: int | None = typer.Option(None, "--layer", "-l", help="Decoder layer (default: the middle one, as the "
+                                     "paper steers at layer 14 of Llama-3.2-3B's 28)."),
+    n_per_class: int = NOpt, batch_size: int = BatchOpt, remote: bool = RemoteOpt,
+    kinds: str = typer.Option("steer,ablate,arm", help="Comma-separated: steer, ablate, arm."),
+    alpha: float = typer.Option(-2.0, help="Steering strength a in x + a r."),
+    source: str = typer.Option("last", help="Steering vectors from the last token or the mean token (mean)."),
+    tau: float = typer.Option(1.0, help="tau of the full-vector ranges (range-gated steering, arm)."),
+    side_effects: bool = typer.Option(True, help="Also measure lm-eval MMLU / perplexity."),
+    limit: float | None = typer.Option(None, help="lm-eval --limit."),
+    only_correct: bool = OnlyCorrectOpt,
+    out: Path = typer.Option(Path("runs/steer"), "--out", "-o"),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """Steering baselines vs range masking (paper App. M, Tables 28-30): difference-in-means steering, range-gated
+    steering, directional ablation and full-vector range masking."""
+    from .models import load_model, resolve_site
+    from .pipeline import run_pipeline
+
+    cfg = _config(model, dataset, -1 if layer is None else layer, n_per_class, batch_size, remote, operators=["zero"],
+                  steering=[k.strip() for k in kinds.split(",") if k.strip()], steer_alpha=alpha, steer_source=source,
+                  steer_tau=tau, side_effects=side_effects, side_effect_limit=limit, only_correct=only_correct,
+                  analyses=False)
+    m = load_model(cfg.model, remote=cfg.remote, dtype=cfg.dtype)
+    if layer is None:
+        cfg.layer = resolve_site(m).n_layers // 2
+    with _progress() as cb:
+        run = run_pipeline(cfg, out, progress=cb, model=m, overwrite=overwrite)
+    report = (run / "report.md").read_text()
+    for head in ("## Steering baselines", "## Side effects"):
+        if head in report:
+            out_console.print(report[report.index(head):].split("\n## ")[0], markup=False, highlight=False)
+
+
 @app.command("neg")
 def neg_cmd(
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt,

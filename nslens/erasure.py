@@ -254,7 +254,7 @@ def erasure_table(
     labels: np.ndarray,
     label_token_ids: Sequence[int],
     masks: Sequence[RangeMask],
-    operator: Operator,
+    operator: Operator | Sequence[Operator],
     *,
     positions: str = "all",
     batch_size: int = 16,
@@ -269,8 +269,12 @@ def erasure_table(
 
     ``fast`` (default) computes the layers below the site once per batch (``predict_many``); ``fast=False`` runs
     2C + 1 full forward passes over the test set (the reference path; same numbers). With ``sae`` the masks select
-    SAE features and "neuron" masking is feature masking.
+    SAE features and "neuron" masking is feature masking. ``operator`` may be one per mask (per-concept steering
+    vectors, ``nslens.steering``).
     """
+    ops = list(operator) if isinstance(operator, (list, tuple)) else [operator] * len(masks)
+    if len(ops) != len(masks):
+        raise ValueError(f"{len(ops)} operators for {len(masks)} masks")
     if cacc_average not in CACC_AVERAGES:
         raise ValueError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     labels = np.asarray(labels, dtype=np.int64)
@@ -280,11 +284,11 @@ def erasure_table(
     gold = np.asarray(label_token_ids)[labels]
     concepts = [m.concept for m in masks]
 
-    ivs = [Intervention(mask, operator, gated=gated, positions=positions, sae=sae)
-           for mask in masks for gated in (False, True)]
+    ivs = [Intervention(mask, op, gated=gated, positions=positions, sae=sae)
+           for mask, op in zip(masks, ops) for gated in (False, True)]
     if fast:
         preds = predict_many(model, site, prompts, gold, [None, *ivs], batch_size=batch_size, per_pass=per_pass,
-                             remote=remote, progress=progress, desc=f"erase ({operator.label})")
+                             remote=remote, progress=progress, desc=f"erase ({ops[0].label})")
     else:
         preds = [predict(model, site, prompts, gold, interventions=iv, batch_size=batch_size, remote=remote,
                          progress=progress, desc="erase: " + (f"{iv.mask.concept} ({iv.kind})" if iv else "clean"))
@@ -297,6 +301,6 @@ def erasure_table(
         for gated, out in ((False, neuron), (True, rng)):
             m = concept_metrics(preds[1 + 2 * c + int(gated)], labels, c, cacc_average)
             out.append({k: m[k] - b[k] for k in METRICS})
-    return ErasureTable(concepts, base, neuron, rng, operator=operator.label,
+    return ErasureTable(concepts, base, neuron, rng, operator=ops[0].label,
                         meta={"positions": positions, "n_test": int(len(prompts)), "cacc_average": cacc_average,
                               **site.describe()})

@@ -612,29 +612,33 @@ def side_effect_tables(
 ) -> dict[str, SideEffectTable]:
     """Table 4 for several operators (paper Tables 12-16) from ONE sweep over lm-eval's requests: the layers below
     the site run once per batch for all 2C x operators interventions (``kwargs`` go to ``side_effects``: limit,
-    include_path, cache_dir, batch_size, remote, num_fewshot, per_pass, desc). Keyed by operator label."""
-    labels = [op.label for op in operators]
+    include_path, cache_dir, batch_size, remote, num_fewshot, per_pass, desc). Each entry of ``operators`` is an
+    operator, or a list with one per mask (per-concept steering vectors). Keyed by operator label."""
+    per_mask = [list(op) if isinstance(op, (list, tuple)) else [op] * len(masks) for op in operators]
+    if any(len(p) != len(masks) for p in per_mask):
+        raise ValueError(f"an operator list must hold one operator per mask ({len(masks)})")
+    labels = [p[0].label for p in per_mask]
     if len(set(labels)) != len(labels):
         raise ValueError(f"operators must differ, got {', '.join(labels)}")
     ivs: dict[str, Intervention] = {}
-    for op in operators:
-        for m in masks:
+    for label, ops in zip(labels, per_mask):
+        for m, op in zip(masks, ops):
             for gated in (False, True):
-                ivs[f"{op.label}/{m.concept}/{'range' if gated else 'neuron'}"] = Intervention(
+                ivs[f"{label}/{m.concept}/{'range' if gated else 'neuron'}"] = Intervention(
                     m, op, gated=gated, positions=positions, sae=sae)
     kwargs.setdefault("desc", f"side effects ({', '.join(labels)})")
     res = side_effects(model, site, ivs, tasks=tasks, progress=progress, **kwargs)
     d = res.deltas()
     meta = {"limit": kwargs.get("limit"), "positions": positions, **site.describe()}
-    return {op.label: SideEffectTable(
+    return {label: SideEffectTable(
         concepts=[m.concept for m in masks], tasks=list(tasks), clean=res["clean"],
-        neuron=[d[f"{op.label}/{m.concept}/neuron"] for m in masks],
-        range=[d[f"{op.label}/{m.concept}/range"] for m in masks], operator=op.label, meta=meta)
-        for op in operators}
+        neuron=[d[f"{label}/{m.concept}/neuron"] for m in masks],
+        range=[d[f"{label}/{m.concept}/range"] for m in masks], operator=label, meta=meta)
+        for label in labels}
 
 
 def side_effect_table(model: Any, site: Site, masks: Sequence[Any], operator: Any, **kwargs: Any) -> SideEffectTable:
     """Neuron vs range masking of every concept's mask, measured with lm-eval in one sweep (see
-    ``side_effect_tables``; ``kwargs``: tasks, positions, progress, sae, limit, include_path, cache_dir,
-    batch_size, remote, num_fewshot, per_pass)."""
-    return side_effect_tables(model, site, masks, [operator], **kwargs)[operator.label]
+    ``side_effect_tables``; ``operator`` may be one per mask; ``kwargs``: tasks, positions, progress, sae, limit,
+    include_path, cache_dir, batch_size, remote, num_fewshot, per_pass)."""
+    return next(iter(side_effect_tables(model, site, masks, [operator], **kwargs).values()))

@@ -51,10 +51,11 @@ class Intervention:
         site_values = self.operator.site_values
         if site_values is not None:
             if self.sae is not None:
-                raise ValueError("the general-text mean is per neuron; for SAE features use mean_concept")
+                raise ValueError(f"{self.operator.name} works on the site's neurons, not SAE features "
+                                 "(for mean replacement of features use mean_concept)")
             d = self.mask.meta.get("d_model")
             if (d is not None and site_values.numel() != d) or int(self.mask.neurons.max()) >= site_values.numel():
-                raise ValueError(f"mean replacement has {site_values.numel()} site values for a mask over "
+                raise ValueError(f"{self.operator.name} has {site_values.numel()} site values for a mask over "
                                  f"{d if d is not None else 'more'} neurons")
 
     @property

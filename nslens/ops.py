@@ -10,6 +10,11 @@ mask's per-neuron ``mu``/``sigma`` ``[k]``; it returns phi(x) with x's shape. Ga
 - ``mean``: phi(x) = the neuron's mean over general text (paper App. G.2, Tables 13-15; ``nslens.general``),
   given for the whole site (``site_values``, ``[d_model]``) so one operator serves every concept's mask.
 - ``mean_concept``: phi(x) = the mask's concept mean mu (pulls the concept to its most typical value).
+- ``steer``: phi(x) = x + a * r, r a steering vector given for the whole site (difference-in-means steering,
+  App. M; a = -2 in the paper). Range-gated (App. M.2: "range-based steering") it adds a * r_j only to components
+  whose activation lies in the target concept's range.
+- ``ablate``: phi(x) = x - (x . r_hat) r_hat, directional ablation (Arditi et al.; App. M.1) of the unit direction
+  r_hat restricted to the selected neurons (all of them, for a full-width mask).
 - ``adaptive``: phi(x) = a(x) * x with a(x) = beta * |x - mu| / (tau * sigma) (paper Appendix G): full suppression
   at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single point mu and
   a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are never
@@ -23,9 +28,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["OPERATORS", "Operator", "adaptive_dampen", "dampen", "make_operator", "mean_replace", "zero"]
+__all__ = ["OPERATORS", "VECTOR_OPERATORS", "Operator", "ablate_direction", "adaptive_dampen", "dampen",
+           "make_operator", "mean_replace", "steer", "zero"]
 
 OPERATORS = ("zero", "dampen", "mean", "mean_concept", "adaptive")
+#: operators built from a per-concept steering vector (``steer``, ``ablate``), not by name alone
+VECTOR_OPERATORS = ("steer", "ablate")
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,13 @@ class Operator:
             else:
                 v = mu if self.values is None else self.values
             return v.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
+        if self.name in VECTOR_OPERATORS:
+            if self.site_values is None or neurons is None:
+                raise ValueError(f"{self.name} needs its site-wide vector and the selected neurons' indices")
+            r = self.site_values.to(device=x.device, dtype=x.dtype)[neurons.to(x.device)]
+            if self.name == "steer":
+                return x + self.alpha * r
+            return x - (x @ r)[..., None] * r
         if self.name == "adaptive":
             denom = tau * sigma.to(device=x.device, dtype=x.dtype)
             dist = (x - mu.to(device=x.device, dtype=x.dtype)).abs()
@@ -71,12 +86,15 @@ class Operator:
         if self.name in ("mean", "mean_concept"):
             d["values"] = ("general-text mean" if self.site_values is not None
                            else "mu" if self.values is None else "given")
+        if self.name == "steer":
+            d["alpha"] = self.alpha
         return d
 
     @property
     def label(self) -> str:
         return {"zero": "zero", "dampen": f"dampen(a={self.alpha:g})", "mean": "mean", "mean_concept": "mean(mu)",
-                "adaptive": f"adaptive(b={self.beta:g})"}[self.name]
+                "adaptive": f"adaptive(b={self.beta:g})", "steer": f"steer(a={self.alpha:g})",
+                "ablate": "ablate"}[self.name]
 
 
 def zero() -> Operator:
@@ -99,6 +117,24 @@ def mean_replace(values: torch.Tensor | None = None, *, site_values: torch.Tenso
     if values is not None:
         return Operator("mean", values=torch.as_tensor(values, dtype=torch.float32))
     return Operator("mean_concept")
+
+
+def steer(vector: torch.Tensor, alpha: float = -2.0) -> Operator:
+    """Add ``alpha * vector`` (one value per neuron of the site): difference-in-means steering (paper: alpha = -2
+    with the target concept's mean minus the other concepts' mean, ``nslens.steering.steering_vectors``)."""
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    if not torch.isfinite(v).all():
+        raise ValueError("the steering vector has NaN/inf values")
+    return Operator("steer", alpha=float(alpha), site_values=v)
+
+
+def ablate_direction(vector: torch.Tensor) -> Operator:
+    """Project out the unit direction of ``vector`` (one value per neuron of the site): directional ablation."""
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    norm = float(v.norm())
+    if not norm > 0 or not torch.isfinite(v).all():
+        raise ValueError("directional ablation needs a finite, non-zero direction")
+    return Operator("ablate", site_values=v / norm)
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:

@@ -30,7 +30,10 @@ from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .record import POSITIONS, Progress, RecordResult, record
 
-__all__ = ["PreparedData", "RunConfig", "analyze_run", "load_concepts", "prepare_data", "run_pipeline"]
+#: the steering comparisons a run can add (paper App. M, Tables 28-30)
+STEERING_RUNS = ("steer", "ablate", "arm")
+
+__all__ = ["STEERING_RUNS", "PreparedData", "RunConfig", "analyze_run", "load_concepts", "prepare_data", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,17 @@ class RunConfig:
     """A feature is a candidate for a concept if it fires on at least this share of the concept's samples."""
     sae_top: float = 0.2
     """Share of candidates (by mean activation) selected per concept."""
+    steering: list[str] = field(default_factory=list)
+    """Steering baselines (paper App. M) over the full site vector, each an erasure table (and side effects):
+    steer (ungated = difference-in-means steering, range = range-gated steering), ablate (directional ablation),
+    arm (zeroing, range = range masking of the full vector with tau = steer_tau)."""
+    steer_alpha: float = -2.0
+    """Steering strength a in x + a r (the paper: -2)."""
+    steer_source: str = "last"
+    """Steering vectors from the last token's statistics (App. M.2) or the mean token ("mean", Table 28; one extra
+    recording of every position)."""
+    steer_tau: float = 1.0
+    """tau of the full-vector ranges used by range-gated steering and arm (the paper: 1)."""
     side_effects: bool = False
     """Also measure lm-eval side effects (paper Table 4) of neuron vs range masking for every concept."""
     side_effect_tasks: list[str] = field(default_factory=lambda: ["mmlu", "nslens_wikipedia_ppl"])
@@ -137,6 +151,14 @@ class RunConfig:
             raise ValueError("give either sae_path or sae_release + sae_id, not both")
         if bool(self.sae_release) != bool(self.sae_id):
             raise ValueError("sae_release and sae_id go together")
+        unknown_steering = sorted(set(self.steering) - set(STEERING_RUNS))
+        if unknown_steering:
+            raise ValueError(f"unknown steering {unknown_steering}; choose from {', '.join(STEERING_RUNS)}")
+        if self.steer_source not in ("last", "mean"):
+            raise ValueError(f"unknown steer_source {self.steer_source!r}; choose last or mean")
+        check_tau(self.steer_tau)
+        if self.steering and (self.sae_path or self.sae_release):
+            raise ValueError("steering baselines act on the site's neurons; run them without an SAE")
         if self.sae_ranges_over not in ("firing", "all"):
             raise ValueError(f"unknown sae_ranges_over {self.sae_ranges_over!r}; choose firing or all")
         unknown = sorted(set(self.sweeps) - {"fraction", "tau", "layer"})
@@ -354,9 +376,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
                 write_text(out / f"erasure_{op_name}.{ext}", text)
             summary["erasure"][op_name] = tab.summary()
             save_summary()
+        steer_runs = {}
+        if cfg.steering and rec is not None:
+            steer_runs = _steering(model, site, rec, data, cfg, out, progress, summary, save_summary)
         if cfg.side_effects:
             summary["side_effects"] = optional(
-                "side_effects", lambda: _side_effects(model, site, masks, ops, cfg, out, progress, sae))
+                "side_effects", lambda: _side_effects(model, site, masks, ops, cfg, out, progress, sae, steer_runs))
         if cfg.analyses and rec is not None and rec.samples is not None:
             def analyses() -> bool:
                 from .analysis import write_analyses
@@ -428,20 +453,55 @@ def run_operators(model: Any, site: Site, cfg: RunConfig, progress: Progress | N
     return {name: make_operator(name, alpha=cfg.alpha, beta=cfg.beta, general_mean=gm) for name in cfg.operators}
 
 
+def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
+              progress: Progress | None, summary: dict[str, Any], save_summary: Any) -> dict[str, Any]:
+    """The steering comparisons over full-vector masks (tau = steer_tau), each written as an erasure table as it
+    completes; returns {name: (masks, per-concept operators)} for the side-effect sweep."""
+    from .ops import zero
+    from .steering import full_masks, steering_operators
+
+    stats = rec.stats
+    if cfg.steer_source == "mean":  # the mean-token representation: every position of the training prompts
+        stats = record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
+                       batch_size=cfg.batch_size, position="all", remote=cfg.remote, progress=progress).stats
+    masks = full_masks(rec.stats, tau=cfg.steer_tau)
+    runs: dict[str, Any] = {}
+    for name in cfg.steering:
+        per = [zero()] * len(masks) if name == "arm" else steering_operators(stats, name, cfg.steer_alpha)
+        tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, per,
+                            positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
+                            progress=progress, cacc_average=cfg.cacc_average)
+        tab.meta.update(steering=name, steer_source=cfg.steer_source, steer_tau=cfg.steer_tau)
+        for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
+            write_text(out / f"erasure_{name}.{ext}", text)
+        summary["erasure"][name] = tab.summary()
+        save_summary()
+        runs[name] = (masks, per)
+    return runs
+
+
 def _side_effects(model: Any, site: Site, masks: list[RangeMask], ops: dict[str, Any], cfg: RunConfig, out: Path,
-                  progress: Progress | None, sae: Any = None) -> dict[str, Any]:
+                  progress: Progress | None, sae: Any = None, steer_runs: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """One sweep for the run's operators on its masks, one for the steering comparisons on the full-vector masks
+    (the clean results are computed once and cached)."""
     from .harness import default_cache_dir, side_effect_tables
 
     tasks, include = side_effect_tasks(cfg)
-    tabs = side_effect_tables(model, site, masks, list(ops.values()), tasks=tasks, positions=cfg.positions,
-                              limit=cfg.side_effect_limit, include_path=include, cache_dir=default_cache_dir(),
-                              batch_size=cfg.batch_size, remote=cfg.remote, progress=progress, sae=sae)
+    common = {"tasks": tasks, "positions": cfg.positions, "limit": cfg.side_effect_limit, "include_path": include,
+              "cache_dir": default_cache_dir(), "batch_size": cfg.batch_size, "remote": cfg.remote,
+              "progress": progress}
+    groups = [(masks, dict(ops), sae)]
+    if steer_runs:
+        groups.append((next(iter(steer_runs.values()))[0], {k: per for k, (_, per) in steer_runs.items()}, None))
     result = {}
-    for op_name, op in ops.items():
-        tab = tabs[op.label]
-        write_text(out / f"side_effects_{op_name}.md", tab.to_markdown())
-        write_text(out / f"side_effects_{op_name}.json", tab.to_json())
-        result[op_name] = {"clean": tab.clean, **tab.summary()}
+    for group_masks, named, group_sae in groups:
+        tabs = list(side_effect_tables(model, site, group_masks, list(named.values()), sae=group_sae,
+                                       **common).values())
+        for name, tab in zip(named, tabs):
+            write_text(out / f"side_effects_{name}.md", tab.to_markdown())
+            write_text(out / f"side_effects_{name}.json", tab.to_json())
+            result[name] = {"clean": tab.clean, **tab.summary()}
     return result
 
 

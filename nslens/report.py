@@ -31,9 +31,22 @@ def write_report(run_dir: str | Path) -> Path:
         "the last row is the 10 % trimmed mean across concepts. Neuron masking changes every value of the selected neurons, range "
         "masking only values inside [mu - tau*sigma, mu + tau*sigma].", "",
     ]
+    steering = []
     for path in sorted(run.glob("erasure_*.json")):
         tab = ErasureTable.from_json(path.read_text())
+        if tab.meta.get("steering"):
+            steering.append(tab)
+            continue
         lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+    if steering:
+        lines += ["## Steering baselines (paper App. M, Tables 28-30)", "",
+                  f"Full-vector masks with ranges mu -/+ tau sigma, tau = {steering[0].meta.get('steer_tau')}; "
+                  f"steering vectors from the {steering[0].meta.get('steer_source')}-token statistics. `steer`: "
+                  "neuron columns = difference-in-means steering, range columns = range-gated steering. `ablate`: "
+                  "directional ablation (neuron columns). `arm`: range columns = range masking of the full vector.",
+                  ""]
+        for tab in steering:
+            lines += [f"### `{tab.meta['steering']}` ({tab.operator})", "", tab.to_markdown()]
     side = sorted(run.glob("side_effects_*.json"))
     if side:
         from .harness import SideEffectTable
@@ -44,7 +57,10 @@ def write_report(run_dir: str | Path) -> Path:
                   "task `nslens_wikipedia_ppl`), else word perplexity.", ""]
         for path in side:
             tab = SideEffectTable.from_json(path.read_text())
-            lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+            name = path.stem.removeprefix("side_effects_")
+            title = f"Operator `{tab.operator}`" if name in (tab.operator, tab.operator.split("(")[0]) \
+                else f"`{name}` ({tab.operator})"
+            lines += [f"### {title}", "", tab.to_markdown()]
     lines += _sae_sections(run)
     lines += _analysis_sections(run)
     lines += _sweep_sections(run)

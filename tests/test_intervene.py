@@ -157,5 +157,5 @@ def test_general_mean_replacement_equals_plain_hook(embedded, site, batch, gated
     values = iter(general[neurons])
     ref = hook_reference(embedded, site, enc, mask, lambda x, mu, s: torch.full_like(x, float(next(values))), gated)
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="mean replacement has 10 site values for a mask over"):
+    with pytest.raises(ValueError, match="mean has 10 site values for a mask over"):
         Intervention(mask, mean_replace(site_values=torch.zeros(10)))

@@ -1,0 +1,63 @@
+"""Paper Appendix M, Tables 28-30: difference-in-means steering (mean-token and last-token vectors), range-gated
+steering, directional ablation and range masking of the full vector (tau = 1), with MMLU / perplexity, on
+Llama-3.2-3B (AG News) at layer 14, the middle of its 28 blocks, steering strength a = -2.
+
+    python experiments/steering.py                                        # the paper's setting (Hub)
+    python experiments/steering.py --model embedded --dataset synthetic --limit 24 --lm-eval-limit 8   # offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import nslens
+from nslens.pipeline import RunConfig, run_pipeline
+
+CONFIG = RunConfig(
+    model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=14, operators=["zero"], n_per_class=3000,
+    only_correct=True, max_correct_per_class=2000, steering=["steer", "ablate", "arm"], steer_alpha=-2.0,
+    steer_tau=1.0, side_effects=True, analyses=False, dtype="bfloat16",
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=CONFIG.model)
+    ap.add_argument("--dataset", default=CONFIG.dataset)
+    ap.add_argument("--limit", type=int, default=None, help="samples per class (smoke mode)")
+    ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
+    ap.add_argument("--remote", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("runs/steering"))
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 4:
+        ap.error(f"--limit must be >= 4 samples per class, got {args.limit}")
+    model = nslens.load_model(args.model, dtype=None if args.model == "embedded" else CONFIG.dtype, remote=args.remote)
+    layer = nslens.resolve_site(model).n_layers // 2  # the middle block (14 of Llama-3.2-3B's 28)
+    base = replace(CONFIG, model=args.model, dataset=args.dataset, layer=layer, remote=args.remote,
+                   side_effect_limit=args.lm_eval_limit, batch_size=args.batch_size,
+                   dtype=None if args.model == "embedded" else CONFIG.dtype,
+                   n_per_class=args.limit or CONFIG.n_per_class)
+    rows = ["| vectors | run | ΔAcc | ΔCAcc | ΔCConf | ΔPPL | ΔMMLU |", "|---|---|---|---|---|---|---|"]
+    for source, tables in (("mean", "Tables 28 and 30"), ("last", "Table 29")):
+        run = run_pipeline(replace(base, steer_source=source), args.out / source, model=model, overwrite=True)
+        summary = json.loads((run / "summary.json").read_text())
+        for name, column, label in (("steer", "neuron", "steering"), ("steer", "range", "range-gated steering"),
+                                    ("ablate", "neuron", "directional ablation"), ("arm", "range", "range masking")):
+            e = summary["erasure"][name][column]
+            side = summary.get("side_effects", {}).get(name, {}).get(column, {})
+            ppl = next((v for k, v in side.items() if k.endswith("perplexity")), float("nan"))
+            acc = next((v for k, v in side.items() if k.endswith("/acc")), float("nan"))
+            rows.append(f"| {source} token ({tables}) | {label} | {e['acc']:+.3f} | {e['cacc']:+.3f} | "
+                        f"{e['cconf']:+.3f} | {ppl:+.3f} | {acc:+.3f} |")
+    text = "\n".join(rows) + "\n"
+    (args.out / "steering.md").write_text(text)
+    print(text)
+    print(f"full reports: {args.out / 'mean' / 'report.md'}, {args.out / 'last' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
