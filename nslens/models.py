@@ -193,6 +193,19 @@ def _quantization_config(quantize: str | None, dtype: torch.dtype | None) -> Any
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _check_nf4_on_cpu(hf: Any) -> None:
+    """bitsandbytes packs 4-bit weights for the CPU in blocks of 32 output rows (and pairs of inputs) and asserts it
+    only at the first forward; say so at load time, naming the layer."""
+    import bitsandbytes as bnb
+
+    for name, mod in hf.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.device.type == "cpu" \
+                and (mod.out_features % 32 or mod.in_features % 2):
+            raise ValueError(f"nf4 on the CPU needs quantized layers whose output width is a multiple of 32 and input "
+                             f"width even (bitsandbytes' CPU packing); {name} is {mod.in_features} -> "
+                             f"{mod.out_features}. Use quantize='int8' or a GPU")
+
+
 def load_model(
     name_or_path: Any,
     *,
@@ -261,6 +274,8 @@ def load_model(
             kwargs["quantization_config"] = qcfg
             kwargs.setdefault("device_map", "auto")
         hf = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+        if quantize == "nf4":
+            _check_nf4_on_cpu(hf)
         model = TransformersModel(hf, tokenizer=tok)
     model._nslens_id = label  # type: ignore[attr-defined]
     model_family(model)

@@ -65,3 +65,21 @@ def test_intervention_equals_plain_hook_and_model_stays_clean(quantized, synth):
 def test_quantize_errors():
     with pytest.raises(ValueError, match="quantize applies to local models"):
         nslens.load_model("meta-llama/Llama-3.1-8B", quantize="nf4", remote=True)
+
+
+def test_nf4_width_bitsandbytes_cannot_pack_on_cpu_is_a_one_line_error(tmp_path):
+    """bitsandbytes asserts at the first forward ("N must be divisible by block_n"); nslens says it at load time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nslens.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=66, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"nf4 on the CPU needs .* model.layers.0.self_attn.q_proj is 66 -> 66"):
+        nslens.load_model(str(tmp_path), quantize="nf4", tokenizer=tok, device_map="cpu")
+    m = nslens.load_model(str(tmp_path), quantize="int8", tokenizer=tok, device_map="cpu")  # int8 packs any width
+    with torch.no_grad(), m.trace(dict(tok(["the game"], return_tensors="pt"))):
+        out = m.output.logits.save()
+    assert out.shape[-1] == len(tok)
