@@ -68,9 +68,12 @@ def _config(model: str, dataset: str, layer: int, n_per_class: int, batch_size: 
 
     if isinstance(kw.get("label_words"), str):
         kw["label_words"] = [w.strip() for w in kw["label_words"].split(",") if w.strip()]
+    from .pipeline import check_layers
+
     cfg = RunConfig(model=model, dataset=dataset, layer=layer, n_per_class=n_per_class, batch_size=batch_size,
                     remote=remote, **kw)
     cfg.validate()
+    check_layers(cfg)
     return cfg
 
 

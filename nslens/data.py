@@ -28,6 +28,7 @@ __all__ = [
     "load_dataset",
     "load_hf_dataset",
     "load_local_dataset",
+    "check_dataset_spec",
     "cut_to_tokens",
     "wikipedia_articles",
 ]
@@ -232,6 +233,18 @@ def load_local_dataset(
         label_words=list(label_words) if label_words else None,
         source={"path": str(path)},
     )
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Fail early (before any model loads) on a dataset that ``load_dataset`` could not load."""
+    if spec == "synthetic" or spec in HF_DATASETS:
+        return
+    if spec.endswith((".csv", ".jsonl", ".json")):
+        if not Path(spec).exists():
+            raise ValueError(f"dataset file not found: {spec}")
+        return
+    raise ValueError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
+                     "or a .csv/.jsonl path")
 
 
 def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset
+from .data import ConceptDataset, FewShotPrompter, check_dataset_spec, label_token_ids, load_dataset
 from .erasure import CACC_AVERAGES, erasure_table, predict
 from .files import atomic_path, write_text
 from .intervene import INTERVENE_POSITIONS
@@ -130,6 +130,10 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Everything that can be checked without the model; ``check_layers`` adds what its config tells."""
+        check_dataset_spec(self.dataset)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_fraction(self.fraction)
         check_tau(self.tau)
         if self.method not in RANKING_METHODS:
@@ -238,6 +242,35 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+def check_layers(cfg: RunConfig) -> None:
+    """The layer and the sweep layers against the model's depth, read from its config where that is local (the
+    embedded model, a local directory, the hub cache), so a bad layer is reported before the model loads."""
+    n = _local_n_layers(cfg.model)
+    if n is None:
+        return
+    for layer in [cfg.layer, *(cfg.sweep_layers or [])]:
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range for a model with {n} layers (valid: {-n}..{n - 1})")
+
+
+def _local_n_layers(model: str) -> int | None:
+    from .synthetic import embedded_model_dir
+
+    path = embedded_model_dir() if model == "embedded" else Path(model)
+    try:
+        if (path / "config.json").exists():
+            cfg = json.loads((path / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model, local_files_only=True).to_dict()
+    except Exception:  # not cached, not a model: the check after loading reports it
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    return int(n) if n else None
+
+
 @dataclass
 class PreparedData:
     """The train/test split, prompts and label tokens a run uses."""
@@ -313,6 +346,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     an hour of remote erasure work is never thrown away because a figure failed.
     """
     cfg.validate()
+    check_layers(cfg)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"run directory {out} exists and is not empty (pass --overwrite to replace it)")

@@ -185,3 +185,20 @@ def test_config_values_are_type_checked(tmp_path, text, message):
         RunConfig.from_file(p)
     cfg = RunConfig.from_dict({"tau": 2, "fraction": 0.5, "sweep_layers": None, "label_words": ["a", "b"]})
     assert cfg.tau == 2 and cfg.sweep_layers is None
+
+
+def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
+    """A bad sweep layer, layer, dataset or batch size fails before any model is loaded (it used to take minutes)."""
+    import nslens.pipeline as pl
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(pl, "load_model", no_loading)
+    for kw, message in (({"sweeps": ["layer"], "sweep_layers": [1, 9]}, "layer 9 out of range for a model with 4"),
+                        ({"layer": -5}, "layer -5 out of range"),
+                        ({"dataset": "nope"}, "unknown dataset 'nope'"),
+                        ({"dataset": "missing.csv"}, "dataset file not found: missing.csv"),
+                        ({"batch_size": 0}, "batch_size must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            run_pipeline(RunConfig(**kw), tmp_path / "run")
