@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -39,7 +40,11 @@ DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
 
 @contextlib.contextmanager
 def _progress() -> Iterator:
-    """A rich progress bar fed by the library's (task, done, total) callback."""
+    """A rich progress bar fed by the library's (task, done, total) callback; without a terminal, plain lines: one
+    when a stage finishes, and one every 30 s while a long stage runs."""
+    if not console.is_terminal:
+        yield _line_progress()
+        return
     tasks: dict[str, int] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
@@ -49,6 +54,27 @@ def _progress() -> Iterator:
             bar.update(tasks[desc], completed=done, total=total)
 
         yield callback
+
+
+def _line_progress(every: float = 30.0) -> Any:
+    import time
+
+    started: dict[str, float] = {}
+    last: dict[str, float] = {}
+    seen: dict[str, int] = {}
+
+    def callback(desc: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < seen.get(desc, 0):  # the same stage again (e.g. the filter on train, then on test)
+            started[desc] = last[desc] = now
+        seen[desc] = done
+        t0 = started.setdefault(desc, now)
+        if done >= total or now - last.get(desc, t0) >= every:
+            last[desc] = now
+            sys.stderr.write(f"{desc}: {done}/{total} ({now - t0:.1f} s)\n")
+            sys.stderr.flush()
+
+    return callback
 
 
 def _check_writable(path: Path) -> None:

@@ -92,6 +92,8 @@ def test_ctrl_c_exits_130_saying_what_and_how_to_resume(monkeypatch, capsys, tmp
 def test_record_ranges_erase_roundtrip(embedded, tmp_path):
     r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "24", "--batch-size", "32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    # no terminal: progress is a plain line per stage, not a bar frame
+    assert any(line.startswith("record: ") and line.endswith(" s)") for line in r.stderr.splitlines()), r.stderr
     r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", "--tau", "0", cwd=tmp_path)
     assert r.returncode == 1 and "tau must be a positive number" in r.stderr
     r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path)
