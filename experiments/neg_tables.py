@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nslens
@@ -16,19 +17,23 @@ from nslens.data import FewShotPrompter, label_token_ids
 from nslens.neg import linearity_report, neurgrad, resolve_neuron_site, resolve_neuron_sites
 from nslens.probes import evaluate_probes, probe_features
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import default_dataset, positive_int, run  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="meta-llama/Llama-3.2-3B")
-    ap.add_argument("--dataset", default="ag_news")
+    ap.add_argument("--dataset", default=None, help="default: ag_news (synthetic for the embedded model)")
     ap.add_argument("--layer", type=int, default=-1, help="the probes' layer; NEG sweeps sample all layers")
     ap.add_argument("--one-layer", action="store_true", help="NEG sweeps at --layer only (the paper: all layers)")
     ap.add_argument("--kind", default="product")
-    ap.add_argument("--n-per-class", type=int, default=500)
-    ap.add_argument("--sweep-prompts", type=int, default=100)
+    ap.add_argument("--n-per-class", type=positive_int, default=500)
+    ap.add_argument("--sweep-prompts", type=positive_int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes")
     ap.add_argument("--out", type=Path, default=Path("runs/neg_tables"))
     args = ap.parse_args(argv)
+    args.dataset = default_dataset(args.model, args.dataset, "ag_news")
     if args.smoke:
         args.n_per_class, args.sweep_prompts = 12, 2
     model = nslens.load_model(args.model)
@@ -52,4 +57,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

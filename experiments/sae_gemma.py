@@ -8,11 +8,14 @@ DBPedia-14, residual SAEs at layer 25 (width 16k / L0 285 and width 65k / L0 197
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from nslens.pipeline import RunConfig, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_sample_args, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="google/gemma-2-2b", dataset="dbpedia_14", layer=25, operators=["zero"], n_per_class=1000,
@@ -26,32 +29,34 @@ SAE_IDS = ["layer_25/width_16k/average_l0_285", "layer_25/width_65k/average_l0_1
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="embedded model and a synthetic SAE, offline")
-    ap.add_argument("--limit", type=int, default=None, help="samples per class")
+    add_sample_args(ap)
     ap.add_argument("--lm-eval-limit", type=float, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/sae_gemma"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     if args.smoke:
         import nslens
         from nslens.synthetic import build_synthetic_sae, synthetic_concepts
 
         model = nslens.load_model("embedded")
-        site = nslens.resolve_site(model, -2)
+        site = nslens.resolve_site(model)  # the run's site (the last block): the SAE is fitted where it is used
         ds = synthetic_concepts(40, seed=7)
         prompts = nslens.FewShotPrompter.from_dataset(ds).prompts(ds.texts)
         rec = nslens.record(model, site, prompts, ds.labels, ds.label_names, batch_size=32, keep_samples=True)
         args.out.mkdir(parents=True, exist_ok=True)
         path = build_synthetic_sae(rec.samples).save_npz(args.out / "synthetic_sae.npz")
         runs = {"synthetic": replace(RunConfig(), sae_path=str(path), n_per_class=args.limit or 24, batch_size=32,
-                                     side_effects=True, side_effect_limit=args.lm_eval_limit or 8, analyses=False)}
+                                     side_effects=True, side_effect_limit=args.lm_eval_limit or 8, analyses=False,
+                                     only_correct=not args.all_samples)}
     else:
         runs = {sid.split("/")[1]: replace(CONFIG, sae_id=sid, side_effect_limit=args.lm_eval_limit,
-                                           n_per_class=args.limit or CONFIG.n_per_class) for sid in SAE_IDS}
+                                           n_per_class=args.limit or CONFIG.n_per_class,
+                                           only_correct=not args.all_samples) for sid in SAE_IDS}
     for name, cfg in runs.items():
-        run = run_pipeline(cfg, args.out / name, overwrite=True)
-        report = (run / "report.md").read_text()
+        with progress() as cb:
+            out = run_pipeline(cfg, args.out / name, overwrite=True, progress=cb)
+        report = (out / "report.md").read_text()
         print(report[report.index("## SAE features"):].split("\n## ")[0])
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

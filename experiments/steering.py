@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import nslens
 from nslens.pipeline import RunConfig, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=14, operators=["zero"], n_per_class=3000,
@@ -26,25 +30,26 @@ CONFIG = RunConfig(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=CONFIG.dataset)
-    ap.add_argument("--limit", type=int, default=None, help="samples per class (smoke mode)")
+    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
+    add_sample_args(ap)
     ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
     ap.add_argument("--remote", action="store_true")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/steering"))
     args = ap.parse_args(argv)
-    if args.limit is not None and args.limit < 4:
-        ap.error(f"--limit must be >= 4 samples per class, got {args.limit}")
     model = nslens.load_model(args.model, dtype=None if args.model == "embedded" else CONFIG.dtype, remote=args.remote)
     layer = nslens.resolve_site(model).n_layers // 2  # the middle block (14 of Llama-3.2-3B's 28)
-    base = replace(CONFIG, model=args.model, dataset=args.dataset, layer=layer, remote=args.remote,
+    base = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
+                   layer=layer, remote=args.remote, only_correct=not args.all_samples,
                    side_effect_limit=args.lm_eval_limit, batch_size=args.batch_size,
                    dtype=None if args.model == "embedded" else CONFIG.dtype,
                    n_per_class=args.limit or CONFIG.n_per_class)
     rows = ["| vectors | run | ΔAcc | ΔCAcc | ΔCConf | ΔPPL | ΔMMLU |", "|---|---|---|---|---|---|---|"]
     for source, tables in (("mean", "Tables 28 and 30"), ("last", "Table 29")):
-        run = run_pipeline(replace(base, steer_source=source), args.out / source, model=model, overwrite=True)
-        summary = json.loads((run / "summary.json").read_text())
+        with progress() as cb:
+            out = run_pipeline(replace(base, steer_source=source), args.out / source, model=model, overwrite=True,
+                               progress=cb)
+        summary = json.loads((out / "summary.json").read_text())
         for name, column, label in (("steer", "neuron", "steering"), ("steer", "range", "range-gated steering"),
                                     ("ablate", "neuron", "directional ablation"), ("arm", "range", "range masking")):
             e = summary["erasure"][name][column]
@@ -60,4 +65,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

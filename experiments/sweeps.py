@@ -2,17 +2,20 @@
 neuron vs range masking, on Llama-3.2-3B with AG News; plus the distribution analyses (Tables 1, 5, 7, 9; Fig. 2, 3).
 
     python experiments/sweeps.py                                   # the paper's setting (Hub or a local cache)
-    python experiments/sweeps.py --model embedded --dataset synthetic --limit 24   # offline smoke run
+    python experiments/sweeps.py --model embedded --limit 24       # offline smoke run (embedded: synthetic data)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from nslens.pipeline import RunConfig, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -24,24 +27,24 @@ CONFIG = RunConfig(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=CONFIG.dataset)
+    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
     ap.add_argument("--sweeps", nargs="+", default=CONFIG.sweeps)
-    ap.add_argument("--limit", type=int, default=None, help="samples per class (smoke mode)")
+    add_sample_args(ap)
     ap.add_argument("--remote", action="store_true")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/sweeps"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    cfg = replace(CONFIG, model=args.model, dataset=args.dataset, sweeps=args.sweeps, remote=args.remote,
-                  batch_size=args.batch_size, dtype=None if args.model == "embedded" else CONFIG.dtype)
+    cfg = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
+                  sweeps=args.sweeps, remote=args.remote, batch_size=args.batch_size,
+                  dtype=None if args.model == "embedded" else CONFIG.dtype, only_correct=not args.all_samples)
     if args.limit:
-        cfg = replace(cfg, n_per_class=args.limit, only_correct=False, sweep_fractions=[0.1, 0.5, 1.0],
-                      sweep_taus=[0.5, 2.5, 4.5])
-    run = run_pipeline(cfg, args.out, overwrite=True)
+        cfg = replace(cfg, n_per_class=args.limit, sweep_fractions=[0.1, 0.5, 1.0], sweep_taus=[0.5, 2.5, 4.5])
+    with progress() as cb:
+        out = run_pipeline(cfg, args.out, overwrite=True, progress=cb)
     for param in cfg.sweeps:
-        print(f"## {param}\n{(run / f'sweep_{param}.md').read_text()}")
-    print(f"report: {run / 'report.md'}")
+        print(f"## {param}\n{(out / f'sweep_{param}.md').read_text()}")
+    print(f"report: {out / 'report.md'}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

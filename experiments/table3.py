@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from nslens.pipeline import RunConfig, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_sample_args, progress, run, run_dir  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B",
@@ -39,20 +42,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=CONFIG.model)
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
-    ap.add_argument("--limit", type=int, default=None, help="samples per class (smoke mode)")
+    add_sample_args(ap)
     ap.add_argument("--out", type=Path, default=Path("runs/table3"))
     ap.add_argument("--remote", action="store_true")
     ap.add_argument("--batch-size", type=int, default=CONFIG.batch_size)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     summary = {}
     for ds in args.datasets:
         cfg = replace(CONFIG, model=args.model, dataset=ds, remote=args.remote, batch_size=args.batch_size,
-                      dtype=None if args.model == "embedded" else CONFIG.dtype)
-        if args.limit:
-            cfg = replace(cfg, n_per_class=args.limit)
-        run = run_pipeline(cfg, args.out / ds, overwrite=True)
-        summary[ds] = json.loads((run / "summary.json").read_text())["erasure"]["zero"]
+                      dtype=None if args.model == "embedded" else CONFIG.dtype, only_correct=not args.all_samples,
+                      n_per_class=args.limit or CONFIG.n_per_class)
+        with progress() as cb:
+            out = run_pipeline(cfg, run_dir(args.out, ds), overwrite=True, progress=cb)
+        summary[ds] = json.loads((out / "summary.json").read_text())["erasure"]["zero"]
     lines = ["| Dataset | Acc | Conf | CAcc | CConf | N ΔAcc | N ΔConf | N ΔCAcc | N ΔCConf | R ΔAcc | R ΔConf | "
              "R ΔCAcc | R ΔCConf |", "|" + "---|" * 13]
     for ds, s in summary.items():
@@ -63,4 +65,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from nslens.pipeline import RunConfig, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -27,32 +30,31 @@ CONFIG = RunConfig(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=CONFIG.dataset)
+    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
     ap.add_argument("--operators", nargs="+", default=CONFIG.operators)
-    ap.add_argument("--limit", type=int, default=None, help="samples per class (smoke mode)")
+    add_sample_args(ap)
     ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
     ap.add_argument("--remote", action="store_true")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/table4"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    cfg = replace(CONFIG, model=args.model, dataset=args.dataset, operators=args.operators, remote=args.remote,
-                  side_effect_limit=args.lm_eval_limit, batch_size=args.batch_size,
-                  dtype=None if args.model == "embedded" else CONFIG.dtype)
-    if args.limit:
-        cfg = replace(cfg, n_per_class=args.limit)
-    run = run_pipeline(cfg, args.out, overwrite=True)
-    summary = json.loads((run / "summary.json").read_text())
+    cfg = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
+                  operators=args.operators, remote=args.remote, side_effect_limit=args.lm_eval_limit,
+                  batch_size=args.batch_size, dtype=None if args.model == "embedded" else CONFIG.dtype,
+                  only_correct=not args.all_samples, n_per_class=args.limit or CONFIG.n_per_class)
+    with progress() as cb:
+        run_out = run_pipeline(cfg, args.out, overwrite=True, progress=cb)
+    summary = json.loads((run_out / "summary.json").read_text())
     lines = ["| operator | task metric | clean | neuron Δ | range Δ |", "|---|---|---|---|---|"]
     for op, s in summary["side_effects"].items():
         for key, delta in s["neuron"].items():
             task, metric = key.split("/")
             lines.append(f"| {op} | {task} {metric} | {s['clean'][task][metric]:.4f} | {delta:+.4f} | "
                          f"{s['range'][key]:+.4f} |")
-    (run / "table4.md").write_text("\n".join(lines) + "\n")
+    (run_out / "table4.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"full report: {run / 'report.md'}")
+    print(f"full report: {run_out / 'report.md'}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

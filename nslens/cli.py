@@ -39,7 +39,7 @@ DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
 
 
 @contextlib.contextmanager
-def _progress() -> Iterator:
+def progress_display() -> Iterator:
     """A rich progress bar fed by the library's (task, done, total) callback; without a terminal, plain lines: one
     when a stage finishes, and one every 30 s while a long stage runs."""
     if not console.is_terminal:
@@ -156,7 +156,7 @@ def record_cmd(
     _check_writable(out)
     m = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     site = resolve_site(m, cfg.layer)
-    with _progress() as cb:
+    with progress_display() as cb:
         data = prepare_data(m, site, cfg, cb)
         rec = record_stats(m, site, data, cfg, cb, checkpoint=checkpoint, keep_checkpoint=True)
     rec.stats.save(out)
@@ -215,7 +215,7 @@ def erase_cmd(
     check_masks_fit(masks, label_names=ds.label_names, model=m, dataset=cfg.dataset,
                     allow_other_model=allow_other_model, source=f"the masks in {ranges}")
     op = run_operators(m, site, cfg)[operator]
-    with _progress() as cb:
+    with progress_display() as cb:
         data = prepare_data(m, site, cfg, cb, ds=ds)
         tab = erasure_table(m, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                             positions=positions, batch_size=batch_size, remote=remote, progress=cb)
@@ -262,7 +262,7 @@ def side_effects_cmd(
     check_masks_fit(masks, model=m, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
     op = run_operators(m, site, cfg)[operator]
     task_list, inc = side_effect_tasks(cfg)
-    with _progress() as cb:
+    with progress_display() as cb:
         tab = side_effect_table(m, site, masks, op, tasks=task_list, positions=positions, limit=limit,
                                 include_path=inc, cache_dir=default_cache_dir(), batch_size=batch_size,
                                 remote=remote, progress=cb)
@@ -283,7 +283,7 @@ def run_cmd(
     from .pipeline import RunConfig, run_pipeline
 
     cfg = RunConfig.from_file(config)
-    with _progress() as cb:
+    with progress_display() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     _print_run(run, cfg.operators)
     console.print(f"[green]run written to[/] {run} (report: {run / 'report.md'})")
@@ -313,7 +313,7 @@ def sae_cmd(
                   sae_release=release, sae_id=sae_id, sae_ranges_over=ranges_over, side_effects=side_effects,
                   side_effect_limit=limit, operators=[o.strip() for o in operators.split(",") if o.strip()],
                   analyses=False, only_correct=only_correct)
-    with _progress() as cb:
+    with progress_display() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     report = (run / "report.md").read_text()
     section = report[report.index("## SAE features"):].split("\n## ")[0]
@@ -349,7 +349,7 @@ def steer_cmd(
     m = load_model(cfg.model, remote=cfg.remote, dtype=cfg.dtype)
     if layer is None:
         cfg.layer = resolve_site(m).n_layers // 2
-    with _progress() as cb:
+    with progress_display() as cb:
         run = run_pipeline(cfg, out, progress=cb, model=m, overwrite=overwrite)
     report = (run / "report.md").read_text()
     for head in ("## Steering baselines", "## Side effects"):
@@ -385,7 +385,7 @@ def neg_cmd(
     data = prepare_data(m, resolve_site(m, layer), cfg)
     sub = data.test.subset(list(range(min(prompts, len(data.test)))))
     gold = [data.label_ids[y] for y in sub.labels]
-    with _progress() as cb:
+    with progress_display() as cb:
         rep = linearity_report(m, sites, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
                                ig_steps=ig_steps, progress=cb)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def probe_cmd(
         ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
         prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
         prompts, answers, queries = prompter.prompts(ds.texts), ds.labels, ds.texts
-    with _progress() as cb:
+    with progress_display() as cb:
         neg = neurgrad(m, ns, prompts, options=ids, batch_size=batch_size, progress=cb)
     probs, acts = probe_features(m, ns, prompts, ids, batch_size=batch_size)
     res = evaluate_probes(neg, answers, queries, seed=seed, option_probs=probs, activations=acts)
@@ -479,7 +479,7 @@ def sweep_cmd(
         else:
             cfg.sweep_layers = [int(v) for v in vals]
     cfg.validate()
-    with _progress() as cb:
+    with progress_display() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     out_console.print((run / f"sweep_{param}.md").read_text(), markup=False, highlight=False)
     console.print(f"[green]sweep written to[/] {run} (figure: {run / 'figures' / f'sweep_{param}.png'})")
@@ -505,12 +505,12 @@ def demo_cmd(
     from .synthetic import build_embedded_model, embedded_model_dir
 
     if not (embedded_model_dir() / "config.json").exists():
-        with _progress() as cb:
+        with progress_display() as cb:
             build_embedded_model(progress=lambda d, t: cb("train embedded model", d, t))
     cfg = RunConfig(fraction=fraction, operators=[o.strip() for o in operators.split(",") if o.strip()],
                     n_per_class=200, batch_size=32, side_effects=side_effects)
     cfg.validate()
-    with _progress() as cb:
+    with progress_display() as cb:
         run = run_pipeline(cfg, out, progress=cb, overwrite=True)
     summary = json.loads((run / "summary.json").read_text())
     out_console.print(f"embedded model, layer {summary['site']['layer']} of {summary['site']['n_layers']}, "

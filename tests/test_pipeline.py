@@ -202,3 +202,33 @@ def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
                         ({"batch_size": 0}, "batch_size must be >= 1")):
         with pytest.raises(ValueError, match=message):
             run_pipeline(RunConfig(**kw), tmp_path / "run")
+
+
+def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path):
+    """One-line errors with exit codes, --limit 0 refused, an absolute dataset path never becomes the run
+    directory, and the README's smoke command for the sweeps runs as written (embedded implies synthetic)."""
+    import subprocess
+    import sys
+
+    def script(name, *args):
+        return subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=600)
+
+    r = script("table4.py", "--model", "embedded", "--limit", "0")
+    assert r.returncode == 2 and "--limit: expected a positive integer, got 0" in r.stderr
+    r = script("table3.py", "--model", "embedded", "--datasets", "nope")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nope'")
+    assert "Traceback" not in r.stderr
+    from nslens.synthetic import synthetic_concepts
+
+    ds = synthetic_concepts(10, seed=5)
+    data = tmp_path / "data" / "topics.csv"
+    data.parent.mkdir()
+    data.write_text("text,label\n" + "".join(f"{t},{ds.label_names[y]}\n" for t, y in zip(ds.texts, ds.labels)))
+    r = script("table3.py", "--model", "embedded", "--datasets", str(data), "--limit", "8", "--all-samples",
+               "--out", str(tmp_path / "t3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert data.read_text().startswith("text,label") and (tmp_path / "t3" / "topics" / "summary.json").exists()
+    assert "record: " in r.stderr  # progress lines without a terminal
+    r = script("sweeps.py", "--model", "embedded", "--limit", "24", "--sweeps", "tau", "--out", str(tmp_path / "sw"))
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,60 @@
+"""What every experiment script shares with the CLI: one-line errors (exit 1), Ctrl-C (exit 130), progress lines,
+validated arguments, and run directories named so that no path argument can point them at an input file."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` is an error, not "no limit")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_sample_args(ap: argparse.ArgumentParser) -> None:
+    """--limit (samples per class) and --all-samples (switch off the only-correct filter)."""
+    ap.add_argument("--limit", type=positive_int, default=None, help="samples per class (smoke mode)")
+    ap.add_argument("--all-samples", action="store_true",
+                    help="keep samples the clean model misclassifies (the paper keeps only correct ones)")
+
+
+def default_dataset(model: str, dataset: str | None, paper_default: str) -> str:
+    """The embedded model's data is offline and synthetic; any other model defaults to the paper's dataset."""
+    if dataset is not None:
+        return dataset
+    return "synthetic" if model == "embedded" else paper_default
+
+
+def run_dir(out: Path, dataset: str) -> Path:
+    """``out / <name>`` for a dataset name or path: a path contributes its file stem, never itself."""
+    name = Path(dataset).stem if dataset.endswith((".csv", ".jsonl", ".json")) else dataset
+    return out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "dataset")
+
+
+def progress() -> object:
+    """The CLI's progress display (a bar on a terminal, a line per stage otherwise)."""
+    from nslens.cli import progress_display
+
+    return progress_display()
+
+
+def run(main: Callable[[list[str] | None], object]) -> None:
+    """Call ``main`` like the CLI: bad input is one ``error:`` line and exit 1, Ctrl-C one line and exit 130."""
+    try:
+        main(None)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"error: interrupted: {Path(sys.argv[0]).name}\n")
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.stderr.write("error: " + " ".join(str(e).split()) + "\n")
+        sys.exit(1)
