@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         import nslens
-        from nslens.synthetic import build_synthetic_sae, synthetic_concepts
+        from nslens.sae import build_synthetic_sae
+        from nslens.synthetic import synthetic_concepts
 
         model = nslens.load_model("embedded")
         site = nslens.resolve_site(model)  # the run's site (the last block): the SAE is fitted where it is used

@@ -1,4 +1,4 @@
-"""Concept datasets and few-shot classification prompts.
+"""Loading concept datasets (the paper's HF datasets, local files, the synthetic default) and label tokens.
 
 A *concept* is a class label of a text-classification dataset (the paper's setting: AG News topics, DBPedia-14
 entity types, emotions, sentiment). Decoder models classify through a few-shot prompt whose next token is the
@@ -10,13 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .concepts import ConceptDataset, FewShotPrompter
 
 __all__ = [
     "HF_DATASETS",
@@ -35,95 +36,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class ConceptDataset:
-    """Texts with integer concept labels.
-
-    ``labels[i]`` indexes ``label_names``; ``label_words`` are the words the model is asked to answer with
-    (defaults to the names; override when a name tokenizes badly, e.g. ``Sci/Tech`` -> ``Science``).
-    """
-
-    texts: list[str]
-    labels: np.ndarray
-    label_names: list[str]
-    name: str = "custom"
-    label_words: list[str] | None = None
-    source: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if len(self.texts) != len(self.labels):
-            raise ValueError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.labels)} labels")
-        if len(self.label_names) < 2:
-            raise ValueError(f"dataset {self.name!r}: need at least 2 concepts, got {self.label_names}")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
-            raise ValueError(
-                f"dataset {self.name!r}: labels must lie in [0, {len(self.label_names) - 1}], "
-                f"got [{self.labels.min()}, {self.labels.max()}]"
-            )
-        if self.label_words is None:
-            self.label_words = list(self.label_names)
-        if len(self.label_words) != len(self.label_names):
-            raise ValueError(
-                f"dataset {self.name!r}: {len(self.label_words)} label words for {len(self.label_names)} labels"
-            )
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @property
-    def n_concepts(self) -> int:
-        return len(self.label_names)
-
-    def class_counts(self) -> np.ndarray:
-        return np.bincount(self.labels, minlength=self.n_concepts)
-
-    def subset(self, index: Sequence[int] | np.ndarray) -> ConceptDataset:
-        index = np.asarray(index, dtype=np.int64)
-        return ConceptDataset(
-            texts=[self.texts[i] for i in index],
-            labels=self.labels[index],
-            label_names=list(self.label_names),
-            name=self.name,
-            label_words=list(self.label_words or self.label_names),
-            source=dict(self.source),
-        )
-
-    def balanced(self, n_per_class: int, seed: int = 0) -> ConceptDataset:
-        """At most ``n_per_class`` samples of every concept, drawn without replacement (seeded)."""
-        if n_per_class < 1:
-            raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-        rng = np.random.default_rng(seed)
-        keep: list[int] = []
-        for c in range(self.n_concepts):
-            idx = np.flatnonzero(self.labels == c)
-            if len(idx) > n_per_class:
-                idx = rng.choice(idx, size=n_per_class, replace=False)
-            keep.extend(sorted(idx.tolist()))
-        return self.subset(sorted(keep))
-
-    def split(self, test_size: float = 0.2, seed: int = 0) -> tuple[ConceptDataset, ConceptDataset]:
-        """Seeded stratified train/test split (scikit-learn)."""
-        from sklearn.model_selection import train_test_split
-
-        if not 0.0 < test_size < 1.0:
-            raise ValueError(f"test_size must be in (0, 1), got {test_size}")
-        idx = np.arange(len(self))
-        tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=self.labels)
-        return self.subset(np.sort(tr)), self.subset(np.sort(te))
-
-    def check_concepts(self, min_samples: int = 2) -> None:
-        """Every concept needs ``min_samples`` samples to have a standard deviation."""
-        counts = self.class_counts()
-        bad = [f"{self.label_names[c]} ({int(n)})" for c, n in enumerate(counts) if n < min_samples]
-        if bad:
-            raise ValueError(
-                f"dataset {self.name!r}: concepts with fewer than {min_samples} samples: {', '.join(bad)}"
-            )
-
-
-# --------------------------------------------------------------------------------------------- loaders
+# the dataset and prompt types live in nslens.concepts (shared with nslens.synthetic without an import cycle)
 
 
 @dataclass(frozen=True)
@@ -261,56 +174,6 @@ def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
         f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
         "or a .csv/.jsonl path"
     )
-
-
-# --------------------------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class FewShotPrompter:
-    """The paper's few-shot classification prompt for decoder models.
-
-    An instruction listing the label words, ``k`` demonstrations per class (shuffled, fixed for a run), then the
-    query; the model's prediction is its next token after ``Label:``. Long texts are cut to ``max_words`` words
-    so prompts stay short on datasets such as IMDB and DBPedia.
-    """
-
-    label_words: list[str]
-    demos: list[tuple[str, int]] = field(default_factory=list)
-    max_words: int = 64
-    instruction: str = "Classify the text into one of these categories: {labels}."
-
-    @classmethod
-    def from_dataset(cls, ds: ConceptDataset, k: int = 1, seed: int = 0, max_words: int = 64) -> FewShotPrompter:
-        """Draw ``k`` demonstrations per concept from ``ds`` (seeded)."""
-        if k < 0:
-            raise ValueError(f"k (demonstrations per class) must be >= 0, got {k}")
-        rng = random.Random(seed)
-        demos: list[tuple[str, int]] = []
-        for c in range(ds.n_concepts):
-            idx = np.flatnonzero(ds.labels == c).tolist()
-            if len(idx) < k:
-                raise ValueError(f"concept {ds.label_names[c]!r} has {len(idx)} samples, fewer than k={k} demos")
-            demos.extend((ds.texts[i], c) for i in rng.sample(idx, k))
-        rng.shuffle(demos)
-        return cls(label_words=list(ds.label_words or ds.label_names), demos=demos, max_words=max_words)
-
-    def _cut(self, text: str) -> str:
-        words = text.split()
-        return " ".join(words[: self.max_words])
-
-    def prefix(self) -> str:
-        parts = [self.instruction.format(labels=", ".join(self.label_words)), ""]
-        for text, label in self.demos:
-            parts += [f"Text: {self._cut(text)}", f"Label: {self.label_words[label]}", ""]
-        return "\n".join(parts)
-
-    def __call__(self, text: str) -> str:
-        return f"{self.prefix()}\nText: {self._cut(text)}\nLabel:"
-
-    def prompts(self, texts: Sequence[str]) -> list[str]:
-        prefix = self.prefix()
-        return [f"{prefix}\nText: {self._cut(t)}\nLabel:" for t in texts]
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "Label:") -> list[int]:

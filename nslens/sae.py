@@ -28,6 +28,7 @@ from .remote import maybe_retry
 
 __all__ = [
     "NPZ_KEYS",
+    "build_synthetic_sae",
     "FeatureStats",
     "JumpReLUSAE",
     "build_feature_masks",
@@ -294,3 +295,17 @@ def table31_markdown(t: dict[str, Any]) -> str:
 
 def save_sae_meta(path: Path, sae: JumpReLUSAE, t31: dict[str, Any]) -> None:
     path.write_text(json.dumps({"sae": sae.meta, "d_in": sae.d_in, "d_sae": sae.d_sae, "table31": t31}, indent=2))
+
+
+def build_synthetic_sae(samples: np.ndarray, d_sae: int = 256, fire_rate: float = 0.3, seed: int = 0) -> JumpReLUSAE:
+    """A JumpReLU SAE for the embedded model, for offline tests of the Gemma Scope path: unit decoder directions,
+    a tied encoder, and per-feature thresholds at the (1 - fire_rate) quantile of the pre-activations over
+    ``samples`` (residual vectors at the site), so each feature fires on about ``fire_rate`` of them."""
+    rng = np.random.default_rng(seed)
+    d = samples.shape[1]
+    w_dec = rng.normal(size=(d_sae, d))
+    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
+    pre = samples @ w_dec.T
+    threshold = np.maximum(np.quantile(pre, 1.0 - fire_rate, axis=0), 1e-3)
+    return JumpReLUSAE(w_dec.T.copy(), np.zeros(d_sae), threshold, w_dec, np.zeros(d),
+                       meta={"source": f"nslens.sae.build_synthetic_sae(d_sae={d_sae}, seed={seed})"})

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ConceptDataset, FewShotPrompter
+from .concepts import ConceptDataset, FewShotPrompter
 
 __all__ = [
     "EMBEDDED_VERSION",
     "SYNTHETIC_LABELS",
     "build_embedded_model",
-    "build_synthetic_sae",
     "embedded_model_dir",
     "synthetic_concepts",
     "synthetic_text",
@@ -287,19 +286,3 @@ def _train_embedded(out: Path, steps: int, seed: int, progress: Callable[[int, i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def build_synthetic_sae(samples: np.ndarray, d_sae: int = 256, fire_rate: float = 0.3, seed: int = 0):
-    """A JumpReLU SAE for the embedded model, for offline tests of the Gemma Scope path: unit decoder directions,
-    a tied encoder, and per-feature thresholds at the (1 - fire_rate) quantile of the pre-activations over
-    ``samples`` (residual vectors at the site), so each feature fires on about ``fire_rate`` of them."""
-    from .sae import JumpReLUSAE
-
-    rng = np.random.default_rng(seed)
-    d = samples.shape[1]
-    w_dec = rng.normal(size=(d_sae, d))
-    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
-    pre = samples @ w_dec.T
-    threshold = np.maximum(np.quantile(pre, 1.0 - fire_rate, axis=0), 1e-3)
-    return JumpReLUSAE(w_dec.T.copy(), np.zeros(d_sae), threshold, w_dec, np.zeros(d),
-                       meta={"source": f"nslens.synthetic.build_synthetic_sae(d_sae={d_sae}, seed={seed})"})

@@ -13,13 +13,13 @@ from nslens.intervene import Intervention, apply_in_trace, edit_hidden
 from nslens.ranges import RangeMask
 from nslens.sae import (
     build_feature_masks,
+    build_synthetic_sae,
     feature_table31,
     load_sae,
     load_sae_npz,
     record_features,
     select_features,
 )
-from nslens.synthetic import build_synthetic_sae
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_bad_input(sae, sae_file, tmp_path, monkeypatch, embedded):
     np.savez(tmp_path / "bad.npz", W_enc=np.zeros((64, 8)), b_enc=np.zeros(8))
     with pytest.raises(ValueError, match=r"lacks \['threshold', 'W_dec', 'b_dec'\]"):
         load_sae_npz(tmp_path / "bad.npz")
-    small = nslens.synthetic.build_synthetic_sae(np.random.default_rng(0).normal(size=(50, 32)), d_sae=16)
+    small = nslens.sae.build_synthetic_sae(np.random.default_rng(0).normal(size=(50, 32)), d_sae=16)
     with pytest.raises(ValueError, match="SAE d_in 32 does not match the model's d_model 64"):
         small.check(nslens.resolve_site(embedded, -2))
     monkeypatch.setitem(sys.modules, "sae_lens", None)
