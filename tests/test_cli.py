@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_cases import CASES, FIXTURES, LATIN1, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,46 +17,27 @@ def nslens(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["record", "--out", "x.safetensors", "--layer", "9"], "layer 9 out of range"),
-    (["record", "--out", "x.safetensors", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["ranges", "missing.safetensors", "--out", "r"], "statistics file not found"),
-    (["erase", "--ranges", "nowhere"], "no range masks"),
-    (["erase", "--ranges", "nowhere", "--operator", "clamp"], "unknown operator 'clamp'"),
-    (["run", "missing.toml"], "config file not found"),
-    (["record", "--out", "x.safetensors", "--model", "no-such-model"], "neither a local directory"),
-    (["record", "--out", "x.safetensors", "--model", "org/no-such-model"],
-     "could not load the model 'org/no-such-model'"),
-    (["record", "--out", "x.safetensors", "--dataset", "bad.jsonl"], "bad.jsonl, line 3: not JSON"),
-    (["record", "--out", "x.safetensors", "--dataset", "latin1.csv"], "latin1.csv is not UTF-8 text"),
-    (["record", "--out", "x.safetensors", "--label-words", "sports,sports,business,politics"],
-     "label words share their first token: 'sports' and 'sports' (token 'sports') (give distinct ones: "
-     "--label-words"),
-])
-def test_bad_input_is_one_line_and_exit_1(embedded, tmp_path, args, message):
-    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n\n{"text": bad}\n')
-    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\u00e9,x\n".encode("latin-1"))
+@pytest.mark.parametrize("args,code,message", CASES, ids=[" ".join(c[0]) or "(none)" for c in CASES])
+def test_bad_input_is_one_error_line_with_its_exit_code(embedded, tmp_path, args, code, message):
+    """Usage errors: the usage line and one error line, exit 2; other bad input: one error line, exit 1. The line
+    is unwrapped (no terminal here) and nothing is written."""
+    for name, text in FIXTURES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / LATIN1[0]).write_bytes(LATIN1[1])
     r = nslens(*args, cwd=tmp_path)
-    assert r.returncode == 1, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0]  # one unwrapped line, even without a terminal
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    if code == 2:
+        lines = r.stderr.strip().splitlines()
+        assert lines[-2].startswith("Usage: nslens") and lines[-1] == errors[0]
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "missing command; choose one of analyze, demo, erase"),
-    (["record"], "Missing option '--out'"),
-    (["record", "--out", "x", "--layer", "1.5"], "Invalid value for '--layer'"),
-    (["recrd"], "No such command 'recrd'. Did you mean 'record'?"),
-    (["record", "--out", "x", "--bogus"], "No such option: --bogus"),
-])
-def test_usage_errors_are_the_usage_line_and_one_error_exit_2(tmp_path, args, message):
-    r = nslens(*args, cwd=tmp_path)
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert lines[-2].startswith("Usage: nslens") and lines[-1].startswith("error: ") and message in lines[-1]
-    assert "Traceback" not in r.stderr
+def test_readme_bad_input_table_is_generated_from_the_cases():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown() in readme, "regenerate the README table: python tests/cli_cases.py"
 
 
 @pytest.mark.parametrize("exc", ["keyboard", "typer-exit-130"])
