@@ -348,7 +348,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     cfg.validate()
     check_layers(cfg)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    # temporary files of a writer that was killed (SIGKILL) are not a run: they never block the next one
+    kept = [p for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))] \
+        if out.exists() else []
+    if kept and not overwrite:
         raise ValueError(f"run directory {out} exists and is not empty (pass --overwrite to replace it)")
     if model is None:
         model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, remote=cfg.remote)

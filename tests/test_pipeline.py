@@ -232,3 +232,14 @@ def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path):
     assert "record: " in r.stderr  # progress lines without a terminal
     r = script("sweeps.py", "--model", "embedded", "--limit", "24", "--sweeps", "tau", "--out", str(tmp_path / "sw"))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_stale_temporary_files_of_a_killed_run_are_cleaned_up(embedded, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".summary.json.k2j3.tmp").write_text("{")  # what a SIGKILL mid-write leaves behind
+    out = run_pipeline(small_cfg(analyses=False), run, model=embedded)
+    assert not list(out.glob(".*.tmp")) and (out / "summary.json").exists()
+    (run / "extra.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="exists and is not empty \\(pass --overwrite"):
+        run_pipeline(small_cfg(analyses=False), run, model=embedded)
