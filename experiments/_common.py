@@ -58,3 +58,18 @@ def run(main: Callable[[list[str] | None], object]) -> None:
     except (ValueError, OSError) as e:
         sys.stderr.write("error: " + " ".join(str(e).split()) + "\n")
         sys.exit(1)
+
+
+def run_parser(doc: str | None, config: object, out: str, *, lm_eval: bool = False) -> argparse.ArgumentParser:
+    """The arguments the run-based scripts share: model, dataset, samples, remote, batch size, output (and the
+    lm-eval limit where side effects are measured)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=config.model)
+    ap.add_argument("--dataset", default=None, help=f"default: {config.dataset} (synthetic for the embedded model)")
+    add_sample_args(ap)
+    if lm_eval:
+        ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
+    ap.add_argument("--remote", action="store_true")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap

@@ -8,7 +8,6 @@ Llama-3.2-3B (AG News) at layer 14, the middle of its 28 blocks, steering streng
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -18,7 +17,7 @@ import nslens
 from nslens.pipeline import RunConfig, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
+from _common import default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=14, operators=["zero"], n_per_class=3000,
@@ -28,15 +27,7 @@ CONFIG = RunConfig(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
-    add_sample_args(ap)
-    ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
-    ap.add_argument("--remote", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=Path("runs/steering"))
-    args = ap.parse_args(argv)
+    args = run_parser(__doc__, CONFIG, "runs/steering", lm_eval=True).parse_args(argv)
     model = nslens.load_model(args.model, dtype=None if args.model == "embedded" else CONFIG.dtype, remote=args.remote)
     layer = nslens.resolve_site(model).n_layers // 2  # the middle block (14 of Llama-3.2-3B's 28)
     base = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),

@@ -7,7 +7,6 @@ neuron vs range masking, on Llama-3.2-3B with AG News; plus the distribution ana
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from nslens.pipeline import RunConfig, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
+from _common import default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -25,14 +24,8 @@ CONFIG = RunConfig(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
+    ap = run_parser(__doc__, CONFIG, "runs/sweeps")
     ap.add_argument("--sweeps", nargs="+", default=CONFIG.sweeps)
-    add_sample_args(ap)
-    ap.add_argument("--remote", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=Path("runs/sweeps"))
     args = ap.parse_args(argv)
     cfg = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
                   sweeps=args.sweeps, remote=args.remote, batch_size=args.batch_size,

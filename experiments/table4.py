@@ -9,7 +9,6 @@ dampening (beta 0.5), on Llama-3.2-3B (last decoder block, the paper's 'penultim
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -18,7 +17,7 @@ from pathlib import Path
 from nslens.pipeline import RunConfig, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_sample_args, default_dataset, progress, run  # noqa: E402
+from _common import default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -28,15 +27,8 @@ CONFIG = RunConfig(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=CONFIG.model)
-    ap.add_argument("--dataset", default=None, help=f"default: {CONFIG.dataset} (synthetic for the embedded model)")
+    ap = run_parser(__doc__, CONFIG, "runs/table4", lm_eval=True)
     ap.add_argument("--operators", nargs="+", default=CONFIG.operators)
-    add_sample_args(ap)
-    ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")
-    ap.add_argument("--remote", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=Path("runs/table4"))
     args = ap.parse_args(argv)
     cfg = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
                   operators=args.operators, remote=args.remote, side_effect_limit=args.lm_eval_limit,
