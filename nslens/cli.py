@@ -221,11 +221,7 @@ def erase_cmd(
                             positions=positions, batch_size=batch_size, remote=remote, progress=cb)
     _print_table(tab)
     if out is not None:
-        from .files import atomic_path
-
-        for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
-            with atomic_path(out.with_suffix(f".{ext}")) as tmp:
-                Path(tmp).write_text(text)
+        tab.write(out.with_suffix(""))
 
 
 @app.command("side-effects")
@@ -243,7 +239,6 @@ def side_effects_cmd(
     allow_other_model: bool = AllowOtherModelOpt,
 ) -> None:
     """lm-eval side effects (MMLU acc, Wikipedia token perplexity) of neuron vs range masking of every concept."""
-    from .files import atomic_path
     from .harness import default_cache_dir, side_effect_table
     from .models import load_model, resolve_site
     from .pipeline import run_operators, side_effect_tasks
@@ -268,9 +263,7 @@ def side_effects_cmd(
                                 remote=remote, progress=cb)
     out_console.print(tab.to_markdown(), markup=False, highlight=False)
     if out is not None:
-        for ext, text in (("md", tab.to_markdown()), ("json", tab.to_json())):
-            with atomic_path(out.with_suffix(f".{ext}")) as tmp:
-                Path(tmp).write_text(text)
+        tab.write(out.with_suffix(""))
 
 
 @app.command("run")

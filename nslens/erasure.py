@@ -16,6 +16,7 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -239,6 +240,13 @@ class ErasureTable:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "summary": self.summary()}, indent=2, default=str)
+
+    def write(self, stem: str | Path) -> None:
+        """``<stem>.md``, ``<stem>.csv`` and ``<stem>.json``, each written atomically."""
+        from .files import write_text
+
+        for ext, text in (("md", self.to_markdown()), ("csv", self.to_csv()), ("json", self.to_json())):
+            write_text(f"{stem}.{ext}", text)
 
     @classmethod
     def from_json(cls, text: str) -> ErasureTable:

@@ -9,7 +9,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text"]
+__all__ = ["atomic_path", "nslens_home", "write_text"]
+
+
+def nslens_home() -> Path:
+    """Where nslens caches what it builds or measures once (the embedded model, task files, clean results,
+    general-text means): ``$NSLENS_HOME``, default ``~/.cache/nslens``."""
+    return Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens"))
 
 
 def _umask() -> int:

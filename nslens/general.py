@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .data import cut_to_tokens, wikipedia_articles
+from .files import atomic_path, nslens_home
 from .models import Site, model_fingerprint, model_id
 from .record import Progress, record
 
@@ -39,7 +39,7 @@ def general_texts(model: Any, n_docs: int = 200, max_tokens: int = 512) -> list[
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens")) / "general_means"
+    return nslens_home() / "general_means"
 
 
 def general_mean(model: Any, site: Site, texts: Sequence[str] | None = None, *, batch_size: int = 8,
@@ -62,8 +62,6 @@ def general_mean(model: Any, site: Site, texts: Sequence[str] | None = None, *, 
                  batch_size=batch_size, remote=remote, progress=progress,
                  meta={"corpus": "general text", "n_texts": len(texts)})
     mean = rec.stats.mean[0].astype(np.float32)
-    from .files import atomic_path
-
     with atomic_path(path) as tmp:
         save_file({"mean": mean}, tmp, metadata={"model_id": model_id(model), "site": json.dumps(site.describe()),
                                                   "n_texts": str(len(texts)),

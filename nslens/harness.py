@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,9 +27,10 @@ import torch
 
 from .data import WIKIPEDIA_DATA_FILES, cut_to_tokens, wikipedia_articles
 from .erasure import trim_note
+from .files import nslens_home, write_text
 from .intervene import Intervention, apply_in_trace
 from .loglik import LoglikSweep
-from .models import Site, model_fingerprint, model_id
+from .models import Site, model_fingerprint, model_id, tokenizer_fingerprint
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -237,8 +237,7 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
         synthetic_text,
     )
 
-    base = Path(root) if root is not None else Path(os.environ.get(
-        "NSLENS_HOME", Path.home() / ".cache" / "nslens")) / f"lm_eval_tasks-{EMBEDDED_VERSION}"
+    base = Path(root) if root is not None else nslens_home() / f"lm_eval_tasks-{EMBEDDED_VERSION}"
     marker = base / "done"
     stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-2"
     if marker.exists() and marker.read_text().strip() == stamp:
@@ -305,10 +304,9 @@ def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 
                            data_files: str = WIKIPEDIA_DATA_FILES, root: str | Path | None = None) -> Path:
     """The paper's perplexity task (Section 5.3): the first 200 Wikipedia articles, each cut to 512 tokens of the
     model's tokenizer, token perplexity. Written once per tokenizer and source under ``$NSLENS_HOME``."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
-    key = hashlib.sha256(vocab + json.dumps([n_docs, max_tokens, data_files]).encode()).hexdigest()[:12]
-    base = Path(root) if root is not None else Path(os.environ.get(
-        "NSLENS_HOME", Path.home() / ".cache" / "nslens")) / "lm_eval_tasks" / f"{WIKIPEDIA_PPL_TASK}-{key}"
+    key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), n_docs, max_tokens, data_files]).encode())
+    base = Path(root) if root is not None else \
+        nslens_home() / "lm_eval_tasks" / f"{WIKIPEDIA_PPL_TASK}-{key.hexdigest()[:12]}"
     if not (base / f"{WIKIPEDIA_PPL_TASK}.yaml").exists():  # written last: a half-written directory is redone
         token_ppl_task(base, WIKIPEDIA_PPL_TASK, wikipedia_articles(n_docs, data_files), tokenizer, max_tokens)
     return base
@@ -316,7 +314,7 @@ def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 
 
 def default_cache_dir() -> Path:
     """Where clean side-effect results are cached: ``$NSLENS_HOME/side_effects``."""
-    return Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens")) / "side_effects"
+    return nslens_home() / "side_effects"
 
 
 @functools.lru_cache(maxsize=8)
@@ -525,11 +523,8 @@ def side_effects(
     results = {run: evaluate(i) for i, run in enumerate(runs)}
     out = SideEffects(clean=cached_clean if cached_clean is not None else results[None])
     if cached_clean is None and cache is not None:
-        from .files import atomic_path
-
-        with atomic_path(cache) as tmp:
-            Path(tmp).write_text(json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
-                                             "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
+        write_text(cache, json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
+                                      "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
     for name in interventions:
         out[name] = results[name]
     out.batch_bytes, out.batch_shapes = list(sweep.batch_bytes), list(sweep.batch_shapes)
@@ -590,6 +585,11 @@ class SideEffectTable:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "summary": self.summary()}, indent=2, default=str)
+
+    def write(self, stem: str | Path) -> None:
+        """``<stem>.md`` and ``<stem>.json``, each written atomically."""
+        for ext, text in (("md", self.to_markdown()), ("json", self.to_json())):
+            write_text(f"{stem}.{ext}", text)
 
     @classmethod
     def from_json(cls, text: str) -> SideEffectTable:

@@ -15,6 +15,8 @@ import torch
 
 __all__ = [
     "QUANTIZE_MODES",
+    "check_layer",
+    "local_n_layers",
     "SUPPORTED_FAMILIES",
     "Site",
     "load_model",
@@ -63,9 +65,42 @@ def _hf_config(model: Any) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ValueError("model has no `config`; pass an nnsight-wrapped Hugging Face causal LM")
+    return _decoder_config(cfg)
+
+
+def _decoder_config(cfg: Any) -> Any:
     if getattr(cfg, "model_type", None) not in SUPPORTED_FAMILIES and getattr(cfg, "text_config", None) is not None:
         return cfg.text_config  # multimodal wrappers (e.g. Gemma-3) keep the decoder config here
     return cfg
+
+
+def _n_layers(cfg: Any) -> int:
+    return int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+
+
+def check_layer(layer: Any, n_layers: int) -> int:
+    """``layer`` as an index into ``n_layers`` decoder layers (negative counts from the end), or a one-line error."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"layer must be an integer, got {layer!r}")
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range for a model with {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    return layer % n_layers
+
+
+def local_n_layers(name: str) -> int | None:
+    """The depth of model ``name`` read from its config where that is local (the embedded model once built, a
+    local directory, the hub cache), without loading the model; None when it is not."""
+    from transformers import AutoConfig
+
+    if name == "embedded":
+        from .synthetic import embedded_model_dir
+
+        name = str(embedded_model_dir())
+    try:
+        return _n_layers(_decoder_config(AutoConfig.from_pretrained(name, local_files_only=True)))
+    except Exception:  # not cached, not a model: the check after loading reports it
+        return None
 
 
 def model_family(model: Any) -> str:
@@ -117,14 +152,9 @@ def resolve_site(model: Any, layer: int = -1) -> Site:
     at layer 25 of Gemma-2-2B's 26)."""
     family = model_family(model)
     cfg = _hf_config(model)
-    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    n_layers = _n_layers(cfg)
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"layer must be an integer, got {layer!r}")
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range for a model with {n_layers} layers "
-                         f"(valid: {-n_layers}..{n_layers - 1})")
-    idx = layer % n_layers
+    idx = check_layer(layer, n_layers)
     return Site(layer=idx, path=f"{SUPPORTED_FAMILIES[family]}.{idx}", n_layers=n_layers, d_model=d_model,
                 family=family)
 

@@ -24,7 +24,7 @@ from .data import ConceptDataset, FewShotPrompter, check_dataset_spec, label_tok
 from .erasure import CACC_AVERAGES, erasure_table, predict
 from .files import atomic_path, write_text
 from .intervene import INTERVENE_POSITIONS
-from .models import Site, load_model, model_id, resolve_site
+from .models import Site, check_layer, load_model, local_n_layers, model_id, resolve_site
 from .ops import OPERATORS, make_operator
 from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
 from .rank import RANKING_METHODS, check_fraction
@@ -245,30 +245,10 @@ def _type_name(tp: Any) -> str:
 def check_layers(cfg: RunConfig) -> None:
     """The layer and the sweep layers against the model's depth, read from its config where that is local (the
     embedded model, a local directory, the hub cache), so a bad layer is reported before the model loads."""
-    n = _local_n_layers(cfg.model)
-    if n is None:
-        return
-    for layer in [cfg.layer, *(cfg.sweep_layers or [])]:
-        if not -n <= layer < n:
-            raise ValueError(f"layer {layer} out of range for a model with {n} layers (valid: {-n}..{n - 1})")
-
-
-def _local_n_layers(model: str) -> int | None:
-    from .synthetic import embedded_model_dir
-
-    path = embedded_model_dir() if model == "embedded" else Path(model)
-    try:
-        if (path / "config.json").exists():
-            cfg = json.loads((path / "config.json").read_text())
-        else:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(model, local_files_only=True).to_dict()
-    except Exception:  # not cached, not a model: the check after loading reports it
-        return None
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
-    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    return int(n) if n else None
+    n = local_n_layers(cfg.model)
+    if n is not None:
+        for layer in [cfg.layer, *(cfg.sweep_layers or [])]:
+            check_layer(layer, n)
 
 
 @dataclass
@@ -409,8 +389,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                                 positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                                 progress=progress, sae=sae, cacc_average=cfg.cacc_average)
-            for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
-                write_text(out / f"erasure_{op_name}.{ext}", text)
+            tab.write(out / f"erasure_{op_name}")
             summary["erasure"][op_name] = tab.summary()
             save_summary()
         steer_runs = {}
@@ -509,8 +488,7 @@ def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg
                             positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                             progress=progress, cacc_average=cfg.cacc_average)
         tab.meta.update(steering=name, steer_source=cfg.steer_source, steer_tau=cfg.steer_tau)
-        for ext, text in (("md", tab.to_markdown()), ("csv", tab.to_csv()), ("json", tab.to_json())):
-            write_text(out / f"erasure_{name}.{ext}", text)
+        tab.write(out / f"erasure_{name}")
         summary["erasure"][name] = tab.summary()
         save_summary()
         runs[name] = (masks, per)
@@ -536,8 +514,7 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], ops: dict[str,
         tabs = list(side_effect_tables(model, site, group_masks, list(named.values()), sae=group_sae,
                                        **common).values())
         for name, tab in zip(named, tabs):
-            write_text(out / f"side_effects_{name}.md", tab.to_markdown())
-            write_text(out / f"side_effects_{name}.json", tab.to_json())
+            tab.write(out / f"side_effects_{name}")
             result[name] = {"clean": tab.clean, **tab.summary()}
     return result
 

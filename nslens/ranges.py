@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_path
+from .files import atomic_path, write_text
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
@@ -78,8 +78,7 @@ class RangeMask:
                    "mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-        with atomic_path(path.with_suffix(".json")) as tmp:
-            Path(tmp).write_text(json.dumps(self.meta, indent=2, default=str))
+        write_text(path.with_suffix(".json"), json.dumps(self.meta, indent=2, default=str))
         return path
 
     @classmethod

@@ -166,8 +166,9 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
 
 def embedded_model_dir() -> Path:
     """Where the embedded model is cached: ``$NSLENS_HOME/embedded-<version>`` (default ``~/.cache/nslens``)."""
-    home = Path(os.environ.get("NSLENS_HOME", Path.home() / ".cache" / "nslens"))
-    return home / f"embedded-{EMBEDDED_VERSION}"
+    from .files import nslens_home
+
+    return nslens_home() / f"embedded-{EMBEDDED_VERSION}"
 
 
 def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 6):
