@@ -389,10 +389,13 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
     est: dict[str, dict[int, np.ndarray]] = {"neurgrad": {}, "cg": {}, "ig": {}}
     tg = np.asarray(targets)
     for li in used:
-        est["neurgrad"][li] = neurgrad(model, sites[li], prompts, tg, log_prob=log_prob, remote=remote)[:, 0]
+        # one backward gives both: NeurGrad = CG x sign(a)
+        g, a = _last_token_grads(model, sites[li], prompts, torch.as_tensor(tg, dtype=torch.int64)[:, None], None,
+                                 batch_size=8, log_prob=log_prob, remote=remote, progress=None, desc="neurgrad")
+        cg = g[:, 0, 0]
+        est["neurgrad"][li] = (cg * torch.sign(a)).numpy().astype(np.float64)
         if baselines:
-            est["cg"][li] = neurgrad(model, sites[li], prompts, tg, log_prob=log_prob, remote=remote,
-                                     signed=False)[:, 0]
+            est["cg"][li] = cg.numpy().astype(np.float64)
             est["ig"][li] = integrated_gradients(model, sites[li], prompts, tg, steps=ig_steps, log_prob=log_prob,
                                                  remote=remote)[:, 0]
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("slope", "r", "neurgrad", "cg", "ig", "lpi", "layers")}
