@@ -89,3 +89,16 @@ def test_lm_prob_and_act_baselines(embedded, synth):
     assert act.order[0] == 7
     with pytest.raises(ValueError, match=r"option_probs must be \[queries, options\]"):
         evaluate_probes(neg, answers, queries, option_probs=np.zeros((600, 2)))
+
+
+def test_probe_features_under_remote_local_equal_local(embedded, synth):
+    from nslens.neg import resolve_neuron_site
+
+    ds = synth["ds"].subset(np.arange(10))
+    ids = nslens.label_token_ids(embedded.tokenizer, ds.label_words)
+    prompts = nslens.FewShotPrompter(list(ds.label_words)).prompts(ds.texts)
+    ns = resolve_neuron_site(embedded, 2, "product")
+    local = probe_features(embedded, ns, prompts, ids, batch_size=4)
+    remote = probe_features(embedded, ns, prompts, ids, batch_size=4, remote="local")
+    for a, b in zip(local, remote):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
