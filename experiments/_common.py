@@ -60,12 +60,14 @@ def run(main: Callable[[list[str] | None], object]) -> None:
         sys.exit(1)
 
 
-def run_parser(doc: str | None, config: object, out: str, *, lm_eval: bool = False) -> argparse.ArgumentParser:
+def run_parser(doc: str | None, config: object, out: str, *, lm_eval: bool = False,
+               dataset_help: str | None = None) -> argparse.ArgumentParser:
     """The arguments the run-based scripts share: model, dataset, samples, remote, batch size, output (and the
     lm-eval limit where side effects are measured)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=config.model)
-    ap.add_argument("--dataset", default=None, help=f"default: {config.dataset} (synthetic for the embedded model)")
+    ap.add_argument("--dataset", default=None,
+                    help=dataset_help or f"default: {config.dataset} (synthetic for the embedded model)")
     add_sample_args(ap)
     if lm_eval:
         ap.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval --limit (per MMLU subtask)")

@@ -22,7 +22,9 @@ out_console = Console(width=None if sys.stdout.isatty() else 140)
 
 ModelOpt = typer.Option("embedded", "--model", "-m", help="Hub id, local directory or 'embedded'.")
 DatasetOpt = typer.Option("synthetic", "--dataset", "-d", help="synthetic, ag_news, dbpedia_14, emotion, sst2, "
-                          "imdb, or a .csv/.jsonl path.")
+                          "imdb, next:<family>[:<source>] (next-token concepts: pronouns, pronoun_pairs, punctuation, "
+                          "delimiters, agreement or w1,w2/w3; source wikitext, synthetic or a .txt file), or a "
+                          ".csv/.jsonl path.")
 LayerOpt = typer.Option(-1, "--layer", "-l", help="Decoder layer whose output is the site (negative counts from "
                         "the end; -1 = the last block, the paper's 'penultimate layer' before the output head).")
 LabelWordsOpt = typer.Option(None, "--label-words", help="Comma-separated words the model answers with, one per "
@@ -175,13 +177,14 @@ def ranges_cmd(
     tau: float = typer.Option(2.5, help="Range half-width in standard deviations."),
 ) -> None:
     """Rank neurons and write one range mask per concept."""
+    from .files import slug
     from .ranges import build_range_masks
     from .stats import ConceptStats
 
     st = ConceptStats.load(stats)
     masks = build_range_masks(st, method=method, fraction=fraction, tau=tau)
     for i, mk in enumerate(masks):
-        mk.save(out / f"{i:02d}_{mk.concept}.safetensors")
+        mk.save(out / f"{i:02d}_{slug(mk.concept)}.safetensors")
     console.print(f"[green]wrote[/] {len(masks)} masks of {len(masks[0])} neurons to {out}")
 
 
@@ -218,10 +221,41 @@ def erase_cmd(
     with progress_display() as cb:
         data = prepare_data(m, site, cfg, cb, ds=ds)
         tab = erasure_table(m, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
-                            positions=positions, batch_size=batch_size, remote=remote, progress=cb)
+                            gold_token_ids=data.test_gold, positions=positions, batch_size=batch_size,
+                            remote=remote, progress=cb)
     _print_table(tab)
     if out is not None:
         tab.write(out.with_suffix(""))
+
+
+@app.command("nexttoken")
+def nexttoken_cmd(
+    family: str = typer.Argument(..., help="pronouns, pronoun_pairs, punctuation, delimiters, agreement, or "
+                                 "concepts as w1,w2/w3 (a concept per comma, its tokens split by /)."),
+    source: str = typer.Option("wikitext", "--source", "-s", help="wikitext (WikiText-103 through datasets), "
+                               "synthetic (the embedded model's text) or a .txt (a text per line) / .jsonl file."),
+    n_per_concept: int = typer.Option(500, "--n", help="Samples per concept (the paper: 500)."),
+    min_words: int = typer.Option(5, help="Shortest context, in words."),
+    max_words: int = typer.Option(64, help="Contexts are cut on the left to this many words."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("nexttoken/samples"), "--out", "-o",
+                             help="Writes <out>.jsonl (the dataset) and <out>.md (the check sheet)."),
+) -> None:
+    """Extract next-token concept samples (paper App. K) for the manual check: contexts that end right before a
+    concept's token. Delete wrong rows from the .jsonl and use it as --dataset (or use next:FAMILY:SOURCE)."""
+    from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
+
+    parse_spec(f"next:{family}:{source}")
+    if n_per_concept < 1:
+        raise ValueError(f"--n must be >= 1, got {n_per_concept}")
+    _check_writable(out)
+    concepts = parse_concepts(family)
+    with progress_display() as cb:
+        samples = extract_next_token(source_texts(source, seed=seed), concepts, n_per_concept=n_per_concept,
+                                     seed=seed, min_words=min_words, max_words=max_words, progress=cb)
+    paths = write_check_sheet(samples, out)
+    counts = ", ".join(f"{c.name} {sum(s.concept == c.name for s in samples)}" for c in concepts)
+    console.print(f"[green]wrote[/] {len(samples)} samples ({counts}) to {paths[0]} and the check sheet {paths[1]}")
 
 
 @app.command("side-effects")
@@ -377,7 +411,7 @@ def neg_cmd(
     sites = resolve_neuron_sites(m, kind) if all_layers else [resolve_neuron_site(m, layer, kind)]
     data = prepare_data(m, resolve_site(m, layer), cfg)
     sub = data.test.subset(list(range(min(prompts, len(data.test)))))
-    gold = [data.label_ids[y] for y in sub.labels]
+    gold = data.test_gold[: len(sub)]
     with progress_display() as cb:
         rep = linearity_report(m, sites, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
                                ig_steps=ig_steps, progress=cb)
@@ -425,6 +459,9 @@ def probe_cmd(
         from .data import FewShotPrompter, label_token_ids
 
         ds = load_concepts(cfg)
+        if ds.next_token:
+            raise ValueError(f"probe reads skills from label options; {dataset!r} holds next-token concepts (use a "
+                             "classification dataset or --mceval)")
         ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
         prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
         prompts, answers, queries = prompter.prompts(ds.texts), ds.labels, ds.texts

@@ -3,6 +3,9 @@
 A *concept* is a class label of a text-classification dataset (the paper's setting: AG News topics, DBPedia-14
 entity types, emotions, sentiment). Decoder models classify through a few-shot prompt whose next token is the
 label word; the activation recorded for a sample is the residual stream at that prompt's last token.
+
+A *next-token* dataset (``targets`` set, ``nslens.nexttoken``, paper App. K) has no prompt: each text is raw
+context and its target is the token that followed it, so every sample has its own gold token.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class ConceptDataset:
 
     ``labels[i]`` indexes ``label_names``; ``label_words`` are the words the model is asked to answer with
     (defaults to the names; override when a name tokenizes badly, e.g. ``Sci/Tech`` -> ``Science``).
+    ``targets[i]``, for next-token concepts, is the text that followed ``texts[i]`` (its first token is the
+    sample's gold token).
     """
 
     texts: list[str]
@@ -31,11 +36,14 @@ class ConceptDataset:
     name: str = "custom"
     label_words: list[str] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.texts) != len(self.labels):
             raise ValueError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.labels)} labels")
+        if self.targets is not None and len(self.targets) != len(self.texts):
+            raise ValueError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.targets)} targets")
         if len(self.label_names) < 2:
             raise ValueError(f"dataset {self.name!r}: need at least 2 concepts, got {self.label_names}")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
@@ -54,6 +62,11 @@ class ConceptDataset:
         return len(self.texts)
 
     @property
+    def next_token(self) -> bool:
+        """Raw contexts with per-sample target tokens (no prompt) rather than texts to classify."""
+        return self.targets is not None
+
+    @property
     def n_concepts(self) -> int:
         return len(self.label_names)
 
@@ -69,6 +82,7 @@ class ConceptDataset:
             name=self.name,
             label_words=list(self.label_words or self.label_names),
             source=dict(self.source),
+            targets=None if self.targets is None else [self.targets[i] for i in index],
         )
 
     def balanced(self, n_per_class: int, seed: int = 0) -> ConceptDataset:

@@ -96,11 +96,13 @@ def load_local_dataset(
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
     label_words: Sequence[str] | None = None,
+    target_column: str = "target",
 ) -> ConceptDataset:
     """Load a local ``.csv`` or ``.jsonl`` file with a text and a label column.
 
     Labels may be integers (indices into ``label_names``) or strings (names; sorted to give indices unless
-    ``label_names`` fixes the order).
+    ``label_names`` fixes the order). A ``target_column`` makes it a next-token dataset (the text is raw context,
+    the target the token that followed: ``nslens.nexttoken.write_check_sheet`` writes such files).
     """
     path = Path(path)
     if not path.exists():
@@ -138,6 +140,12 @@ def load_local_dataset(
         if unknown:
             raise ValueError(f"dataset file {path.name}: labels {unknown} are not in label_names {names}")
         labels = np.asarray([names.index(str(x)) for x in raw])
+    targets = None
+    if target_column in columns:
+        targets = [str(r.get(target_column) or "") for r in rows]
+        empty = [i + 1 for i, t in enumerate(targets) if not t]
+        if empty:
+            raise ValueError(f"dataset file {path.name}: empty {target_column!r} in rows {empty[:5]}")
     return ConceptDataset(
         texts=[str(r[text_column]) for r in rows],
         labels=labels,
@@ -145,6 +153,7 @@ def load_local_dataset(
         name=path.stem,
         label_words=list(label_words) if label_words else None,
         source={"path": str(path)},
+        targets=targets,
     )
 
 
@@ -152,27 +161,37 @@ def check_dataset_spec(spec: str) -> None:
     """Fail early (before any model loads) on a dataset that ``load_dataset`` could not load."""
     if spec == "synthetic" or spec in HF_DATASETS:
         return
+    if spec.startswith("next:"):
+        from .nexttoken import parse_spec
+
+        parse_spec(spec)
+        return
     if spec.endswith((".csv", ".jsonl", ".json")):
         if not Path(spec).exists():
             raise ValueError(f"dataset file not found: {spec}")
         return
     raise ValueError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-                     "or a .csv/.jsonl path")
+                     "next:<family>[:<source>], or a .csv/.jsonl path")
 
 
 def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
-    """One entry point: ``synthetic``, a paper dataset name, or a local file path."""
+    """One entry point: ``synthetic``, a paper dataset name, ``next:<family>[:<source>]`` (next-token concepts,
+    ``nslens.nexttoken``), or a local file path."""
     if spec == "synthetic":
         from .synthetic import synthetic_concepts
 
         return synthetic_concepts(**kwargs)
+    if spec.startswith("next:"):
+        from .nexttoken import next_token_dataset
+
+        return next_token_dataset(spec, **kwargs)
     if spec.endswith((".csv", ".jsonl", ".json")):
         return load_local_dataset(spec, **kwargs)
     if spec in HF_DATASETS:
         return load_hf_dataset(spec, **kwargs)
     raise ValueError(
         f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-        "or a .csv/.jsonl path"
+        "next:<family>[:<source>], or a .csv/.jsonl path"
     )
 
 

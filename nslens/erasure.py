@@ -30,7 +30,8 @@ from .record import Progress, batches, prepare_remote, tokenize
 from .remote import maybe_retry
 from .replay import chunked, replay_batch
 
-__all__ = ["CACC_AVERAGES", "METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many"]
+__all__ = ["CACC_AVERAGES", "METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many",
+           "sample_gold"]
 
 METRICS = ("acc", "conf", "cacc", "cconf")
 #: how CAcc / CConf average over the other concepts (see ``concept_metrics``)
@@ -154,6 +155,22 @@ def predict_many(
     return result
 
 
+def sample_gold(labels: np.ndarray, label_token_ids: Sequence[int] | None,
+                gold_token_ids: Sequence[int] | np.ndarray | None = None, *, n_concepts: int) -> np.ndarray:
+    """Each sample's gold token: its own (``gold_token_ids``) or its concept's label token."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if gold_token_ids is not None:
+        gold = np.asarray(gold_token_ids, dtype=np.int64)
+        if gold.shape != labels.shape:
+            raise ValueError(f"{len(gold)} gold tokens for {len(labels)} samples")
+        return gold
+    if label_token_ids is None:
+        raise ValueError("give label_token_ids (one per concept) or gold_token_ids (one per sample)")
+    if len(label_token_ids) != n_concepts:
+        raise ValueError(f"{n_concepts} masks for {len(label_token_ids)} concepts")
+    return np.asarray(list(label_token_ids), dtype=np.int64)[labels]
+
+
 def concept_metrics(p: Predictions, labels: np.ndarray, target: int, average: str = "class") -> dict[str, float]:
     """Acc/Conf on the target concept's samples; CAcc/CConf over the other concepts.
 
@@ -260,10 +277,11 @@ def erasure_table(
     site: Site,
     prompts: Sequence[str],
     labels: np.ndarray,
-    label_token_ids: Sequence[int],
+    label_token_ids: Sequence[int] | None,
     masks: Sequence[RangeMask],
     operator: Operator | Sequence[Operator],
     *,
+    gold_token_ids: Sequence[int] | np.ndarray | None = None,
     positions: str = "all",
     batch_size: int = 16,
     remote: bool | str = False,
@@ -278,7 +296,8 @@ def erasure_table(
     ``fast`` (default) computes the layers below the site once per batch (``predict_many``); ``fast=False`` runs
     2C + 1 full forward passes over the test set (the reference path; same numbers). With ``sae`` the masks select
     SAE features and "neuron" masking is feature masking. ``operator`` may be one per mask (per-concept steering
-    vectors, ``nslens.steering``).
+    vectors, ``nslens.steering``). The gold token of a sample is its concept's label token, or, with
+    ``gold_token_ids`` (next-token concepts, ``nslens.nexttoken``), the sample's own.
     """
     ops = list(operator) if isinstance(operator, (list, tuple)) else [operator] * len(masks)
     if len(ops) != len(masks):
@@ -286,10 +305,7 @@ def erasure_table(
     if cacc_average not in CACC_AVERAGES:
         raise ValueError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     labels = np.asarray(labels, dtype=np.int64)
-    label_token_ids = list(label_token_ids)
-    if len(masks) != len(label_token_ids):
-        raise ValueError(f"{len(masks)} masks for {len(label_token_ids)} concepts")
-    gold = np.asarray(label_token_ids)[labels]
+    gold = sample_gold(labels, label_token_ids, gold_token_ids, n_concepts=len(masks))
     concepts = [m.concept for m in masks]
 
     ivs = [Intervention(mask, op, gated=gated, positions=positions, sae=sae)

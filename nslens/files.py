@@ -9,7 +9,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "nslens_home", "write_text"]
+__all__ = ["atomic_path", "nslens_home", "slug", "write_text"]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a concept name (``he/his`` -> ``he_his``; ``?`` -> ``concept``): file names carry an
+    index prefix, so slugs need not be unique."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "concept"
 
 
 def nslens_home() -> Path:

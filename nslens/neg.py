@@ -419,12 +419,17 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
 
 
 def neurgrad_concept_scores(model: Any, site: Site, prompts: Sequence[str], labels: np.ndarray,
-                            label_token_ids: Sequence[int], *, batch_size: int = 8, remote: bool | str = False,
+                            label_token_ids: Sequence[int] | None, *, gold_token_ids: Any = None,
+                            n_concepts: int | None = None, batch_size: int = 8, remote: bool | str = False,
                             progress: Progress | None = None) -> np.ndarray:
-    """The ``neurgrad`` saliency ranking at a residual site: per concept, mean |NeurGrad| of the gold label's
-    probability over the concept's samples, ``[C, d_model]``."""
+    """The ``neurgrad`` saliency ranking at a residual site: per concept, mean |NeurGrad| of the gold token's
+    probability over the concept's samples, ``[C, d_model]``. The gold token is the concept's label token or the
+    sample's own (``gold_token_ids``, next-token concepts; then ``n_concepts`` says how many there are)."""
+    from .erasure import sample_gold
+
     ns = NeuronSite(site, "residual", site.d_model)
     labels = np.asarray(labels, dtype=np.int64)
-    gold = np.asarray(label_token_ids)[labels]
+    n = n_concepts if n_concepts is not None else len(label_token_ids or [])
+    gold = sample_gold(labels, label_token_ids, gold_token_ids, n_concepts=n)
     g = np.abs(neurgrad(model, ns, prompts, gold, batch_size=batch_size, remote=remote, progress=progress)[:, 0])
-    return np.stack([g[labels == c].mean(0) for c in range(len(label_token_ids))])
+    return np.stack([g[labels == c].mean(0) for c in range(n)])

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from .data import ConceptDataset, FewShotPrompter, check_dataset_spec, label_token_ids, load_dataset
+from .nexttoken import target_token_ids
 from .erasure import CACC_AVERAGES, erasure_table, predict
-from .files import atomic_path, write_text
+from .files import atomic_path, slug, write_text
 from .intervene import INTERVENE_POSITIONS
 from .models import Site, check_layer, load_model, local_n_layers, model_id, resolve_site
 from .ops import OPERATORS, make_operator
@@ -45,7 +46,10 @@ class RunConfig:
     model: str = "embedded"
     """Hub id, local directory, or 'embedded' (the offline default)."""
     dataset: str = "synthetic"
-    """'synthetic', a paper dataset (ag_news, dbpedia_14, emotion, sst2, imdb) or a .csv/.jsonl path."""
+    """'synthetic', a paper dataset (ag_news, dbpedia_14, emotion, sst2, imdb), next-token concepts
+    next:<family>[:<source>] (families pronouns, pronoun_pairs, punctuation, delimiters, agreement, or w1,w2/w3;
+    source wikitext, synthetic or a .txt file; paper App. K) or a .csv/.jsonl path (a target column makes it
+    next-token)."""
     label_words: list[str] | None = None
     """Words the model answers with (default: the dataset's)."""
     layer: int = -1
@@ -253,44 +257,78 @@ def check_layers(cfg: RunConfig) -> None:
 
 @dataclass
 class PreparedData:
-    """The train/test split, prompts and label tokens a run uses."""
+    """The train/test split, prompts and gold tokens a run uses.
+
+    Classification datasets go through the few-shot ``prompter`` and every sample's gold token is its concept's
+    label token (``label_ids``). Next-token datasets (``ConceptDataset.next_token``) have neither: the texts are
+    the prompts and each sample has its own gold token."""
 
     train: ConceptDataset
     test: ConceptDataset
-    prompter: FewShotPrompter
-    label_ids: list[int]
+    prompter: FewShotPrompter | None
+    label_ids: list[int] | None
+    train_gold: np.ndarray
+    test_gold: np.ndarray
 
     def prompts(self, ds: ConceptDataset) -> list[str]:
-        return self.prompter.prompts(ds.texts)
+        return list(ds.texts) if self.prompter is None else self.prompter.prompts(ds.texts)
 
 
 def load_concepts(cfg: RunConfig) -> ConceptDataset:
     """The run's dataset, balanced to ``n_per_class`` (label words from the config when given)."""
     if cfg.dataset == "synthetic":
         ds = load_dataset("synthetic", n_per_class=cfg.n_per_class, seed=cfg.seed + 1)
+    elif cfg.dataset.startswith("next:"):
+        ds = load_dataset(cfg.dataset, n_per_concept=cfg.n_per_class, seed=cfg.seed, max_words=cfg.max_words)
     else:
         ds = load_dataset(cfg.dataset)
     if cfg.label_words:
+        if ds.next_token:
+            raise ValueError(f"dataset {cfg.dataset!r} holds next-token concepts: label_words do not apply")
         ds.label_words = list(cfg.label_words)
         ds.__post_init__()
     return ds.balanced(cfg.n_per_class, seed=cfg.seed)
+
+
+def _single_token_targets(tokenizer: Any, ds: ConceptDataset) -> ConceptDataset:
+    """Next-token samples whose target is one token right after the context's tokens (``target_token_ids``)."""
+    _, ok = target_token_ids(tokenizer, ds.texts, ds.targets or [])
+    if not ok.all():
+        logger.warning("dataset %s: %d of %d samples dropped (the target is not one token after the context's "
+                       "tokens with this tokenizer)", ds.name, int((~ok).sum()), len(ok))
+    kept = ds.subset(np.flatnonzero(ok))
+    kept.source["dropped_multi_token"] = int((~ok).sum())
+    return kept
 
 
 def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None,
                  ds: ConceptDataset | None = None) -> PreparedData:
     """Balanced sampling, seeded stratified split, few-shot prompter, label tokens (checked for collisions) and,
     with ``only_correct``, the filter to samples the clean model gets right. ``ds``: the dataset, when the caller
-    already loaded it (``load_concepts(cfg)``)."""
+    already loaded it (``load_concepts(cfg)``). Next-token datasets keep the samples whose target is one token
+    and need no prompter."""
     ds = ds if ds is not None else load_concepts(cfg)
+    tok = model.tokenizer
+    if ds.next_token:
+        ds = _single_token_targets(tok, ds)
+        label_ids, prompter = None, None
+    else:
+        label_ids = label_token_ids(tok, ds.label_words or ds.label_names)
     ds.check_concepts(min_samples=4)
-    label_ids = label_token_ids(model.tokenizer, ds.label_words or ds.label_names)
     train, test = ds.split(cfg.test_size, seed=cfg.seed)
-    prompter = FewShotPrompter.from_dataset(train, k=cfg.k_shot, seed=cfg.seed, max_words=cfg.max_words)
+    if not ds.next_token:
+        prompter = FewShotPrompter.from_dataset(train, k=cfg.k_shot, seed=cfg.seed, max_words=cfg.max_words)
+
+    def gold(part: ConceptDataset) -> np.ndarray:
+        return target_token_ids(tok, part.texts, part.targets or [])[0] if part.next_token \
+            else np.asarray(label_ids)[part.labels]
+
     if cfg.only_correct:
         kept = []
         for part in (train, test):
-            p = predict(model, site, prompter.prompts(part.texts), np.asarray(label_ids)[part.labels],
-                        batch_size=cfg.batch_size, remote=cfg.remote, progress=progress, desc="filter correct")
+            prompts = list(part.texts) if prompter is None else prompter.prompts(part.texts)
+            p = predict(model, site, prompts, gold(part), batch_size=cfg.batch_size, remote=cfg.remote,
+                        progress=progress, desc="filter correct")
             idx = np.flatnonzero(p.correct)
             cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
             keep = np.concatenate([idx[part.labels[idx] == c][:cap] for c in range(part.n_concepts)])
@@ -298,7 +336,7 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
         train, test = kept
         train.check_concepts(min_samples=2)
         test.check_concepts(min_samples=1)
-    return PreparedData(train, test, prompter, label_ids)
+    return PreparedData(train, test, prompter, label_ids, gold(train), gold(test))
 
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
@@ -362,7 +400,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     save_summary()
     try:
         data = prepare_data(model, site, cfg, progress)
-        summary.update(n_train=len(data.train), n_test=len(data.test))
+        summary.update(n_train=len(data.train), n_test=len(data.test), next_token=data.test.next_token)
         _write_texts(out / "train.jsonl", data.train)
         rec, scores = None, None
         if sae is not None:
@@ -380,14 +418,14 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
             masks = build_range_masks(rec.stats, method=cfg.method, fraction=cfg.fraction, tau=cfg.tau,
                                       samples=rec.samples, sample_labels=rec.sample_labels, scores=scores)
         for i, m in enumerate(masks):
-            m.save(out / "ranges" / f"{i:02d}_{_slug(m.concept)}.safetensors")
+            m.save(out / "ranges" / f"{i:02d}_{slug(m.concept)}.safetensors")
         summary["neurons_per_concept"] = len(masks[0])
         summary["erasure"] = {}
         save_summary()
         ops = run_operators(model, site, cfg, progress)
         for op_name, op in ops.items():
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
-                                positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
+                                gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                                 progress=progress, sae=sae, cacc_average=cfg.cacc_average)
             tab.write(out / f"erasure_{op_name}")
             summary["erasure"][op_name] = tab.summary()
@@ -428,11 +466,13 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
 
 
 def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
-    """The lm-eval tasks and include path a run uses (offline synthetic tasks on the embedded model)."""
+    """The lm-eval tasks and include path a run uses. On the embedded model each default task (MMLU, Wikipedia
+    token perplexity) is replaced by its offline synthetic stand-in."""
     from .harness import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
 
-    if cfg.model == "embedded" and list(cfg.side_effect_tasks) == list(DEFAULT_TASKS):
-        return list(LOCAL_TASKS), str(local_tasks_dir())
+    if cfg.model == "embedded" and set(cfg.side_effect_tasks) & set(DEFAULT_TASKS):
+        stand_in = dict(zip(DEFAULT_TASKS, LOCAL_TASKS))
+        return [stand_in.get(t, t) for t in cfg.side_effect_tasks], str(local_tasks_dir())
     return list(cfg.side_effect_tasks), cfg.lm_eval_include
 
 
@@ -485,7 +525,7 @@ def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg
     for name in cfg.steering:
         per = [zero()] * len(masks) if name == "arm" else steering_operators(stats, name, cfg.steer_alpha)
         tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, per,
-                            positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
+                            gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                             progress=progress, cacc_average=cfg.cacc_average)
         tab.meta.update(steering=name, steer_source=cfg.steer_source, steer_tau=cfg.steer_tau)
         tab.write(out / f"erasure_{name}")
@@ -528,12 +568,15 @@ def _scores(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
         from .neg import neurgrad_concept_scores
 
         return neurgrad_concept_scores(model, site, data.prompts(data.train), data.train.labels, data.label_ids,
+                                       gold_token_ids=data.train_gold, n_concepts=data.train.n_concepts,
                                        batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
     return rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
 
 
 def _write_texts(path: Path, ds: ConceptDataset) -> None:
-    write_text(path, "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(ds.texts, ds.labels.tolist())))
+    targets = ds.targets if ds.targets is not None else [None] * len(ds)
+    write_text(path, "".join(json.dumps({"text": t, "label": y, **({"target": g} if g is not None else {})}) + "\n"
+                             for t, y, g in zip(ds.texts, ds.labels.tolist(), targets)))
 
 
 def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
@@ -543,7 +586,8 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
 
     test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
     method = cfg.method if cfg.method in ("max", "probeless") else "max"  # sweeps rebuild masks from statistics
-    common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions}
+    common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions,
+              "gold_token_ids": data.test_gold}
     done = []
     for param in cfg.sweeps:
         if param == "fraction":
@@ -554,18 +598,14 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
                            fraction=cfg.fraction, progress=progress, **common)
         else:
             sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
-                             layers=cfg.sweep_layers, method=method,
-                             fraction=cfg.fraction, tau=cfg.tau, batch_size=cfg.batch_size, remote=cfg.remote,
-                             progress=progress)
+                             layers=cfg.sweep_layers, method=method, fraction=cfg.fraction, tau=cfg.tau,
+                             batch_size=cfg.batch_size, remote=cfg.remote, progress=progress,
+                             gold_token_ids=data.test_gold)
         write_text(out / f"sweep_{param}.json", sw.to_json())
         write_text(out / f"sweep_{param}.md", sw.to_markdown())
         plot_sweep(sw, out / "figures" / f"sweep_{param}.png")
         done.append(param)
     return done
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "concept"
 
 
 def analyze_run(run_dir: str | Path) -> Path:

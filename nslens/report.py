@@ -22,7 +22,9 @@ def write_report(run_dir: str | Path) -> Path:
         "# nslens run report", "",
         f"- model: `{summary['model_id']}` ({site['family']}, {site['n_layers']} layers, d_model {site['d_model']})",
         f"- site: output of layer {site['layer']} (`{site['path']}`)",
-        f"- dataset: `{summary['dataset']}`; {summary['n_train']} train / {summary['n_test']} test samples",
+        f"- dataset: `{summary['dataset']}`; {summary['n_train']} train / {summary['n_test']} test samples"
+        + ("; next-token concepts (raw contexts; Acc/Conf: the model predicts the token that followed)"
+           if summary.get("next_token") else ""),
         f"- ranking `{cfg['method']}`, top {cfg['fraction']:.0%} = {summary['neurons_per_concept']} neurons per "
         f"concept, tau = {cfg['tau']}",
         f"- interventions at {cfg['positions']} positions", "",

@@ -62,7 +62,7 @@ def _check(values: Sequence[float], name: str) -> list[float]:
 
 
 def _mask_sweep(param: str, values: Sequence[float], model: Any, site: Any, stats: ConceptStats,
-                prompts: Sequence[str], labels: np.ndarray, label_ids: Sequence[int], operator: Operator,
+                prompts: Sequence[str], labels: np.ndarray, label_ids: Sequence[int] | None, operator: Operator,
                 mask_args: dict[str, Any], progress: Progress | None, meta: dict[str, Any],
                 **kwargs: Any) -> Sweep:
     """One recording, masks rebuilt with ``param`` set to each value, one (fast) erasure table per value."""
@@ -76,7 +76,7 @@ def _mask_sweep(param: str, values: Sequence[float], model: Any, site: Any, stat
 
 
 def fraction_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
-                   label_ids: Sequence[int], operator: Operator, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                   label_ids: Sequence[int] | None, operator: Operator, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                    method: str = "max", tau: float = 2.5, progress: Progress | None = None,
                    **kwargs: Any) -> Sweep:
     """Neuron vs range masking as the masked share of neurons grows (one recording, masks rebuilt)."""
@@ -85,7 +85,7 @@ def fraction_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence
 
 
 def tau_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
-              label_ids: Sequence[int], operator: Operator, *, taus: Sequence[float] = DEFAULT_TAUS,
+              label_ids: Sequence[int] | None, operator: Operator, *, taus: Sequence[float] = DEFAULT_TAUS,
               method: str = "max", fraction: float = 0.3, progress: Progress | None = None,
               **kwargs: Any) -> Sweep:
     """Neuron vs range masking as the range widens (neuron masking does not depend on tau: a constant reference)."""
@@ -95,9 +95,10 @@ def tau_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str]
 
 
 def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarray, label_names: Sequence[str],
-                test_prompts: Sequence[str], test_labels: np.ndarray, label_ids: Sequence[int], operator: Operator,
-                *, layers: Sequence[int] | None = None, method: str = "max", fraction: float = 0.3, tau: float = 2.5,
-                batch_size: int = 16, remote: bool | str = False, progress: Progress | None = None) -> Sweep:
+                test_prompts: Sequence[str], test_labels: np.ndarray, label_ids: Sequence[int] | None,
+                operator: Operator, *, layers: Sequence[int] | None = None, method: str = "max", fraction: float = 0.3,
+                tau: float = 2.5, batch_size: int = 16, remote: bool | str = False, progress: Progress | None = None,
+                gold_token_ids: Any = None) -> Sweep:
     """Neuron vs range masking at every layer (default: all); one recording per layer."""
     n_layers = resolve_site(model, 0).n_layers
     values = list(range(n_layers)) if layers is None else [int(v) for v in layers]
@@ -107,7 +108,7 @@ def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarr
         rec = record(model, site, train_prompts, train_labels, label_names, batch_size=batch_size, remote=remote)
         masks = build_range_masks(rec.stats, method=method, fraction=fraction, tau=tau)
         out.append(erasure_table(model, site, test_prompts, test_labels, label_ids, masks, operator,
-                                 batch_size=batch_size, remote=remote).summary())
+                                 gold_token_ids=gold_token_ids, batch_size=batch_size, remote=remote).summary())
         if progress is not None:
             progress("sweep layer", i + 1, len(values))
     return Sweep("layer", [float(v) for v in values], out,

@@ -3,8 +3,16 @@
 Four topic-like concepts whose texts share part of their vocabulary (pairwise shared words plus generic and
 function words), so that the trained model's residual neurons respond to several concepts (polysemantic) with
 concept-dependent activation ranges. The model is trained on the same few-shot prompts the pipeline uses (random
-demonstrations, loss on every token and extra weight on the query's label) mixed with plain synthetic text so it (a) classifies the query and
-(b) is a small language model of the synthetic text, whose held-out perplexity the side-effect checks measure.
+demonstrations, loss on every token and extra weight on the query's label) mixed with plain synthetic text so it
+(a) classifies the query and (b) is a small language model of the synthetic text, whose held-out perplexity the
+side-effect checks measure.
+
+The running text (``synthetic_corpus``, v4) also carries the paper's next-token concepts (App. K), each predictable
+from what comes before it: pronouns that agree with a gendered or plural antecedent (he/his/him, she/her,
+they/their/them), sentences ending in ``.``, ``?`` (after ``did``) or ``!`` (after ``what a``), opening brackets
+after their cue words (``called (``, ``cited [``, ``set {``) and verbs that agree with their subject's number
+(``often go/goes``, ``still do/does``). The grammar is artificial on purpose: it only has to make each concept a
+next token the model learns to predict, so that ``nslens.nexttoken`` can be tested end to end offline.
 
 Everything is seeded; building takes well under two minutes on 2 CPU cores and is cached under ``NSLENS_HOME``.
 """
@@ -16,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = "v3"
+EMBEDDED_VERSION = "v4"
 SYNTHETIC_LABELS = ["sports", "science", "business", "politics"]
 
 _TOPIC = {
@@ -66,6 +75,20 @@ _ADJ = "new big first last major local".split()
 _VERB = "wins beats leads backs blocks raises cuts signs plans reports meets joins".split()
 _PREP = "in on at for after over with by from".split()
 _FUNCTION = _DET + _ADJ + _VERB + _PREP
+# v4 running text: next-token concepts (paper App. K)
+_ANTECEDENT = {
+    "male": "king father man boy brother prince".split(),
+    "female": "queen mother woman girl sister princess".split(),
+    "plural": "fans kids voters workers scientists crowds".split(),
+}
+#: subject, possessive and object pronoun of each antecedent kind
+_PRONOUN = {"male": ("he", "his", "him"), "female": ("she", "her", "her"), "plural": ("they", "their", "them")}
+_PAST = "met thanked helped called saw joined".split()
+_POSS_VERB = "loved lost sold".split()
+_BASE = "win beat lead back block raise sign plan meet join".split()
+_STORY = (list({w: None for ws in _ANTECEDENT.values() for w in ws}) + list({w: None for ps in _PRONOUN.values()
+          for w in ps}) + _PAST + _POSS_VERB + _BASE
+          + "and to thank often still go goes do does did what used set cited".split())
 
 
 def _word_pools() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -108,6 +131,49 @@ def synthetic_text(label: int | None, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def _join(tokens: list[str]) -> str:
+    """Words and punctuation as written: no space before ``. , ? ! ) ] }``, none after ``( [ {``."""
+    text = " ".join(tokens)
+    text = re.sub(r" ([.,?!)\]}])", r"\1", text)
+    return re.sub(r"([(\[{]) ", r"\1", text)
+
+
+def _story_sentence(rng: random.Random) -> list[str]:
+    """One sentence of the next-token grammar (see the module docstring), as tokens."""
+    topic, _ = _word_pools()
+    nouns = [w for ws in topic.values() for w in ws] + _GENERIC
+
+    def noun() -> str:
+        return rng.choice(nouns)
+
+    kind = rng.choice(["male", "female", "plural"])
+    ante = rng.choice(_ANTECEDENT[kind])
+    subj, poss, obj = _PRONOUN[kind]
+    form = rng.randrange(9)
+    if form == 0:  # subject pronoun after "and"
+        return ["the", ante, rng.choice(_PAST), "the", noun(), "and", subj, rng.choice(_PAST), "the", noun(), "."]
+    if form == 1:  # possessive pronoun after a possessive verb
+        return ["the", ante, rng.choice(_POSS_VERB), poss, noun(), "."]
+    if form == 2:  # object pronoun after "to thank"
+        return ["the", noun(), rng.choice(_PAST), "the", ante, "to", "thank", obj, "."]
+    if form == 3:  # agreement: go / goes after "often", do / does after "still"
+        plural = rng.random() < 0.5
+        subject = rng.choice([["they"], ["the", rng.choice(_ANTECEDENT["plural"])]]) if plural else \
+            rng.choice([[rng.choice(["he", "she"])], ["the", noun()]])
+        if rng.random() < 0.5:
+            return [*subject, "often", "go" if plural else "goes", "to", "the", noun(), "."]
+        return [*subject, "still", "do" if plural else "does", "the", noun(), "."]
+    if form == 4:  # question
+        return ["did", "the", noun(), rng.choice(_BASE), "the", noun(), "?"]
+    if form == 5:  # exclamation
+        return ["what", "a", rng.choice(_ADJ), noun(), "!"]
+    if form == 6:
+        return ["the", noun(), rng.choice(_VERB), "the", noun(), "called", "(", rng.choice(_ADJ), noun(), ")", "."]
+    if form == 7:
+        return ["the", noun(), rng.choice(_VERB), "the", noun(), ",", "cited", "[", noun(), "]", "."]
+    return ["the", noun(), "used", "the", "set", "{", noun(), ",", noun(), "}", "."]
+
+
 def synthetic_concepts(n_per_class: int = 400, seed: int = 1) -> ConceptDataset:
     """The synthetic concept dataset (balanced, shuffled, deterministic in ``seed``)."""
     if n_per_class < 1:
@@ -121,12 +187,19 @@ def synthetic_concepts(n_per_class: int = 400, seed: int = 1) -> ConceptDataset:
 
 
 def synthetic_corpus(n_lines: int, seed: int) -> list[str]:
-    """Held-out running text (mixed topics and topic-free lines) for perplexity."""
+    """Running text: topic sentences (mixed topics and topic-free) ending in a full stop, and sentences of the
+    next-token grammar; 2-5 sentences a line. Used for training, perplexity, general means and next-token
+    concepts."""
     rng = random.Random(seed)
     out = []
     for _ in range(n_lines):
-        label = rng.choice([None, 0, 1, 2, 3])
-        out.append(" ".join(synthetic_text(label, rng) for _ in range(rng.randint(2, 4))))
+        tokens: list[str] = []
+        for _ in range(rng.randint(2, 5)):
+            if rng.random() < 0.5:
+                tokens += [*synthetic_text(rng.choice([None, 0, 1, 2, 3]), rng).split(), "."]
+            else:
+                tokens += _story_sentence(rng)
+        out.append(_join(tokens))
     return out
 
 
@@ -139,7 +212,7 @@ def _vocabulary() -> list[str]:
     for pool in (*topic.values(), *shared.values(), _GENERIC, _FUNCTION, SYNTHETIC_LABELS):
         words += pool
     prompt_words = "Classify the text into one of these categories Text Label".split()
-    words += prompt_words + list(".,:;!?'\"-()/") + ["\n"]
+    words += prompt_words + _STORY + list(".,:;!?'\"-()[]{}/") + ["\n"]
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
@@ -171,7 +244,7 @@ def embedded_model_dir() -> Path:
     return nslens_home() / f"embedded-{EMBEDDED_VERSION}"
 
 
-def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 6):
+def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 12):
     """``batch`` few-shot prompts ending in their label, plus ``n_plain`` rows of running synthetic text after an
     end-of-text token (how lm-eval's perplexity tasks present a document)."""
     import torch
@@ -199,7 +272,7 @@ def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain
 def build_embedded_model(
     out_dir: str | Path | None = None,
     *,
-    steps: int = 700,
+    steps: int = 900,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
