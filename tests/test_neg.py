@@ -252,7 +252,11 @@ def test_linearity_report_samples_all_layers_on_correct_prompts(synth):
     s = rep.summary()
     assert s["prompts_offered"] == 6 and s["prompts_used"] <= 5 and s["pairs"] == 12 * s["prompts_used"]
     assert len(set(rep.layers.tolist())) > 1  # neurons from several feed-forward layers
-    assert s["neurgrad_corr"] > 0.999 and s["linear_share"] == 1.0
+    assert s["neurgrad_corr"] > 0.999 and s["linear_share"] >= 0.95
+    # every neuron that moves the probability is linear at these shifts; one whose NEG is ~1e-4 of the median is
+    # ruled by curvature (its r is noise), as the v4 embedded model has one
+    moves = np.abs(rep.slope) > 1e-3 * np.median(np.abs(rep.slope))
+    assert (np.abs(rep.r)[moves] >= 0.95).all() and moves.mean() >= 0.95
     assert np.isfinite([s["cg_corr"], s["ig_corr"], s["lpi_corr"], s["cg_mae"], s["ig_mae"]]).all()
     md = rep.to_markdown()
     assert "| r CG | r IG | r LPI | r NeurGrad |" in md and "answers correctly" in md
