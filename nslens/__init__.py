@@ -1,7 +1,7 @@
 """nslens: range-based neuron interpretation and intervention in LLMs, on nnsight.
 
-The module list reads as the data flow: models (load, site) -> data, nexttoken (concepts, prompts) -> record -> stats ->
-rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` runs it end to end, ``cli`` wraps it.
+The module list reads as the data flow: models (load, site) -> data, nexttoken (concepts, prompts) -> record ->
+stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` runs it end to end, ``cli`` wraps it.
 """
 
 __version__ = "0.1.0"

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from .data import ConceptDataset, FewShotPrompter, check_dataset_spec, label_token_ids, load_dataset
-from .nexttoken import target_token_ids
 from .erasure import CACC_AVERAGES, erasure_table, predict
 from .files import atomic_path, slug, write_text
 from .intervene import INTERVENE_POSITIONS
 from .models import Site, check_layer, load_model, local_n_layers, model_id, resolve_site
+from .nexttoken import target_token_ids
 from .ops import OPERATORS, make_operator
 from .ranges import DEFAULT_TAU, RangeMask, build_range_masks, check_tau
 from .rank import RANKING_METHODS, check_fraction

@@ -30,6 +30,8 @@ CASES: list[tuple[list[str], int, str]] = [
      "could not load the model 'org/no-such-model'"),
     (["record", "--out", "x.safetensors", "--dataset", "bad.jsonl"], 1, "bad.jsonl, line 3: not JSON"),
     (["record", "--out", "x.safetensors", "--dataset", "latin1.csv"], 1, "latin1.csv is not UTF-8 text"),
+    (["record", "--out", "x.safetensors", "--dataset", "next:pronoun"], 1, "unknown next-token family 'pronoun'"),
+    (["nexttoken", "pronouns", "--source", "books.txt"], 1, "next-token source file not found: books.txt"),
     (["record", "--out", "x.safetensors", "--label-words", "sports,sports,business,politics"], 1,
      "label words share their first token: 'sports' and 'sports' (token 'sports') (give distinct ones: "
      "--label-words"),

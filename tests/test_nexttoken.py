@@ -268,3 +268,35 @@ def test_run_on_next_token_concepts(tmp_path, embedded):
     with pytest.raises(ValueError, match="label_words do not apply"):
         run_pipeline(RunConfig(dataset="next:punctuation:synthetic", label_words=["a", "b", "c"]),
                      tmp_path / "run2", model=embedded)
+
+
+def test_nexttoken_cli_writes_the_check_sheet(tmp_path):
+    from nslens.cli import main
+
+    main(["nexttoken", "delimiters", "--source", "synthetic", "--n", "15", "-o", str(tmp_path / "d" / "x")])
+    back = nslens.load_dataset(str(tmp_path / "d" / "x.jsonl"))
+    assert back.class_counts().tolist() == [15, 15, 15] and set(back.targets) == {" [", " {", " ("}
+    assert "## {" in (tmp_path / "d" / "x.md").read_text()
+
+
+def test_embedded_side_effect_tasks_map_each_default_to_its_stand_in():
+    from nslens.harness import LOCAL_TASKS
+    from nslens.pipeline import RunConfig, side_effect_tasks
+
+    tasks, include = side_effect_tasks(RunConfig(side_effect_tasks=["nslens_wikipedia_ppl"]))
+    assert tasks == [LOCAL_TASKS[1]] and include
+    assert side_effect_tasks(RunConfig(model="org/m", side_effect_tasks=["nslens_wikipedia_ppl"]))[0] == [
+        "nslens_wikipedia_ppl"]
+
+
+def test_tables_18_to_22_experiment_smoke(embedded, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "experiments" / "next_token.py"))
+    mod["main"](["--model", "embedded", "--limit", "40", "--lm-eval-limit", "4", "--families", "pronouns",
+                 "punctuation", "--out", str(tmp_path), "--batch-size", "32"])
+    text = (tmp_path / "next_token.md").read_text()
+    assert "**Table 19: pronouns" in text and "**Table 20: punctuation" in text and "| she | 1.00 |" in text
+    assert "**Table 18" in text and "| max |" in text and "| probeless |" in text
+    assert (tmp_path / "pronouns_max" / "summary.json").exists()
