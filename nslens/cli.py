@@ -530,7 +530,7 @@ def demo_cmd(
     operators: str = typer.Option("zero,adaptive", help="Comma-separated operators to compare."),
     side_effects: bool = typer.Option(True, help="Also measure lm-eval side effects (offline synthetic tasks)."),
 ) -> None:
-    """The whole pipeline on the embedded model and synthetic concepts (offline; about 15 s, plus about a minute
+    """The whole pipeline on the embedded model and synthetic concepts (offline; about 15 s, plus a minute and a half
     to train the model the first time)."""
     from .pipeline import RunConfig, run_pipeline
     from .synthetic import build_embedded_model, embedded_model_dir

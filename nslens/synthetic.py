@@ -310,7 +310,7 @@ def _train_embedded(out: Path, steps: int, seed: int, progress: Callable[[int, i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if progress is None:
-        logger.warning("training the embedded model (once, about a minute on 2 cores; cached in %s)", out)
+        logger.warning("training the embedded model (once, about 80 s on 2 cores; cached in %s)", out)
 
         def progress(done: int, total: int) -> None:
             if done % max(1, total // 10) == 0 or done == total:
