@@ -30,6 +30,7 @@ dataset after rows are deleted, and a Markdown sheet with the target marked in i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -149,7 +150,9 @@ class NextTokenSample:
     after: str = ""  # a few words that followed the target (for the manual check only)
 
 
-def _patterns(concepts: Sequence[NextTokenConcept]) -> list[tuple[re.Pattern[str], str]]:
+@functools.lru_cache(maxsize=32)
+def _patterns(concepts: tuple[NextTokenConcept, ...]) -> list[tuple[re.Pattern[str], str]]:
+    """The rule's regular expressions, built once per concept list (extraction calls this for every text)."""
     out: list[tuple[re.Pattern[str], str]] = []
     for c in concepts:
         for w in c.words:
@@ -170,7 +173,7 @@ def find_occurrences(text: str, concepts: Sequence[NextTokenConcept], *, min_wor
     if min_words < 1 or max_words < min_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got {min_words} and {max_words}")
     out = []
-    for pattern, name in _patterns(concepts):
+    for pattern, name in _patterns(tuple(concepts)):
         for m in pattern.finditer(text):
             offset = m.start()  # words and delimiters: the space before the token; punctuation: the token
             target = text[offset:m.end()]
@@ -178,7 +181,7 @@ def find_occurrences(text: str, concepts: Sequence[NextTokenConcept], *, min_wor
                 word = re.search(r"(\w+)$", text[:offset])
                 if word is not None and (len(word.group(1)) < 2 or word.group(1).lower() in _ABBREVIATIONS):
                     continue
-            words = [w for w in re.finditer(r"\S+", text[:offset])]
+            words = list(re.finditer(r"\S+", text[:offset]))
             if len(words) < min_words:
                 continue
             start = words[-max_words].start() if len(words) > max_words else words[0].start()

@@ -311,32 +311,31 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
     tok = model.tokenizer
     if ds.next_token:
         ds = _single_token_targets(tok, ds)
-        label_ids, prompter = None, None
-    else:
-        label_ids = label_token_ids(tok, ds.label_words or ds.label_names)
+    label_ids = None if ds.next_token else label_token_ids(tok, ds.label_words or ds.label_names)
     ds.check_concepts(min_samples=4)
     train, test = ds.split(cfg.test_size, seed=cfg.seed)
-    if not ds.next_token:
-        prompter = FewShotPrompter.from_dataset(train, k=cfg.k_shot, seed=cfg.seed, max_words=cfg.max_words)
+    prompter = None if ds.next_token else FewShotPrompter.from_dataset(train, k=cfg.k_shot, seed=cfg.seed,
+                                                                        max_words=cfg.max_words)
 
     def gold(part: ConceptDataset) -> np.ndarray:
         return target_token_ids(tok, part.texts, part.targets or [])[0] if part.next_token \
             else np.asarray(label_ids)[part.labels]
 
-    if cfg.only_correct:
-        kept = []
-        for part in (train, test):
-            prompts = list(part.texts) if prompter is None else prompter.prompts(part.texts)
-            p = predict(model, site, prompts, gold(part), batch_size=cfg.batch_size, remote=cfg.remote,
-                        progress=progress, desc="filter correct")
-            idx = np.flatnonzero(p.correct)
-            cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
-            keep = np.concatenate([idx[part.labels[idx] == c][:cap] for c in range(part.n_concepts)])
-            kept.append(part.subset(np.sort(keep)))
-        train, test = kept
-        train.check_concepts(min_samples=2)
-        test.check_concepts(min_samples=1)
-    return PreparedData(train, test, prompter, label_ids, gold(train), gold(test))
+    data = PreparedData(train, test, prompter, label_ids, gold(train), gold(test))
+    if not cfg.only_correct:
+        return data
+    kept: list[Any] = []
+    for part, g in ((train, data.train_gold), (test, data.test_gold)):
+        p = predict(model, site, data.prompts(part), g, batch_size=cfg.batch_size, remote=cfg.remote,
+                    progress=progress, desc="filter correct")
+        idx = np.flatnonzero(p.correct)
+        cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
+        keep = np.sort(np.concatenate([idx[part.labels[idx] == c][:cap] for c in range(part.n_concepts)]))
+        kept += [part.subset(keep), g[keep]]
+    train, train_gold, test, test_gold = kept
+    train.check_concepts(min_samples=2)
+    test.check_concepts(min_samples=1)
+    return PreparedData(train, test, prompter, label_ids, train_gold, test_gold)
 
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,

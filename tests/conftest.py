@@ -62,6 +62,22 @@ def plain_forward(model, enc, hook=None, layer_module=None):
             handle.remove()
 
 
+def hook_reference(embedded, site, enc, mask, phi, gated):
+    """A mask's edit written as a plain torch forward hook on the raw HF module (``phi(x, mu, sigma)`` per selected
+    neuron, applied where the value lies in the range when ``gated``); returns the logits."""
+    def hook(module, args, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        hs = hs.clone()
+        for k, j in enumerate(mask.neurons.tolist()):
+            col = hs[..., j]
+            new = phi(col, mask.mu[k], mask.sigma[k])
+            hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), new, col) if gated else new
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    layer = embedded._module.model.layers[site.layer]
+    return plain_forward(embedded, enc, hook=hook, layer_module=layer).logits
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import encode, plain_forward
+from conftest import encode, hook_reference, plain_forward
 
 import nslens
 from nslens.intervene import Intervention, applied, apply_in_trace, edit_hidden
@@ -51,21 +51,6 @@ def test_last_position_only(batch):
     out = edit_hidden(h, Intervention(mask, zero(), gated=False, positions="last"))
     assert torch.equal(out[:, :-1], h[:, :-1])
     assert torch.equal(out[:, -1, mask.neurons], torch.zeros(h.shape[0], 2))
-
-
-def hook_reference(embedded, site, enc, mask, phi, gated):
-    """The same edit written as a plain torch forward hook on the raw HF module."""
-    def hook(module, args, output):
-        hs = output[0] if isinstance(output, tuple) else output
-        hs = hs.clone()
-        for k, j in enumerate(mask.neurons.tolist()):
-            col = hs[..., j]
-            new = phi(col, mask.mu[k], mask.sigma[k])
-            hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), new, col) if gated else new
-        return (hs, *output[1:]) if isinstance(output, tuple) else hs
-
-    layer = embedded._module.model.layers[site.layer]
-    return plain_forward(embedded, enc, hook=hook, layer_module=layer).logits
 
 
 OPS = {

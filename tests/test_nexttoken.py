@@ -203,7 +203,7 @@ def test_prepared_next_token_data_has_per_sample_gold(embedded, pronoun_data):
 
 def test_next_token_erasure_equals_plain_torch_hooks(embedded, pronoun_data):
     """Acc/Conf with each sample's own gold token, under range masking, against a plain forward hook."""
-    from conftest import encode, plain_forward
+    from conftest import encode, hook_reference, plain_forward
 
     from nslens.erasure import erasure_table
 
@@ -214,16 +214,8 @@ def test_next_token_erasure_equals_plain_torch_hooks(embedded, pronoun_data):
                         gold_token_ids=data.test_gold, batch_size=16)
     enc = encode(embedded, data.test.texts)
     mask = masks[0]
-
-    def hook(module, args, output):
-        h = output.clone()
-        sel = h[..., mask.neurons]
-        h[..., mask.neurons] = torch.where((sel >= mask.lo) & (sel <= mask.hi), torch.zeros_like(sel), sel)
-        return h
-
-    layer = embedded._module.model.layers[site.layer]
     clean = plain_forward(embedded, enc).logits[:, -1].float()
-    edited = plain_forward(embedded, enc, hook=hook, layer_module=layer).logits[:, -1].float()
+    edited = hook_reference(embedded, site, enc, mask, lambda x, mu, s: torch.zeros_like(x), True)[:, -1].float()
     gold = torch.as_tensor(data.test_gold)
     on = data.test.labels == 0
     for logits, expect in ((clean, tab.base[0]), (edited, {k: tab.base[0][k] + tab.range[0][k] for k in tab.base[0]})):
