@@ -131,11 +131,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
     family, _, source = spec[len("next:"):].partition(":")
     parse_concepts(family)
     source = source or "wikitext"
-    if source not in SOURCES and not source.endswith((".txt", ".jsonl")):
-        raise ValueError(f"unknown next-token source {source!r}; choose {', '.join(SOURCES)} or a .txt/.jsonl file")
-    if source.endswith((".txt", ".jsonl")) and not Path(source).exists():
-        raise ValueError(f"next-token source file not found: {source}")
+    _check_source(source)
     return family, source
+
+
+def _check_source(source: str) -> None:
+    if source in SOURCES:
+        return
+    if not source.endswith((".txt", ".jsonl")):
+        raise ValueError(f"unknown next-token source {source!r}; choose {', '.join(SOURCES)} or a .txt/.jsonl file")
+    if not Path(source).exists():
+        raise ValueError(f"next-token source file not found: {source}")
 
 
 @dataclass
@@ -241,17 +247,36 @@ def source_texts(source: str, *, seed: int = 0) -> Iterable[str]:
     """The running text to extract from: WikiText-103 (train split, detokenized with lm-eval's WikiText
     detokenizer, headings and empty lines dropped), the embedded model's synthetic text (held out from its
     training by seed), or a local ``.txt`` (one text per line) / ``.jsonl`` (a ``text`` field) file."""
+    _check_source(source)
     if source == "synthetic":
         from .synthetic import synthetic_corpus
 
         return synthetic_corpus(20000, seed=31337 + seed)
-    if source.endswith(".txt"):
-        return [line.rstrip("\n") for line in Path(source).open(encoding="utf-8") if line.strip()]
-    if source.endswith(".jsonl"):
-        return [json.loads(line)["text"] for line in Path(source).open(encoding="utf-8") if line.strip()]
-    if source != "wikitext":
-        raise ValueError(f"unknown next-token source {source!r}; choose {', '.join(SOURCES)} or a .txt/.jsonl file")
-    return _wikitext_lines()
+    if source == "wikitext":
+        return _wikitext_lines()
+    return _file_texts(Path(source))
+
+
+def _file_texts(path: Path) -> list[str]:
+    """The non-empty lines of a ``.txt``, or the ``text`` fields of a ``.jsonl``; bad lines are one-line errors."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"next-token source {path} is not UTF-8 text (byte {e.start})") from e
+    if path.suffix == ".txt":
+        return [line for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"next-token source {path}, line {number}: not JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"next-token source {path}, line {number}: no 'text' string")
+        texts.append(row["text"])
+    return texts
 
 
 def _wikitext_lines() -> Iterable[str]:

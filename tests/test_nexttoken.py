@@ -157,6 +157,22 @@ def test_specs_and_concepts_are_checked():
         samples_to_dataset([], parse_concepts("x,y"), name="t")
 
 
+def test_local_source_files(tmp_path):
+    from nslens.nexttoken import source_texts
+
+    (tmp_path / "a.txt").write_text("one line and he left.\n\nsecond line\n", encoding="utf-8")
+    assert source_texts(str(tmp_path / "a.txt")) == ["one line and he left.", "second line"]
+    (tmp_path / "a.jsonl").write_text('{"text": "x y"}\n\n{"text": "z"}\n', encoding="utf-8")
+    assert source_texts(str(tmp_path / "a.jsonl")) == ["x y", "z"]
+    for name, body, message in (("b.jsonl", '{"text": "x"}\n{bad\n', "b.jsonl, line 2: not JSON"),
+                                ("c.jsonl", '{"body": "x"}\n', "c.jsonl, line 1: no 'text' string"),
+                                ("d.txt", "caf\u00e9".encode("latin-1"), "d.txt is not UTF-8 text")):
+        path = tmp_path / name
+        path.write_bytes(body if isinstance(body, bytes) else body.encode())
+        with pytest.raises(ValueError, match=message):
+            source_texts(str(path))
+
+
 def test_wikitext_failure_is_one_line_naming_the_source(monkeypatch):
     import datasets
 
