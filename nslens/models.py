@@ -94,9 +94,17 @@ def local_n_layers(name: str) -> int | None:
     from transformers import AutoConfig
 
     if name == "embedded":
-        from .synthetic import embedded_model_dir
+        from .embedded import embedded_model_dir
 
         name = str(embedded_model_dir())
+    from .gguf import gguf_n_layers
+
+    try:
+        n = gguf_n_layers(name)
+    except ValueError:  # a missing package or a bad file: load_model says so
+        return None
+    if n is not None:
+        return n
     try:
         return _n_layers(_decoder_config(AutoConfig.from_pretrained(name, local_files_only=True)))
     except Exception:  # not cached, not a model: the check after loading reports it
@@ -247,12 +255,16 @@ def load_model(
 ) -> Any:
     """Load a causal LM as an nnsight ``TransformersModel`` with its tokenizer passed explicitly.
 
-    ``name_or_path`` is a hub id, a local directory, ``"embedded"`` (the offline default, built on first use) or
-    an already-built ``PreTrainedModel`` (then ``tokenizer`` is required). The tokenizer pads on the left and has
-    a pad token. ``remote=True`` returns a meta model whose traces run on NDIF (needs a hub id).
+    ``name_or_path`` is a hub id, a local directory, ``"embedded"`` (the offline default, built on first use), a
+    GGUF model (a ``.gguf`` file, a folder holding one, ``pkg:<distribution>`` or an alias such as
+    ``smollm2-135m``: dequantised once into a cache under ``$NSLENS_HOME/gguf``, see ``nslens.gguf``) or an
+    already-built ``PreTrainedModel`` (then ``tokenizer`` is required). The tokenizer pads on the left and has a
+    pad token. ``remote=True`` returns a meta model whose traces run on NDIF (needs a hub id).
     """
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    from .gguf import GGUF_ALIASES, find_gguf, gguf_checkpoint
 
     torch_dtype = _resolve_dtype(dtype)
     if isinstance(name_or_path, PreTrainedModel):
@@ -266,12 +278,18 @@ def load_model(
 
     name = str(name_or_path)
     if name == "embedded":
-        from .synthetic import build_embedded_model
+        from .embedded import build_embedded_model
 
         name = str(build_embedded_model())
         label = "embedded"
     else:
         label = name
+        if remote and (name in GGUF_ALIASES or name.startswith("pkg:") or name.endswith(".gguf")):
+            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local "
+                             f"GGUF model {name!r}")
+        gguf_file = None if remote else find_gguf(name)
+        if gguf_file is not None:
+            name = str(gguf_checkpoint(gguf_file))
     is_local = Path(name).exists()
     if remote:
         if is_local:
@@ -282,7 +300,8 @@ def load_model(
 
         check_remote(name)
     if not is_local and not remote and "/" not in name:
-        raise ValueError(f"model {name!r} is neither a local directory, 'embedded', nor a hub id (org/name)")
+        raise ValueError(f"model {name!r} is neither a local directory, 'embedded', a GGUF model (a .gguf file, "
+                         f"pkg:<distribution>, or an alias: {', '.join(GGUF_ALIASES)}) nor a hub id (org/name)")
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
