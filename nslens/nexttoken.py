@@ -13,8 +13,11 @@ text file, and versioned as ``RULE``):
   apostrophe or hyphen (``he`` but not ``hen``, ``he's`` or ``he-goat``); the target is ``" he"``, space included,
   which is how BPE and SentencePiece tokenizers spell a word inside running text.
 - *terminal punctuation* ``. ? !``: right after a lower-case letter, digit or closing bracket/quote, and
-  followed by whitespace and a letter or quote, or by the end of the text (not ``3.5``, ``U.S.``, ``...``). A
-  ``.`` after a single letter (initials) or a common abbreviation (``Mr.``, ``St.``, ``e.g.``, ...) is skipped.
+  followed by whitespace and a letter or opening quote, or by the end of the text (not ``3.5``, ``U.S.``,
+  ``...``). A ``.`` after a single letter (initials: ``J. Doe``) or a common abbreviation (``Mr.``, ``St.``,
+  ``e.g.``, ...) is skipped; a single digit is not an initial (``won by 3. Then`` matches). Letters are Unicode
+  letters (``café.`` and ``. Émile`` match; "lower-case" is ``str.islower``), digits are decimal digits, closing
+  brackets/quotes are ``) ] } " ' ’ ”`` and opening quotes ``" ' “ ‘``.
 - *opening delimiters* ``( [ {``: after a single space and followed by a non-space; the target is ``" ("``.
 - the context is the text before the target (the space that starts a target belongs to the target), cut on
   the left to at most ``max_words`` whole words; it must have at least ``min_words`` words. Identical contexts
@@ -62,7 +65,7 @@ __all__ = [
 ]
 
 #: version of the extraction rule (recorded in every dataset's source)
-RULE = "nslens-next-token-1"
+RULE = "nslens-next-token-2"  # 2: Unicode letters, ” closes, a digit is no initial
 #: where texts come from: WikiText-103 through ``datasets``, the embedded model's running text, or a local file
 SOURCES = ("wikitext", "synthetic")
 WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")
@@ -165,12 +168,37 @@ def _patterns(concepts: tuple[NextTokenConcept, ...]) -> list[tuple[re.Pattern[s
             kind = _kind(w)
             if kind == "word":
                 p = re.compile(rf"(?<=\S) ({re.escape(w)})(?![\w'’-])", re.IGNORECASE)
-            elif kind == "terminal":
-                p = re.compile(rf"(?<=[a-z0-9)\]}}\"'’])({re.escape(w)})(?=\s+[A-Za-z\"'“‘]|\s*$)")
+            elif kind == "terminal":  # the letter classes are Unicode: checked in _terminal_ok, not here
+                p = re.compile(rf"(?<=\S)({re.escape(w)})(?=\s+\S|\s*$)")
             else:
                 p = re.compile(rf"(?<=\S) ({re.escape(w)})(?=\S)")
             out.append((p, c.name))
     return out
+
+
+#: what may stand right before terminal punctuation besides a lower-case letter or a digit
+_CLOSERS = frozenset(")]}\"'’”")
+#: what may start the next sentence besides a letter
+_OPENERS = frozenset("\"'“‘")
+
+
+def _terminal_ok(text: str, start: int, end: int) -> bool:
+    """The terminal-punctuation rule around ``text[start:end]`` (the regex found a mark after a non-space and
+    before whitespace or the end): a lower-case letter, decimal digit or closer before it, a letter or opener
+    after the whitespace, and no initial or abbreviation before a ``.``."""
+    prev = text[start - 1]
+    if not (prev.islower() or prev.isdecimal() or prev in _CLOSERS):
+        return False
+    rest = text[end:].lstrip()
+    if rest and not (rest[0].isalpha() or rest[0] in _OPENERS):
+        return False
+    if text[start:end] == ".":
+        word = re.search(r"([^\W_]+)$", text[:start])
+        if word is not None:
+            w = word.group(1)
+            if (len(w) == 1 and w.isalpha()) or w.lower() in _ABBREVIATIONS:
+                return False
+    return True
 
 
 def find_occurrences(text: str, concepts: Sequence[NextTokenConcept], *, min_words: int = 5,
@@ -183,10 +211,8 @@ def find_occurrences(text: str, concepts: Sequence[NextTokenConcept], *, min_wor
         for m in pattern.finditer(text):
             offset = m.start()  # words and delimiters: the space before the token; punctuation: the token
             target = text[offset:m.end()]
-            if target == ".":
-                word = re.search(r"(\w+)$", text[:offset])
-                if word is not None and (len(word.group(1)) < 2 or word.group(1).lower() in _ABBREVIATIONS):
-                    continue
+            if _kind(target) == "terminal" and not _terminal_ok(text, offset, m.end()):
+                continue
             words = list(re.finditer(r"\S+", text[:offset]))
             if len(words) < min_words:
                 continue
