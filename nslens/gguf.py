@@ -196,9 +196,10 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     except ImportError:  # pragma: no cover - every transformers 5 has it
         GGUF_SUPPORTED_ARCHITECTURES = list(SUPPORTED_FAMILIES)  # noqa: N806
     model_type = "mistral" if arch == "llama" and name and "mistral" in name.lower() else arch
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping keys, not models
+    if arch not in readable:
         raise ValueError(f"transformers cannot read GGUF architecture {arch!r} ({path.name}); it reads "
-                         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+                         f"{', '.join(readable)}")
     model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
     if model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"GGUF architecture {arch!r} ({path.name}) is not a model family nslens supports; "
