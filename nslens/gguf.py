@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +159,11 @@ def _require_gguf() -> Any:
     return gguf
 
 
-def read_gguf_info(path: str | Path) -> GGUFInfo:
+def read_gguf_info(path: str | Path, families: Collection[str] | None = None) -> GGUFInfo:
     """The file's architecture and depth from its header, after checking that the file is complete (every
-    tensor's data lies inside it) and that transformers can read its architecture and nslens trace it."""
-    from .models import SUPPORTED_FAMILIES
-
+    tensor's data lies inside it), that transformers can read its architecture and, given ``families`` (the
+    model types nslens traces, ``models.SUPPORTED_FAMILIES``: passed in, so this module needs nothing above it),
+    that it is one of them."""
     gguf = _require_gguf()
     path = Path(path)
     size = path.stat().st_size
@@ -191,19 +191,17 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     if not arch:
         raise ValueError(f"GGUF file {path} names no architecture (general.architecture is missing)")
     name = field("general.name")
-    try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    except ImportError:  # pragma: no cover - every transformers 5 has it
-        GGUF_SUPPORTED_ARCHITECTURES = list(SUPPORTED_FAMILIES)  # noqa: N806
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
     model_type = "mistral" if arch == "llama" and name and "mistral" in name.lower() else arch
     readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping keys, not models
     if arch not in readable:
         raise ValueError(f"transformers cannot read GGUF architecture {arch!r} ({path.name}); it reads "
                          f"{', '.join(readable)}")
     model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
-    if model_type not in SUPPORTED_FAMILIES:
+    if families is not None and model_type not in families:
         raise ValueError(f"GGUF architecture {arch!r} ({path.name}) is not a model family nslens supports; "
-                         f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}")
+                         f"supported: {', '.join(sorted(families))}")
     layers = field(f"{arch}.block_count")
     return GGUFInfo(path, arch, model_type, int(layers) if layers is not None else None, name, len(reader.tensors))
 
@@ -258,14 +256,16 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def gguf_checkpoint(path: str | Path, *, root: str | Path | None = None) -> Path:
+def gguf_checkpoint(path: str | Path, *, root: str | Path | None = None,
+                    families: Collection[str] | None = None) -> Path:
     """The cached checkpoint folder of the GGUF file ``path``, converting it first if needed (once, under a file
-    lock: a process that waited for another's conversion finds the finished folder)."""
+    lock: a process that waited for another's conversion finds the finished folder). ``families``: see
+    ``read_gguf_info``."""
     path = Path(path)
     out = gguf_cache_dir(path, root)
     if (out / "nslens_gguf.json").exists():
         return out
-    info = read_gguf_info(path)  # fail on a cut file or an unreadable architecture before the lock and the work
+    info = read_gguf_info(path, families)  # fail on a cut file or an unreadable architecture before the lock and the work
     with _file_lock(out.parent / f".{out.name}.lock"):
         if (out / "nslens_gguf.json").exists():  # converted by another process while this one waited
             return out

@@ -289,7 +289,7 @@ def load_model(
                              f"GGUF model {name!r}")
         gguf_file = None if remote else find_gguf(name)
         if gguf_file is not None:
-            name = str(gguf_checkpoint(gguf_file))
+            name = str(gguf_checkpoint(gguf_file, families=SUPPORTED_FAMILIES))
     is_local = Path(name).exists()
     if remote:
         if is_local:
