@@ -166,17 +166,23 @@ def check_dataset_spec(spec: str) -> None:
 
         parse_spec(spec)
         return
+    if spec == "fortunes" or spec.startswith("fortunes:"):
+        from .fortunes import check_fortunes_spec
+
+        check_fortunes_spec(spec)
+        return
     if spec.endswith((".csv", ".jsonl", ".json")):
         if not Path(spec).exists():
             raise ValueError(f"dataset file not found: {spec}")
         return
     raise ValueError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-                     "next:<family>[:<source>], or a .csv/.jsonl path")
+                     "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path")
 
 
 def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
     """One entry point: ``synthetic``, a paper dataset name, ``next:<family>[:<source>]`` (next-token concepts,
-    ``nslens.nexttoken``), or a local file path."""
+    ``nslens.nexttoken``), ``fortunes[:<category>,...]`` (Debian's fortunes categories, ``nslens.fortunes``), or a
+    local file path."""
     if spec == "synthetic":
         from .synthetic import synthetic_concepts
 
@@ -185,13 +191,17 @@ def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
         from .nexttoken import next_token_dataset
 
         return next_token_dataset(spec, **kwargs)
+    if spec == "fortunes" or spec.startswith("fortunes:"):
+        from .fortunes import fortunes_dataset
+
+        return fortunes_dataset(spec, **kwargs)
     if spec.endswith((".csv", ".jsonl", ".json")):
         return load_local_dataset(spec, **kwargs)
     if spec in HF_DATASETS:
         return load_hf_dataset(spec, **kwargs)
     raise ValueError(
         f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-        "next:<family>[:<source>], or a .csv/.jsonl path"
+        "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path"
     )
 
 
