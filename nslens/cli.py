@@ -394,6 +394,10 @@ def neg_cmd(
                                     help="Sample neurons from every feed-forward layer (the paper) or --layer only."),
     log_prob: bool = typer.Option(False, help="Differentiate log p instead of p."),
     ig_steps: int = typer.Option(20, help="Integrated-gradients steps."),
+    ig_grid: str = typer.Option("linspace", help="IG alphas: linspace (the authors' linspace(0, 1, steps)) or "
+                                "right (k/steps, k = 1..steps)."),
+    lpi_norm: str = typer.Option("final", help="LPI normaliser: final (the released LPI code: one fixed "
+                                 "rsqrt(final_var + 1e-6)) or recompute (the final norm on each vector)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/neg"), "--out", "-o"),
 ) -> None:
@@ -414,7 +418,7 @@ def neg_cmd(
     gold = data.test_gold[: len(sub)]
     with progress_display() as cb:
         rep = linearity_report(m, sites, data.prompts(sub), gold, n_neurons=neurons, seed=seed, log_prob=log_prob,
-                               ig_steps=ig_steps, progress=cb)
+                               ig_steps=ig_steps, ig_grid=ig_grid, lpi_norm=lpi_norm, progress=cb)
     out.mkdir(parents=True, exist_ok=True)
     where = "all feed-forward layers" if all_layers else f"layer {sites[0].site.layer}"
     (out / "neg.md").write_text(f"NEG linearity, neurons from {where} ({kind}, {sites[0].width} per layer)\n\n"

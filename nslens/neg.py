@@ -16,7 +16,8 @@ the input of down_proj, i.e. the value that weights down_proj's columns), ``up_p
 
 The paper's Table 2 compares NeurGrad with three estimators, all here: the plain computational gradient
 (``neurgrad(..., signed=False)``, CG), integrated gradients (``integrated_gradients``, IG, one trace and one
-backward per batch over ``steps`` scaled copies) and the log-probability increase (``lpi``, LPI). ``linearity_report``
+backward per batch over ``steps`` scaled copies on the authors' ``linspace(0, 1, steps)`` grid) and the
+log-probability increase (``lpi``, LPI, with the released LPI code's fixed final normaliser). ``linearity_report``
 follows the paper's sampling: prompts the model answers correctly, and ``n_neurons`` random neurons per prompt drawn
 from all feed-forward layers (``resolve_neuron_sites``; one layer stays possible).
 """
@@ -36,9 +37,9 @@ from .models import Site, model_family, read_site, resolve_site, site_module, wr
 from .record import Progress, batches, prepare_remote, tokenize
 from .remote import maybe_retry
 
-__all__ = ["DEFAULT_SHIFTS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "integrated_gradients",
-           "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores", "resolve_neuron_site",
-           "resolve_neuron_sites"]
+__all__ = ["DEFAULT_SHIFTS", "IG_GRIDS", "LPI_NORMS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "ig_alphas",
+           "integrated_gradients", "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores",
+           "resolve_neuron_site", "resolve_neuron_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +160,35 @@ def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = 
     return (g * torch.sign(a)[:, None, :] if signed else g).numpy().astype(np.float64)
 
 
-def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *,
-                         options: Any = None, steps: int = 20, batch_size: int = 4, log_prob: bool = False,
-                         remote: bool | str = False, progress: Progress | None = None) -> np.ndarray:
-    """Integrated gradients of p(target) for every neuron at the last token, ``[prompts, targets, neurons]``
-    (the paper's IG baseline; Dai et al.'s knowledge-neuron attribution): a_j x mean over alpha = 1/m .. 1 of
-    d p / d x_j at x = alpha a, the layer's last-token activations scaled together (right Riemann sum, m =
-    ``steps``). One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled
-    by its alpha.
-    """
+IG_GRIDS = ("linspace", "right")
+
+
+def ig_alphas(steps: int, grid: str = "linspace") -> torch.Tensor:
+    """The scaling factors of integrated gradients: ``linspace`` (default) is the grid of the NEG authors'
+    ``scaled_input`` (xzhao-tkl/NEG, the knowledge-neurons code it comes from): ``torch.linspace(0, 1, steps)``,
+    both ends included; ``right`` is the right Riemann sum k / steps, k = 1 .. steps."""
+    if grid not in IG_GRIDS:
+        raise ValueError(f"unknown IG grid {grid!r}; choose one of {', '.join(IG_GRIDS)}")
+    if grid == "linspace":
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2 on the linspace grid (it holds both 0 and 1), got {steps}")
+        return torch.linspace(0, 1, steps, dtype=torch.float64)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    alphas = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    return torch.arange(1, steps + 1, dtype=torch.float64) / steps
+
+
+def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *,
+                         options: Any = None, steps: int = 20, grid: str = "linspace", batch_size: int = 4,
+                         log_prob: bool = False, remote: bool | str = False,
+                         progress: Progress | None = None) -> np.ndarray:
+    """Integrated gradients of p(target) for every neuron at the last token, ``[prompts, targets, neurons]``
+    (the paper's IG baseline; Dai et al.'s knowledge-neuron attribution): a_j / m x sum over the m = ``steps``
+    alphas of d p / d x_j at x = alpha a, the layer's last-token activations scaled together. The alphas
+    (``ig_alphas``) are the authors' ``linspace(0, 1, m)`` by default, or the right Riemann sum (``grid="right"``).
+    One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled by its alpha.
+    """
+    alphas = ig_alphas(steps, grid)
     g, a = _last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), alphas,
                              batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
                              desc="integrated gradients")
@@ -210,44 +228,74 @@ def _grad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: to
         with model.trace(enc, remote=remote):
             _embedding(model).output.requires_grad_(True)
             a = _read_neurons(model, ns)
-            if alphas is not None:  # x = alpha a at the last token; d p / d a = alpha d p / d x there
-                al = alphas.to(a.device, a.dtype)[:, None]
-                _write_neurons(model, ns, torch.cat([a[:, :-1], (a[:, -1, :] * al)[:, None, :]], dim=1))
+            x = a
+            if alphas is not None:  # x = alpha a at the last token; the gradient is read at x (alpha = 0 included)
+                x = a[:, -1, :] * alphas.to(a.device, a.dtype)[:, None]
+                _write_neurons(model, ns, torch.cat([a[:, :-1], x[:, None, :]], dim=1))
             logits = _at_least_f32(model.output.logits[:, -1, :])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
             objective = lp if log_prob else lp.exp()
             with objective.sum().backward():
-                g = _at_least_f32(a.grad[:, -1, :])
-                if alphas is not None:
-                    g = g / _at_least_f32(al)
-                g = g.cpu().save()
+                g = x.grad if alphas is not None else x.grad[:, -1, :]
+                g = _at_least_f32(g).cpu().save()
             act = _at_least_f32(a[:, -1, :].detach()).cpu().save()
     return g, act
 
 
-def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int]) -> np.ndarray:
+LPI_NORMS = ("final", "recompute")
+#: the released LPI code's epsilon (``rsqrt(final_var + 1e-6)``), whatever the model's own rms_norm_eps
+LPI_EPS = 1e-6
+
+
+def _norm_gain(norm: Any) -> torch.Tensor:
+    """The final RMSNorm's elementwise gain: its weight (Llama, Mistral, Qwen), 1 + weight for Gemma's norm."""
+    w = _at_least_f32(norm.weight.detach())
+    return 1.0 + w if "Gemma" in type(norm).__name__ else w
+
+
+def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int], *,
+        norm: str = "final") -> np.ndarray:
     """Log-probability increase (the paper's LPI baseline; Yu and Ananiadou 2024) of each neuron in ``neurons``:
     log p(target | h + a_j W_j) - log p(target | h), where h is the residual stream entering the MLP at the last
     token (after the layer's attention), a_j W_j the neuron's contribution (its activation times its down_proj
-    column), and p the final norm and LM head applied to the vector (logit lens). ``product`` neurons only; the
-    unembedding runs locally, so a remote model is refused."""
+    column), and p the logit lens of the vector: the final norm and the LM head.
+
+    ``norm="final"`` (default) is the normaliser of the released LPI code (zepingyu0512/neuron-attribution,
+    ``get_bsvalues``, which the NEG paper follows): every vector v is scaled by one fixed factor,
+    ``rsqrt(final_var + 1e-6)`` with final_var the mean square of the last decoder layer's output at the last token
+    (the final norm's input in the real forward), times the final norm's gain, then unembedded. ``norm="recompute"``
+    applies the final norm to each vector, so h and h + a_j W_j each get their own normaliser (the logit lens as
+    usually written); at shallow layers, whose residual is far smaller than the final one, it scales them up.
+
+    ``product`` neurons only; the unembedding runs locally, so a remote model is refused."""
     if ns.kind != "product":
         raise ValueError("LPI needs product neurons (the down_proj input): their contribution is a_j W_down[:, j]")
+    if norm not in LPI_NORMS:
+        raise ValueError(f"unknown LPI norm {norm!r}; choose one of {', '.join(LPI_NORMS)}")
     if next(model._module.parameters()).device.type == "meta":
         raise ValueError("LPI unembeds locally: it needs local weights (not a remote model)")
     neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
     layer = site_module(model, ns.site)
     pre_mlp = layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.pre_feedforward_layernorm
     enc = tokenize(model, [prompt])
+    hf = model._module
     with torch.no_grad():
         with model.trace(enc):
             h = pre_mlp.input[0, -1].save()
             a = _mlp_envoy(model, ns).input[0, -1].save()
-        hf = model._module
+            final = model.model.norm.input[0, -1].save()
         w = hf.model.layers[ns.site.layer].mlp.down_proj.weight  # [d, width]
-        contrib = (a[neurons].to(w.dtype)[:, None] * w[:, neurons].T)  # [n, d]
-        x = torch.cat([h[None].to(w.dtype), h[None].to(w.dtype) + contrib])
-        lp = torch.log_softmax(_at_least_f32(hf.lm_head(hf.model.norm(x))), dim=-1)[:, target]
+        contrib = _at_least_f32(a[neurons])[:, None] * _at_least_f32(w[:, neurons].T)  # [n, d]
+        h = _at_least_f32(h)
+        x = torch.cat([h[None], h[None] + contrib])
+        if norm == "final":
+            final = _at_least_f32(final)
+            scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + LPI_EPS)
+            normed = x * scale * _norm_gain(hf.model.norm)
+        else:
+            normed = hf.model.norm(x.to(w.dtype))
+        head = hf.lm_head
+        lp = torch.log_softmax(_at_least_f32(head(normed.to(head.weight.dtype))), dim=-1)[:, target]
     return (lp[1:] - lp[0]).double().cpu().numpy()
 
 
@@ -362,15 +410,21 @@ def _answered_correctly(model: Any, ns: NeuronSite, prompts: Sequence[str], targ
 def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts: Sequence[str],
                      targets: Sequence[int], *, n_neurons: int = 100, shifts: Sequence[float] = DEFAULT_SHIFTS,
                      seed: int = 0, log_prob: bool = False, only_correct: bool = True, baselines: bool = True,
-                     ig_steps: int = 20, remote: bool | str = False,
-                     progress: Progress | None = None) -> LinearityReport:
+                     ig_steps: int = 20, ig_grid: str = "linspace", lpi_norm: str = "final",
+                     remote: bool | str = False, progress: Progress | None = None) -> LinearityReport:
     """The NEG paper's Tables 1-2: for each prompt the model answers correctly (``only_correct``), ``n_neurons``
     neurons drawn at random from all the given neuron sites (pass ``resolve_neuron_sites(model)`` for all
     feed-forward layers, as the paper does; one ``NeuronSite`` for one layer); the ground-truth NEG of each, and
-    NeurGrad, CG, IG and LPI for the same pairs (``baselines``; LPI needs local product neurons)."""
+    NeurGrad, CG, IG and LPI for the same pairs (``baselines``; LPI needs local product neurons). ``ig_grid`` and
+    ``lpi_norm`` choose the IG alphas and the LPI normaliser (defaults: the authors' released code; see
+    ``integrated_gradients`` and ``lpi``)."""
     sites = [ns] if isinstance(ns, NeuronSite) else list(ns)
     if not sites:
         raise ValueError("no neuron sites given")
+    if baselines:  # a bad IG grid or LPI normaliser fails before any forward pass
+        ig_alphas(ig_steps, ig_grid)
+        if lpi_norm not in LPI_NORMS:
+            raise ValueError(f"unknown LPI norm {lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
     targets = [int(t) for t in targets]
     offered = len(prompts)
     if only_correct:
@@ -396,8 +450,8 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
         est["neurgrad"][li] = (cg * torch.sign(a)).numpy().astype(np.float64)
         if baselines:
             est["cg"][li] = cg.numpy().astype(np.float64)
-            est["ig"][li] = integrated_gradients(model, sites[li], prompts, tg, steps=ig_steps, log_prob=log_prob,
-                                                 remote=remote)[:, 0]
+            est["ig"][li] = integrated_gradients(model, sites[li], prompts, tg, steps=ig_steps, grid=ig_grid,
+                                                 log_prob=log_prob, remote=remote)[:, 0]
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("slope", "r", "neurgrad", "cg", "ig", "lpi", "layers")}
     for i, (p, t) in enumerate(zip(prompts, targets)):
         for li in sorted({int(np.searchsorted(bounds, j, side="right") - 1) for j in picks[i]}):
@@ -410,7 +464,7 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
                 if est[k]:
                     cols[k].append(est[k][li][i, local])
             if do_lpi:
-                cols["lpi"].append(lpi(model, sites[li], p, t, local))
+                cols["lpi"].append(lpi(model, sites[li], p, t, local, norm=lpi_norm))
         if progress is not None:
             progress("neg sweep", i + 1, len(prompts))
     cat = lambda k: np.concatenate(cols[k]) if cols[k] else None  # noqa: E731
