@@ -435,8 +435,12 @@ def probe_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     mceval: str | None = typer.Option(None, "--mceval", help="An MCEval8K task (e.g. agnews, paws, ner) instead "
                                       "of --dataset: its prompts, answers and option letters."),
-    mceval_path: Path | None = typer.Option(None, "--mceval-path", help="A local copy of the task's json file."),
-    limit: int | None = typer.Option(None, help="At most this many MCEval8K queries."),
+    mceval_path: Path | None = typer.Option(None, "--mceval-path", help="A local copy of the task: its folder "
+                                            "({train,valid,test}.json) or one split's json file."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="MCEval8K prompts without the demonstrations (the "
+                                   "authors' default: one per answer label, from the train split)."),
+    limit: int | None = typer.Option(None, help="At most this many MCEval8K queries (the first after the authors' "
+                                     "seeded shuffle)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/probe"), "--out", "-o"),
 ) -> None:
@@ -456,9 +460,9 @@ def probe_cmd(
     if mceval is not None:
         from .mceval import answer_token_ids, load_mceval
 
-        data = load_mceval(mceval, path=mceval_path, limit=limit)
+        data = load_mceval(mceval, path=mceval_path, limit=limit, zero_shot=zero_shot)
         prompts, answers, queries = data.prompts, data.answers, data.prompts
-        ids = answer_token_ids(m.tokenizer, prompts[0], data.labels)
+        ids = answer_token_ids(m.tokenizer, data.labels)
     else:
         from .data import FewShotPrompter, label_token_ids
 
