@@ -7,9 +7,10 @@ human-written quotations, jokes and aphorisms separated by lines holding only ``
 
 **Which categories.** Any file of the directory that has a ``strfile`` index beside it (``<name>.dat``) is a
 category; ``.dat``/``.u8`` companions and sub-folders are not, so the offensive collection ``off/`` (package
-``fortunes-off``) is never read. ``fortunes`` alone means ``DEFAULT_CATEGORIES``, the topical categories with
-enough items on which SmolLM2-135M classifies well above chance (``nslens.protocols``); a list names at least
-two categories, in the order given (that order fixes the label indices).
+``fortunes-off``) is never read. ``fortunes`` alone means ``DEFAULT_CATEGORIES`` (love, men-women, kids, food: the categories of
+the SmolLM2-135M protocol, ``nslens.protocols``); a list names at least two categories, in the order given (that
+order fixes the label indices). Label words default to the category name, or ``LABEL_WORDS`` where the name is
+not a word (men-women -> women, kids -> children, ...).
 
 **How an item becomes a text** (``clean_fortune``, versioned as ``CLEANING``):
 
@@ -64,10 +65,11 @@ __all__ = [
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 #: version of the cleaning, deduplication and hold-out rules (recorded in every dataset's source)
 CLEANING = "nslens-fortunes-1"
-#: ``fortunes`` with no list: topical categories with >= 140 clean items each that SmolLM2-135M tells apart
-DEFAULT_CATEGORIES = ("computers", "politics", "science", "sports")
+#: ``fortunes`` with no list: everyday topics whose texts carry their topic in common words (the categories of
+#: ``nslens.protocols.PROTOCOLS['smollm2-135m']``; computers/politics/science/sports are at chance on that model)
+DEFAULT_CATEGORIES = ("love", "men-women", "kids", "food")
 #: the word the model answers with, where the file name is not a good one-token English word
-LABEL_WORDS: dict[str, str] = {"men-women": "relationships", "songs-poems": "poetry", "startrek": "Star Trek",
+LABEL_WORDS: dict[str, str] = {"men-women": "women", "songs-poems": "poetry", "startrek": "Star Trek",
                                "linuxcookie": "Linux", "knghtbrd": "quotes", "ascii-art": "art",
                                "translate-me": "translation", "kids": "children", "pets": "animals"}
 #: one item in ``HOLDOUT`` is held out of concept data as perplexity text
