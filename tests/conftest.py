@@ -12,6 +12,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NSLENS_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "nslens"))
 
+# The real NDIF server the remote tests run against (session fixture `ndif_stack`; see tests/ndif_stack/README.md).
+from ndif_stack.fixture import ndif_stack  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def embedded():
