@@ -32,7 +32,8 @@ def _printer(config):
 
 
 def _prune_dead_stacks(cache) -> None:
-    """Remove the state directories of earlier pytest runs whose process is gone (stopping anything left)."""
+    """Remove the state directories (and Ray's log directories in /tmp) of earlier pytest runs whose process is
+    gone, stopping anything left."""
     from . import procs, stack
 
     for path in cache.glob("pytest-*"):
@@ -43,6 +44,7 @@ def _prune_dead_stacks(cache) -> None:
         with contextlib.suppress(Exception):
             if old is not None:
                 old.stop()
+                shutil.rmtree(old.state.get("ray_temp_dir") or path / "none", ignore_errors=True)  # Ray's logs
             shutil.rmtree(path, ignore_errors=True)
 
 
