@@ -540,8 +540,8 @@ def demo_cmd(
 ) -> None:
     """The whole pipeline on the embedded model and synthetic concepts (offline; about 15 s, plus a minute and a half
     to train the model the first time)."""
+    from .embedded import build_embedded_model, embedded_model_dir
     from .pipeline import RunConfig, run_pipeline
-    from .synthetic import build_embedded_model, embedded_model_dir
 
     if not (embedded_model_dir() / "config.json").exists():
         with progress_display() as cb:

@@ -1,4 +1,5 @@
-"""The embedded default: a synthetic concept task and a tiny Llama trained on it, fully offline.
+"""The embedded default's data: a synthetic concept task, running text and a word-level tokenizer, fully offline
+(the tiny Llama trained on them is built by ``nslens.embedded``).
 
 Four topic-like concepts whose texts share part of their vocabulary (pairwise shared words plus generic and
 function words), so that the trained model's residual neurons respond to several concepts (polysemantic) with
@@ -7,45 +8,34 @@ demonstrations, loss on every token and extra weight on the query's label) mixed
 (a) classifies the query and (b) is a small language model of the synthetic text, whose held-out perplexity the
 side-effect checks measure.
 
-The running text (``synthetic_corpus``, v4) also carries the paper's next-token concepts (App. K), each predictable
+The running text (``synthetic_corpus``, v5) also carries the paper's next-token concepts (App. K), each predictable
 from what comes before it: pronouns that agree with a gendered or plural antecedent (he/his/him, she/her,
 they/their/them), sentences ending in ``.``, ``?`` (after ``did``) or ``!`` (after ``what a``), opening brackets
 after their cue words (``called (``, ``cited [``, ``set {``) and verbs that agree with their subject's number
 (``often go/goes``, ``still do/does``). The grammar is artificial on purpose: it only has to make each concept a
 next token the model learns to predict, so that ``nslens.nexttoken`` can be tested end to end offline.
 
-Everything is seeded; building takes well under two minutes on 2 CPU cores and is cached under ``NSLENS_HOME``.
+Everything is seeded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
 import random
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 
-from .concepts import ConceptDataset, FewShotPrompter
+from .concepts import ConceptDataset
 
 __all__ = [
     "EMBEDDED_VERSION",
     "SYNTHETIC_LABELS",
-    "build_embedded_model",
-    "embedded_model_dir",
     "synthetic_concepts",
     "synthetic_text",
 ]
 
-logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = "v4"
+EMBEDDED_VERSION = "v5"  # v5: every pronoun target is cued; trained under pinned numerics and checked (nslens.embedded)
 SYNTHETIC_LABELS = ["sports", "science", "business", "politics"]
 
 _TOPIC = {
@@ -75,7 +65,7 @@ _ADJ = "new big first last major local".split()
 _VERB = "wins beats leads backs blocks raises cuts signs plans reports meets joins".split()
 _PREP = "in on at for after over with by from".split()
 _FUNCTION = _DET + _ADJ + _VERB + _PREP
-# v4 running text: next-token concepts (paper App. K)
+# running text: next-token concepts (paper App. K)
 _ANTECEDENT = {
     "male": "king father man boy brother prince".split(),
     "female": "queen mother woman girl sister princess".split(),
@@ -138,6 +128,9 @@ def _join(tokens: list[str]) -> str:
     return re.sub(r"([(\[{]) ", r"\1", text)
 
 
+_FORMS = (0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8)
+
+
 def _story_sentence(rng: random.Random) -> list[str]:
     """One sentence of the next-token grammar (see the module docstring), as tokens."""
     topic, _ = _word_pools()
@@ -149,7 +142,8 @@ def _story_sentence(rng: random.Random) -> list[str]:
     kind = rng.choice(["male", "female", "plural"])
     ante = rng.choice(_ANTECEDENT[kind])
     subj, poss, obj = _PRONOUN[kind]
-    form = rng.randrange(9)
+    # v5: the three pronoun forms twice as often as the others, so every pronoun target is seen often enough
+    form = rng.choice(_FORMS)
     if form == 0:  # subject pronoun after "and"
         return ["the", ante, rng.choice(_PAST), "the", noun(), "and", subj, rng.choice(_PAST), "the", noun(), "."]
     if form == 1:  # possessive pronoun after a possessive verb
@@ -157,9 +151,10 @@ def _story_sentence(rng: random.Random) -> list[str]:
     if form == 2:  # object pronoun after "to thank"
         return ["the", noun(), rng.choice(_PAST), "the", ante, "to", "thank", obj, "."]
     if form == 3:  # agreement: go / goes after "often", do / does after "still"
+        # v5: the subject is a noun phrase, never a pronoun (v4 drew he/she/they here with no cue, so a fifth
+        # of the pronoun targets could not be predicted from their context)
         plural = rng.random() < 0.5
-        subject = rng.choice([["they"], ["the", rng.choice(_ANTECEDENT["plural"])]]) if plural else \
-            rng.choice([[rng.choice(["he", "she"])], ["the", noun()]])
+        subject = ["the", rng.choice(_ANTECEDENT["plural"])] if plural else ["the", noun()]
         if rng.random() < 0.5:
             return [*subject, "often", "go" if plural else "goes", "to", "the", noun(), "."]
         return [*subject, "still", "do" if plural else "does", "the", noun(), "."]
@@ -232,131 +227,3 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", padding_side="left")
     return tok
-
-
-# --------------------------------------------------------------------------------------------- model
-
-
-def embedded_model_dir() -> Path:
-    """Where the embedded model is cached: ``$NSLENS_HOME/embedded-<version>`` (default ``~/.cache/nslens``)."""
-    from .files import nslens_home
-
-    return nslens_home() / f"embedded-{EMBEDDED_VERSION}"
-
-
-def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 12):
-    """``batch`` few-shot prompts ending in their label, plus ``n_plain`` rows of running synthetic text after an
-    end-of-text token (how lm-eval's perplexity tasks present a document)."""
-    import torch
-
-    prompts, labels = [], []
-    for line in synthetic_corpus(n_plain, seed=rng.randrange(2**31)):
-        prompts.append(f"{tok.eos_token} {line}")
-        labels.append(-1)
-    for _ in range(batch):
-        demos = []
-        for c in range(len(SYNTHETIC_LABELS)):
-            demos += [(synthetic_text(c, rng), c) for _ in range(rng.randint(0, k_max))]
-        rng.shuffle(demos)
-        p = FewShotPrompter(list(SYNTHETIC_LABELS), demos)
-        c = rng.randrange(len(SYNTHETIC_LABELS))
-        prompts.append(p(synthetic_text(c, rng)) + " " + SYNTHETIC_LABELS[c])
-        labels.append(c)
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    ids, att = enc["input_ids"], enc["attention_mask"]
-    targets = ids.clone()
-    targets[att == 0] = -100
-    return ids, att, targets, torch.tensor(labels)
-
-
-def build_embedded_model(
-    out_dir: str | Path | None = None,
-    *,
-    steps: int = 900,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Train the tiny Llama on the synthetic task and save it (model + tokenizer) to ``out_dir``.
-
-    Written to a temporary directory and renamed into place, so an interrupted build leaves nothing behind.
-    Processes sharing ``NSLENS_HOME`` train it once: a file lock serialises the builds, and a process that waited
-    finds the finished model. Without ``progress`` the training is announced and its progress logged (WARNING),
-    so every entry point says what the first minute is spent on.
-    """
-    out = Path(out_dir) if out_dir is not None else embedded_model_dir()
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f".{out.name}.lock"):
-        if (out / "config.json").exists():  # built by another process while this one waited
-            return out
-        return _train_embedded(out, steps, seed, progress)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _train_embedded(out: Path, steps: int, seed: int, progress: Callable[[int, int], None] | None) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if progress is None:
-        logger.warning("training the embedded model (once, about 80 s on 2 cores; cached in %s)", out)
-
-        def progress(done: int, total: int) -> None:
-            if done % max(1, total // 10) == 0 or done == total:
-                logger.warning("training the embedded model: %d/%d steps", done, total)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tok = build_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    label_ids = torch.tensor(tok.convert_tokens_to_ids(SYNTHETIC_LABELS))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, os.cpu_count() or 1))
-    for step in range(steps):
-        ids, att, targets, y = _training_batch(rng, tok, batch=24)
-        logits = model(input_ids=ids, attention_mask=att).logits
-        lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                               targets[:, 1:].reshape(-1), ignore_index=-100)
-        # the label is the last token; its prediction comes from position -2
-        is_prompt = y >= 0
-        cls = torch.nn.functional.cross_entropy(logits[is_prompt, -2], label_ids[y[is_prompt]])
-        loss = lm + cls
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        progress(step + 1, steps)
-        if step % 100 == 0:
-            logger.info("embedded model step %d/%d loss %.3f (cls %.3f)", step, steps, loss.item(), cls.item())
-    model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "nslens_embedded.json").write_text(json.dumps(
-            {"version": EMBEDDED_VERSION, "steps": steps, "seed": seed, "labels": SYNTHETIC_LABELS}, indent=2))
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

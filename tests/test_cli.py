@@ -99,7 +99,7 @@ def test_record_ranges_erase_roundtrip(embedded, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "are for the concepts ['sports', 'science', 'business', 'politics'] but the dataset has" in r.stderr
     # masks recorded on another model (a copy of the embedded model under another id) are refused ...
-    from nslens.synthetic import embedded_model_dir
+    from nslens.embedded import embedded_model_dir
 
     r = nslens("erase", "--ranges", "ranges", "--model", str(embedded_model_dir()), "--n-per-class", "24",
                "--batch-size", "32", cwd=tmp_path)

@@ -115,8 +115,8 @@ def test_adapter_accepts_a_meta_remote_style_model(embedded):
     pytest.importorskip("lm_eval")
     from nnsight import TransformersModel
 
+    from nslens.embedded import embedded_model_dir
     from nslens.harness import NsLensLM
-    from nslens.synthetic import embedded_model_dir
 
     meta = TransformersModel(str(embedded_model_dir()), tokenizer=embedded.tokenizer, task="text-generation")
     assert next(meta._module.parameters()).device.type == "meta"
