@@ -325,17 +325,33 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
     if not cfg.only_correct:
         return data
     kept: list[Any] = []
-    for part, g in ((train, data.train_gold), (test, data.test_gold)):
+    for part, g, split, least in ((train, data.train_gold, "train", 2), (test, data.test_gold, "test", 1)):
         p = predict(model, site, data.prompts(part), g, batch_size=cfg.batch_size, remote=cfg.remote,
                     progress=progress, desc="filter correct")
         idx = np.flatnonzero(p.correct)
+        _check_correct(part, p.correct, split, least, cfg)  # the train split fails before the test pass runs
         cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
         keep = np.sort(np.concatenate([idx[part.labels[idx] == c][:cap] for c in range(part.n_concepts)]))
         kept += [part.subset(keep), g[keep]]
     train, train_gold, test, test_gold = kept
-    train.check_concepts(min_samples=2)
-    test.check_concepts(min_samples=1)
+    train.check_concepts(min_samples=2)  # max_correct_per_class may cap below that
     return PreparedData(train, test, prompter, label_ids, train_gold, test_gold)
+
+
+def _check_correct(part: ConceptDataset, correct: np.ndarray, split: str, least: int, cfg: RunConfig) -> None:
+    """The only-correct filter must leave ``least`` samples of every concept; if not, one line with every
+    concept's count before and after the filter, its clean accuracy, and what to try."""
+    before = part.class_counts()
+    after = np.bincount(part.labels[correct], minlength=part.n_concepts)
+    if (after >= least).all():
+        return
+    counts = ", ".join(f"{n} {int(b)} -> {int(a)} (clean acc {a / max(b, 1):.2f})"
+                       for n, b, a in zip(part.label_names, before, after))
+    hints = ["a larger --limit / n_per_class", "--all-samples (only_correct = false)"]
+    if not part.next_token:
+        hints.append("other --label-words or more shots (k_shot)")
+    raise ValueError(f"dataset {cfg.dataset!r}, {split} split: the only-correct filter leaves fewer than {least} "
+                     f"samples of a concept (before -> after: {counts}); try " + ", ".join(hints))
 
 
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,

@@ -53,6 +53,28 @@ def test_only_correct_keeps_correct_samples(embedded, tmp_path):
     assert all(row["acc"] == 1.0 for row in tab["base"])
 
 
+def test_only_correct_leaving_a_concept_empty_is_one_line_with_the_counts(embedded, tmp_path, monkeypatch):
+    """Planted: the embedded model never answers 'fossil' after 'Label:' (it was trained on the four topic
+    labels), so politics keeps no correct sample. The error comes after the train split's filter (the test
+    split's pass never runs) and names every concept's count before and after, its accuracy and what to try."""
+    import nslens.pipeline as pl
+
+    calls = []
+    real = pl.predict
+    monkeypatch.setattr(pl, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = small_cfg(only_correct=True, label_words=["sports", "science", "business", "fossil"])
+    with pytest.raises(ValueError) as e:
+        run_pipeline(cfg, tmp_path / "r", model=embedded)
+    msg = str(e.value)
+    assert "\n" not in msg and len(calls) == 1
+    assert "train split: the only-correct filter leaves fewer than 2 samples of a concept" in msg
+    import re
+
+    assert re.search(r"politics 1[67] -> 0 \(clean acc 0\.00\)", msg)  # 24 per class, 0.3 held out
+    assert re.search(r"sports 1[67] -> \d+ \(clean acc [01]\.\d\d\)", msg)
+    assert "--all-samples" in msg and "--label-words" in msg
+
+
 def test_failed_run_keeps_finished_work_and_says_so(embedded, tmp_path, monkeypatch):
     """A core step failing (here erasure) keeps what was finished before it, marks the run failed, and leaves no
     hidden temporary directory or half-written file."""
