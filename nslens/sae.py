@@ -23,8 +23,8 @@ import torch
 
 from .models import Site, model_id, read_site
 from .ranges import RangeMask, check_tau
-from .record import Progress, batches, prepare_remote, tokenize
-from .remote import maybe_retry
+from .record import Progress, batches, tokenize
+from .remote import maybe_retry, trace_args
 
 __all__ = [
     "NPZ_KEYS",
@@ -211,7 +211,6 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
     labels = np.asarray(labels, dtype=np.int64)
     if len(prompts) != len(labels) or len(prompts) == 0:
         raise ValueError(f"need matching, non-empty prompts and labels (got {len(prompts)} and {len(labels)})")
-    prepare_remote(remote)
     c = len(label_names)
     st = FeatureStats.empty(c, sae.d_sae, label_names, {"model_id": model_id(model), **site.describe(),
                                                        "basis": "sae", "d_sae": sae.d_sae, **sae.meta})
@@ -222,7 +221,7 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
 
         def run(enc: dict[str, torch.Tensor] = enc, lab: torch.Tensor = lab) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                with model.trace(enc, remote=remote) as tracer:
+                with model.trace(enc, **trace_args(model, remote)) as tracer:
                     f = sae.encode(read_site(model, site)[:, -1, :])
                     part = _masked_partials(f, lab, c).save()
                     tracer.stop()
@@ -300,12 +299,15 @@ def save_sae_meta(path: Path, sae: JumpReLUSAE, t31: dict[str, Any]) -> None:
 def build_synthetic_sae(samples: np.ndarray, d_sae: int = 256, fire_rate: float = 0.3, seed: int = 0) -> JumpReLUSAE:
     """A JumpReLU SAE for the embedded model, for offline tests of the Gemma Scope path: unit decoder directions,
     a tied encoder, and per-feature thresholds at the (1 - fire_rate) quantile of the pre-activations over
-    ``samples`` (residual vectors at the site), so each feature fires on about ``fire_rate`` of them."""
+    ``samples`` (residual vectors at the site), so each feature fires on about ``fire_rate`` of them. Each
+    threshold lies halfway between two neighbouring pre-activations, never on one: a sample exactly at its
+    threshold would fire or not by float rounding (another batch size, another padding)."""
     rng = np.random.default_rng(seed)
     d = samples.shape[1]
     w_dec = rng.normal(size=(d_sae, d))
     w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
-    pre = samples @ w_dec.T
-    threshold = np.maximum(np.quantile(pre, 1.0 - fire_rate, axis=0), 1e-3)
+    pre = np.sort(samples @ w_dec.T, axis=0)
+    k = min(max(int(round((1.0 - fire_rate) * len(pre))), 1), len(pre) - 1)
+    threshold = np.maximum((pre[k - 1] + pre[k]) / 2, 1e-3)
     return JumpReLUSAE(w_dec.T.copy(), np.zeros(d_sae), threshold, w_dec, np.zeros(d),
                        meta={"source": f"nslens.sae.build_synthetic_sae(d_sae={d_sae}, seed={seed})"})
