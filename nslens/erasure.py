@@ -26,8 +26,8 @@ from .intervene import Intervention, apply_in_trace
 from .models import Site
 from .ops import Operator
 from .ranges import RangeMask
-from .record import Progress, batches, prepare_remote, tokenize
-from .remote import maybe_retry
+from .record import Progress, batches, tokenize
+from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch
 
 __all__ = ["CACC_AVERAGES", "METRICS", "ErasureTable", "Predictions", "concept_metrics", "erasure_table", "predict", "predict_many",
@@ -52,14 +52,13 @@ def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndar
     gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
     if len(gold) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(gold)} gold labels")
-    prepare_remote(remote)
     return gold
 
 
 def _predict_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
                    interventions: Any, remote: bool | str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        with model.trace(enc, remote=remote):
+        with model.trace(enc, **trace_args(model, remote)):
             apply_in_trace(model, site, interventions)
             out = _last_token_outputs(model, g).save()
     return out

@@ -31,6 +31,7 @@ from .files import nslens_home, write_text
 from .intervene import Intervention, apply_in_trace
 from .loglik import LoglikSweep
 from .models import Site, model_fingerprint, model_id, tokenizer_fingerprint
+from .remote import trace_args
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -192,7 +193,7 @@ def traced_logits(model: Any, site: Site | None, interventions: Any, input_ids: 
     Module-level (not a method) so the trace captures only the model, site, interventions and inputs: that is
     what ships to NDIF, never the lm-eval object."""
     with torch.no_grad():
-        with model.trace({"input_ids": input_ids}, remote=remote):
+        with model.trace({"input_ids": input_ids}, **trace_args(model, remote)):
             if interventions is not None:
                 apply_in_trace(model, site, interventions)
             logits = model.output.logits.save()

@@ -21,8 +21,7 @@ import torch
 
 from .intervene import apply_in_trace
 from .models import Site
-from .record import prepare_remote
-from .remote import maybe_retry
+from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch, returned_bytes
 
 __all__ = ["LoglikPlan", "LoglikSweep", "RowSpec", "loglik_readout"]
@@ -133,7 +132,6 @@ class LoglikSweep:
         chunked(self.interventions, self.per_pass)  # validates per_pass
         cfg = getattr(self.model, "config", None)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
-        prepare_remote(self.remote)
 
     def tiles_per_pass(self, rows: int, positions: int) -> int:
         """Interventions per replay pass for a batch: ``per_pass``, fewer where the logits would exceed
@@ -170,7 +168,7 @@ class LoglikSweep:
         args = plan.args(dtype)
         ivs = self.interventions
         if len(ivs) == 1:  # one evaluation: a plain (optionally intervened) forward is all it takes
-            with torch.no_grad(), self.model.trace(enc, remote=self.remote):
+            with torch.no_grad(), self.model.trace(enc, **trace_args(self.model, self.remote)):
                 if ivs[0] is not None:
                     apply_in_trace(self.model, self.site, ivs[0])
                 res = loglik_readout(self.model, *args).save()

@@ -259,7 +259,8 @@ def load_model(
     GGUF model (a ``.gguf`` file, a folder holding one, ``pkg:<distribution>`` or an alias such as
     ``smollm2-135m``: dequantised once into a cache under ``$NSLENS_HOME/gguf``, see ``nslens.gguf``) or an
     already-built ``PreTrainedModel`` (then ``tokenizer`` is required). The tokenizer pads on the left and has a
-    pad token. ``remote=True`` returns a meta model whose traces run on NDIF (needs a hub id).
+    pad token. ``remote=True`` returns a meta model whose traces run on NDIF: a hub id on the public service; on a
+    self-hosted NDIF (``NDIF_HOST``) whatever id it serves, a checkpoint path included.
     """
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -292,13 +293,18 @@ def load_model(
             name = str(gguf_checkpoint(gguf_file, families=SUPPORTED_FAMILIES))
     is_local = Path(name).exists()
     if remote:
-        if is_local:
-            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path {name!r}")
+        from .remote import check_remote, is_public_host
+
+        if is_local and is_public_host():
+            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path "
+                             f"{name!r} (a self-hosted NDIF set with NDIF_HOST may serve checkpoint paths)")
         if quantize:
             raise ValueError("quantize applies to local models; remote models run as NDIF hosts them")
-        from .remote import check_remote
-
         check_remote(name)
+        if is_local:  # a self-hosted server serving a checkpoint by its path: its id is the path, no Hub lookup
+            import nnsight.modeling.huggingface as nnsight_hf
+
+            nnsight_hf._ID_CACHE.setdefault(name, name)
     if not is_local and not remote and "/" not in name:
         raise ValueError(f"model {name!r} is neither a local directory, 'embedded', a GGUF model (a .gguf file, "
                          f"pkg:<distribution>, or an alias: {', '.join(GGUF_ALIASES)}) nor a hub id (org/name)")

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from .models import Site, model_family, read_site, resolve_site, site_module, write_site
-from .record import Progress, batches, prepare_remote, tokenize
-from .remote import maybe_retry
+from .record import Progress, batches, tokenize
+from .remote import maybe_retry, trace_args
 
 __all__ = ["DEFAULT_SHIFTS", "IG_GRIDS", "LPI_NORMS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "ig_alphas",
            "integrated_gradients", "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores",
@@ -202,7 +202,6 @@ def _last_token_grads(model: Any, ns: NeuronSite, prompts: Sequence[str], t: tor
     (x = a, S = 1, when None), and the last-token activations a ``[N, neurons]``. One trace and one backward per
     batch: each prompt is tiled once per (target, alpha); the model's weights stay frozen."""
     k, s = t.shape[1], 1 if alphas is None else len(alphas)
-    prepare_remote(remote)
     grads, acts = [], []
     parts = batches(len(prompts), batch_size)
     with _frozen(model) if not remote or remote == "local" else contextlib.nullcontext():
@@ -225,7 +224,7 @@ def _last_token_grads(model: Any, ns: NeuronSite, prompts: Sequence[str], t: tor
 def _grad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor,
                 alphas: torch.Tensor | None, log_prob: bool, remote: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
-        with model.trace(enc, remote=remote):
+        with model.trace(enc, **trace_args(model, remote)):
             _embedding(model).output.requires_grad_(True)
             a = _read_neurons(model, ns)
             x = a
@@ -311,7 +310,6 @@ def neg_sweep(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Seq
     neurons = [int(j) for j in neurons]
     if not neurons or max(neurons) >= ns.width or min(neurons) < 0:
         raise ValueError(f"neurons must lie in [0, {ns.width - 1}]")
-    prepare_remote(remote)
     rows = [(j, v) for j in neurons for v in shifts]
     enc = tokenize(model, [prompt])
     base = _shifted_probs(model, ns, enc, target, [(neurons[0], 0.0)], log_prob, remote)[0]
@@ -337,7 +335,7 @@ def _shifted_probs(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tar
 
     def run() -> torch.Tensor:
         with torch.no_grad():
-            with model.trace(tiled, remote=remote):
+            with model.trace(tiled, **trace_args(model, remote)):
                 a = _read_neurons(model, ns)
                 shift = delta.to(a.device, a.dtype) * torch.sign(a[:, -1, :])
                 edited = torch.cat([a[:, :-1], (a[:, -1, :] + shift)[:, None, :]], dim=1)

@@ -136,15 +136,14 @@ def probe_features(model: Any, ns: Any, prompts: Sequence[str], option_ids: Sequ
     import torch
 
     from .neg import _read_neurons
-    from .record import batches, prepare_remote, tokenize
-    from .remote import maybe_retry
+    from .record import batches, tokenize
+    from .remote import maybe_retry, trace_args
 
     ids = torch.as_tensor(list(option_ids), dtype=torch.int64)
-    prepare_remote(remote)
     probs, acts = [], []
 
     def run(enc: dict) -> dict:
-        with torch.no_grad(), model.trace(enc, remote=remote):
+        with torch.no_grad(), model.trace(enc, **trace_args(model, remote)):
             a = _read_neurons(model, ns)[:, -1, :].float().cpu().save()
             p = torch.softmax(model.output.logits[:, -1, :].float(), -1)[:, ids].cpu().save()
         return {"p": p, "a": a}

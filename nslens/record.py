@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from .models import Site, model_id, read_site, tokenizer_fingerprint
-from .remote import maybe_retry
+from .remote import job_backend, poll_job, trace_args, with_retries
 from .stats import ConceptStats, batch_partials
 
-__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "prepare_remote", "record",
+__all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "record",
            "sample_per_concept", "tokenize"]
+
+#: non-blocking remote jobs a recording keeps submitted ahead of the one it waits for
+JOBS_IN_FLIGHT = 4
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +57,6 @@ class RecordResult:
             save_file({"samples": self.samples, "labels": self.sample_labels, "index": index.astype(np.int64)}, tmp,
                       metadata={"label_names": json.dumps(self.stats.label_names), "format": "nslens.samples/1"})
         return Path(path)
-
-
-def prepare_remote(remote: bool | str) -> None:
-    """Ship nslens' tensor code by value with remote requests (NDIF does not have nslens installed)."""
-    if remote:
-        import nnsight
-
-        nnsight.register("nslens")
 
 
 def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -136,7 +131,6 @@ def record(
     if keep_samples and position != "last":
         raise ValueError("keep_samples needs position='last'")
     c = len(label_names)
-    prepare_remote(remote)
     stats = ConceptStats.empty(c, site.d_model, list(label_names), meta={
         "model_id": model_id(model), **site.describe(), "position": position,
         **({"tokenizer": tokenizer_fingerprint(model.tokenizer)} if getattr(model, "tokenizer", None) else {}),
@@ -146,21 +140,39 @@ def record(
     keep_mask = np.zeros(len(labels), dtype=bool)
     keep_mask[keep_idx] = True
     parts = batches(len(prompts), batch_size)
-    start, fingerprint = 0, ""
+    start, fingerprint, jobs = 0, "", {}
     if checkpoint is not None:
         if keep_samples:
             raise ValueError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
         fingerprint = _fingerprint(prompts, labels, site, model_id(model), position, batch_size)
-        start = _resume(Path(checkpoint), fingerprint, stats)
+        start, jobs = _resume(Path(checkpoint), fingerprint, stats)
+    def inputs(i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        sl = parts[i]
+        rows = torch.as_tensor(np.flatnonzero(keep_mask[sl])) if keep_samples else None
+        return tokenize(model, prompts[sl]), torch.as_tensor(labels[sl]), rows
+
+    def submit(i: int) -> str:
+        """Real remote runs: the batch as a non-blocking job (its id goes into the checkpoint before it is
+        waited for, so a restarted client polls it instead of submitting it again)."""
+        enc, lab, rows = inputs(i)
+        backend = job_backend(model)
+        with_retries(lambda: _record_batch(model, site, enc, lab, c, position, rows, {"backend": backend}),
+                     what=f"record batch {i} (submit)")
+        return str(backend.job_id)
+
     for i, sl in enumerate(parts):
         if i < start:
             continue
-        enc = tokenize(model, prompts[sl])
-        lab = torch.as_tensor(labels[sl])
-        rows = torch.as_tensor(np.flatnonzero(keep_mask[sl])) if keep_samples else None
-        part = maybe_retry(remote, lambda enc=enc, lab=lab, rows=rows: _record_batch(model, site, enc, lab, c,
-                                                                                    position, rows, remote),
-                           what=f"record batch {i}")
+        if remote is True:
+            for j in range(i, min(i + JOBS_IN_FLIGHT, len(parts))):
+                if j not in jobs:
+                    jobs[j] = submit(j)
+                    if checkpoint is not None:
+                        _save_checkpoint(Path(checkpoint), fingerprint, stats, i, jobs)
+            part = poll_job(model, jobs.pop(i), what=f"record batch {i}")["part"]
+        else:
+            enc, lab, rows = inputs(i)
+            part = _record_batch(model, site, enc, lab, c, position, rows, trace_args(model, remote))
         if not bool(part["finite"]):
             raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
@@ -168,7 +180,7 @@ def record(
         if keep_samples:
             kept.append(part["x"].float().numpy())
         if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == len(parts)):
-            _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1)
+            _save_checkpoint(Path(checkpoint), fingerprint, stats, i + 1, jobs)
         if progress is not None:
             progress("record", i + 1, len(parts))
     if checkpoint is not None and Path(checkpoint).exists() and not keep_checkpoint:
@@ -180,9 +192,12 @@ def record(
 
 
 def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: torch.Tensor, c: int,
-                  position: str, rows: torch.Tensor | None, remote: bool | str) -> dict[str, torch.Tensor]:
+                  position: str, rows: torch.Tensor | None, trace_kwargs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """One batch's partials (``part``, the one value that leaves the trace). With a non-blocking backend in
+    ``trace_kwargs`` the trace only submits the job and this returns None; the result is fetched by name."""
+    part = None  # stays None when the trace only submitted a job
     with torch.no_grad():
-        with model.trace(enc, remote=remote) as tracer:
+        with model.trace(enc, **trace_kwargs) as tracer:
             h = read_site(model, site)
             if position == "last":
                 x = h[:, -1, :]
@@ -210,16 +225,19 @@ def _fingerprint(prompts: Sequence[str], labels: np.ndarray, site: Site, mid: st
     return h.hexdigest()
 
 
-def _save_checkpoint(path: Path, fingerprint: str, stats: ConceptStats, done: int) -> None:
-    """The partial statistics in the ``ConceptStats`` file format, tagged with the run's fingerprint."""
+def _save_checkpoint(path: Path, fingerprint: str, stats: ConceptStats, done: int, jobs: dict[int, str]) -> None:
+    """The partial statistics in the ``ConceptStats`` file format, tagged with the run's fingerprint and the ids of
+    remote jobs submitted but not yet merged (batch index -> job id)."""
     ConceptStats(stats.count, stats.mean, stats.m2, stats.abs_sum, stats.label_names,
-                 {"checkpoint": {"fingerprint": fingerprint, "batches_done": done}}).save(path)
+                 {"checkpoint": {"fingerprint": fingerprint, "batches_done": done,
+                                 "jobs": {str(k): v for k, v in sorted(jobs.items())}}}).save(path)
 
 
-def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> int:
-    """Load a checkpoint into ``stats``; returns the number of batches already done (0 without a file)."""
+def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> tuple[int, dict[int, str]]:
+    """Load a checkpoint into ``stats``; returns the number of batches already done (0 without a file) and the
+    pending remote jobs."""
     if not path.exists():
-        return 0
+        return 0, {}
     saved = ConceptStats.load(path)
     tag = saved.meta.get("checkpoint")
     if not isinstance(tag, dict):
@@ -229,8 +247,9 @@ def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> int:
                          "batch size differ); delete it or choose another checkpoint file")
     stats.count, stats.mean, stats.m2, stats.abs_sum = saved.count, saved.mean, saved.m2, saved.abs_sum
     done = int(tag["batches_done"])
-    logger.info("resuming recording from %s after %d batches", path, done)
-    return done
+    jobs = {int(k): str(v) for k, v in tag.get("jobs", {}).items() if int(k) >= done}
+    logger.info("resuming recording from %s after %d batches (%d remote jobs pending)", path, done, len(jobs))
+    return done, jobs
 
 
 def bytes_per_batch(n_concepts: int, d_model: int) -> int:

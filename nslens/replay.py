@@ -20,6 +20,7 @@ import torch
 
 from .intervene import Intervention, edit_hidden
 from .models import Site, read_site, site_module
+from .remote import trace_args
 
 __all__ = ["Chunk", "chunked", "layer_envoy", "replay_batch", "returned_bytes"]
 
@@ -97,9 +98,10 @@ def replay_batch(
     with torch.no_grad():
         if not remote:
             return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False)
-        with model.session(remote=remote):
-            clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,
-                                  in_session=True)
+        with model.session(**trace_args(model, remote)):
+            with torch.no_grad():  # inside the block too: the block is what runs on the server
+                clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,
+                                      in_session=True)
     return clean, list(outs)
 
 

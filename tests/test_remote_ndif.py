@@ -1,0 +1,198 @@
+"""Every nslens remote path over the real wire: a local NDIF server (ndif 0.1.2, tests/ndif_stack) that cannot
+import nslens runs the traces, and each result equals the local run.
+
+Tolerance: exact (``torch.equal`` / ``np.array_equal``) for values computed by one forward, because the server's
+CPU actor runs torch with this process's thread count (``same_threads``); sums that nslens merges on the client
+(Welford partials, lm-eval metrics) are exact too, since the partials themselves are. One exception: the fast
+erasure path (clean pass + replays in one session, ``nslens.replay``) gives the same predictions, and
+probabilities within 1e-6 of the local run (measured: 6e-7, float32 rounding; ``remote="local"`` is exact, so it
+is something the server does differently in a session, not the shipped code). The remote model is
+``nslens.load_model(<checkpoint path>, remote=True)`` with ``NDIF_HOST`` pointing at the stack: the id a
+self-hosted server serves is the checkpoint's path, so the same string loads the local model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nslens
+from nslens.synthetic import synthetic_concepts
+
+
+@pytest.fixture(scope="module")
+def wire(ndif_stack, embedded):
+    """(local model, remote model, local site, remote site) for the embedded model, with nnsight pointed at the
+    stack for the module's tests."""
+    with ndif_stack.configured():
+        remote = nslens.load_model(ndif_stack.models[0], remote=True)
+        yield embedded, remote, nslens.resolve_site(embedded, -2), nslens.resolve_site(remote, -2)
+
+
+@pytest.fixture(autouse=True)
+def same_threads(ndif_stack):
+    before = torch.get_num_threads()
+    torch.set_num_threads(ndif_stack.state["torch_threads"])
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = synthetic_concepts(10, seed=21)
+    prompter = nslens.FewShotPrompter.from_dataset(ds, k=1, seed=0)
+    return ds, prompter.prompts(ds.texts)
+
+
+def assert_summaries_close(a, b):
+    """Erasure summaries: accuracies exact, probabilities within 1e-6 (see the module docstring)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        for metric in a[key]:
+            if metric in ("acc", "cacc"):
+                assert a[key][metric] == b[key][metric], (key, metric)
+            else:
+                assert abs(a[key][metric] - b[key][metric]) <= 1e-6, (key, metric)
+
+
+def both(wire, fn):
+    """``fn(model, site, remote)`` run locally and on the server."""
+    local, remote, site_l, site_r = wire
+    return fn(local, site_l, False), fn(remote, site_r, True)
+
+
+def assert_stats_equal(a, b):
+    for name in ("count", "mean", "m2", "abs_sum"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("position", ["last", "all"])
+def test_record(wire, data, position):
+    ds, prompts = data
+    keep = position == "last"
+    a, b = both(wire, lambda m, s, r: nslens.record(m, s, prompts, ds.labels, ds.label_names, batch_size=8,
+                                                    position=position, keep_samples=keep, remote=r))
+    assert_stats_equal(a.stats, b.stats)
+    if keep:
+        assert np.array_equal(a.samples, b.samples)
+
+
+def test_record_with_checkpoint_uses_jobs_and_leaves_no_checkpoint(wire, data, tmp_path):
+    ds, prompts = data
+    ck = tmp_path / "rec.ckpt"
+    a, b = both(wire, lambda m, s, r: nslens.record(m, s, prompts, ds.labels, ds.label_names, batch_size=4,
+                                                    remote=r, checkpoint=ck if r else None, checkpoint_every=1))
+    assert_stats_equal(a.stats, b.stats)
+    assert not ck.exists()
+
+
+@pytest.fixture(scope="module")
+def masks(wire, data):
+    ds, prompts = data
+    local, _, site, _ = wire
+    rec = nslens.record(local, site, prompts, ds.labels, ds.label_names, batch_size=16)
+    return rec, nslens.build_range_masks(rec.stats, fraction=0.5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "naive"])
+def test_erasure_table(wire, data, masks, fast):
+    ds, prompts = data
+    ids = nslens.label_token_ids(wire[0].tokenizer, ds.label_names)
+    a, b = both(wire, lambda m, s, r: nslens.erasure_table(m, s, prompts, ds.labels, ids, masks[1],
+                                                           nslens.adaptive_dampen(0.5), batch_size=8, remote=r,
+                                                           fast=fast))
+    if fast:
+        assert_summaries_close(a.summary(), b.summary())
+    else:
+        assert a.to_markdown() == b.to_markdown() and a.summary() == b.summary()
+
+
+def test_steering_and_directional_ablation(wire, data, masks):
+    from nslens.erasure import erasure_table
+    from nslens.steering import full_masks, steering_operators
+
+    ds, prompts = data
+    ids = nslens.label_token_ids(wire[0].tokenizer, ds.label_names)
+    stats = masks[0].stats
+    for kind in ("steer", "ablate"):
+        ops = steering_operators(stats, kind)
+        a, b = both(wire, lambda m, s, r, ops=ops: erasure_table(m, s, prompts, ds.labels, ids, full_masks(stats),
+                                                                 ops, batch_size=8, remote=r))
+        assert_summaries_close(a.summary(), b.summary())
+
+
+def test_next_token_erasure(wire, masks):
+    from nslens.nexttoken import next_token_dataset, target_token_ids
+
+    nt = next_token_dataset("next:punctuation:synthetic", n_per_concept=6, seed=3)
+    gold, ok = target_token_ids(wire[0].tokenizer, nt.texts, nt.targets)
+    local, _, site, _ = wire
+    rec = nslens.record(local, site, nt.texts, nt.labels, nt.label_names, batch_size=8)
+    m = nslens.build_range_masks(rec.stats, method="probeless", fraction=0.2)
+    a, b = both(wire, lambda mod, s, r: nslens.erasure_table(mod, s, nt.texts, nt.labels, None, m, nslens.zero(),
+                                                             gold_token_ids=gold, batch_size=8, remote=r))
+    assert_summaries_close(a.summary(), b.summary())
+
+
+def test_general_mean(wire, tmp_path):
+    from nslens.general import general_mean
+    from nslens.synthetic import synthetic_corpus
+
+    texts = synthetic_corpus(6, seed=4)
+    a, b = both(wire, lambda m, s, r: general_mean(m, s, texts, remote=r, cache_dir=tmp_path / str(r)))
+    assert torch.equal(a, b)
+
+
+def test_side_effects_with_server_side_loglikelihoods(wire, masks, tmp_path):
+    pytest.importorskip("lm_eval")
+    from nslens.harness import local_tasks_dir, side_effects
+
+    inc = local_tasks_dir(tmp_path / "t", n_mc=8, n_ppl=3)
+    mask = masks[1][0]
+    tasks = ["nslens_synth_mc", "nslens_synth_cont", "nslens_synth_token_ppl"]
+    a, b = both(wire, lambda m, s, r: side_effects(
+        m, s, {"neuron": nslens.Intervention(mask, nslens.zero(), gated=False),
+               "range": nslens.Intervention(mask, nslens.zero())},
+        tasks=tasks, include_path=inc, remote=r, cache_dir=tmp_path / f"c{r}"))
+    assert dict(a) == dict(b) and b["neuron"] != b["clean"]
+
+
+def test_sae_features(wire, data, masks):
+    from nslens.sae import build_synthetic_sae, record_features
+
+    ds, prompts = data
+    rec = nslens.record(wire[0], wire[2], prompts, ds.labels, ds.label_names, batch_size=16, keep_samples=True)
+    sae = build_synthetic_sae(rec.samples, d_sae=64, seed=0)
+    a, b = both(wire, lambda m, s, r: record_features(m, s, sae, prompts, ds.labels, ds.label_names, batch_size=8,
+                                                      remote=r))
+    for name in ("n", "mean", "m2", "fire_n", "fire_mean", "fire_m2", "l0_sum"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_neurgrad_and_probe_features(wire, data):
+    from nslens.neg import neurgrad, resolve_neuron_site
+    from nslens.probes import probe_features
+
+    _, prompts = data
+    local, remote = wire[0], wire[1]
+    options = nslens.label_token_ids(local.tokenizer, ["sports", "science", "business", "politics"])
+    out = {}
+    for name, m, r in (("local", local, False), ("remote", remote, True)):
+        ns = resolve_neuron_site(m, 1)
+        out[name] = (neurgrad(m, ns, prompts[:6], options=options, batch_size=3, remote=r),
+                     probe_features(m, ns, prompts[:6], options, batch_size=3, remote=r))
+    assert np.array_equal(out["local"][0], out["remote"][0])
+    assert all(np.array_equal(x, y) for x, y in zip(out["local"][1], out["remote"][1]))
+
+
+def test_preflight_accepts_the_real_status_and_names_what_is_served(ndif_stack):
+    from nslens.remote import check_remote
+
+    with ndif_stack.configured():
+        for model_id in ndif_stack.models:
+            check_remote(model_id)
+        with pytest.raises(ValueError, match=r"'org/not-served' is not running on NDIF at http://127\.0\.0\.1:\d+; "
+                                             r"running now: .*tiny-random-llama.*, .*embedded-v5") as e:
+            nslens.load_model("org/not-served", remote=True)
+        assert "\n" not in str(e.value)
