@@ -31,7 +31,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check nslens tests experiments benchmarks
 
-BENCHES := bench_record bench_erasure bench_side_effects bench_memory bench_remote
+BENCHES := bench_startup bench_record bench_erasure bench_side_effects bench_memory bench_remote
 
 bench: venv
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py || exit 1; done

@@ -6,15 +6,37 @@ stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` ru
 
 __version__ = "0.1.0"
 
-from .data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset  # noqa: E402
-from .erasure import ErasureTable, erasure_table, predict  # noqa: E402
-from .intervene import Intervention, applied, apply_in_trace, edit_hidden  # noqa: E402
-from .models import Site, load_model, read_site, resolve_site, write_site  # noqa: E402
-from .ops import Operator, adaptive_dampen, dampen, make_operator, mean_replace, zero  # noqa: E402
-from .ranges import RangeMask, build_range_masks, load_masks  # noqa: E402
-from .rank import rank, select_top  # noqa: E402
-from .record import RecordResult, record  # noqa: E402
-from .stats import ConceptStats  # noqa: E402
+# Public names, imported on first use (PEP 562): ``import nslens`` and ``nslens --help`` stay fast (torch, nnsight
+# and transformers load when a name that needs them is first touched).
+_EXPORTS = {
+    "data": ("ConceptDataset", "FewShotPrompter", "label_token_ids", "load_dataset"),
+    "erasure": ("ErasureTable", "erasure_table", "predict"),
+    "errors": ("NsLensError",),
+    "intervene": ("Intervention", "applied", "apply_in_trace", "edit_hidden"),
+    "models": ("Site", "load_model", "read_site", "resolve_site", "write_site"),
+    "ops": ("Operator", "adaptive_dampen", "dampen", "make_operator", "mean_replace", "zero"),
+    "ranges": ("RangeMask", "build_range_masks", "load_masks"),
+    "rank": ("rank", "select_top"),
+    "record": ("RecordResult", "record"),
+    "stats": ("ConceptStats",),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nslens' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 __all__ = [
     "ConceptDataset",
@@ -22,6 +44,7 @@ __all__ = [
     "ErasureTable",
     "FewShotPrompter",
     "Intervention",
+    "NsLensError",
     "Operator",
     "RangeMask",
     "RecordResult",

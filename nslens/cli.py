@@ -628,14 +628,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _quiet_libraries() -> None:
-    """No third-party progress bars or chatter around nslens's own output (transformers' weight-loading bar)."""
-    try:
+    """No third-party progress bars or chatter around nslens's own output (transformers' weight-loading bar). Set
+    through the variables transformers reads when it is imported, so that ``--help`` does not import it."""
+    import os
+
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 if __name__ == "__main__":
