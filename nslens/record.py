@@ -169,7 +169,14 @@ def record(
                     jobs[j] = submit(j)
                     if checkpoint is not None:
                         _save_checkpoint(Path(checkpoint), fingerprint, stats, i, jobs)
-            part = poll_job(model, jobs.pop(i), what=f"record batch {i}")["part"]
+            def again(i: int = i) -> str:
+                jobs[i] = submit(i)
+                if checkpoint is not None:
+                    _save_checkpoint(Path(checkpoint), fingerprint, stats, i, jobs)
+                return jobs[i]
+
+            part = poll_job(model, jobs[i], what=f"record batch {i}", resubmit=again)["part"]
+            del jobs[i]
         else:
             enc, lab, rows = inputs(i)
             part = _record_batch(model, site, enc, lab, c, position, rows, trace_args(model, remote))

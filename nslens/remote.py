@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 from .errors import NsLensError
 
-__all__ = ["DEFAULT_TIMEOUT", "TRANSIENT_ERRORS", "RemoteTimeout", "api_key", "check_remote", "is_public_host",
-           "job_backend", "maybe_retry", "poll_job", "redact", "remote_timeout", "retry_settings", "served_models",
-           "ship_code", "trace_args", "with_deadline", "with_retries"]
+__all__ = ["DEFAULT_STALL", "DEFAULT_TIMEOUT", "TRANSIENT_ERRORS", "RemoteTimeout", "api_key", "check_remote",
+           "is_public_host", "job_backend", "maybe_retry", "poll_job", "redact", "remote_timeout", "retry_settings",
+           "served_models", "ship_code", "stall_seconds", "trace_args", "with_deadline", "with_retries"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,18 +142,47 @@ def job_backend(model: Any, job_id: str | None = None) -> Any:
     return _backend(model, remote_timeout(), blocking=False, job_id=job_id)
 
 
+#: seconds a submitted job may sit in one state (or unknown to the server) before it is resubmitted
+DEFAULT_STALL = 600.0
+
+
+def stall_seconds() -> float:
+    """``$NSLENS_REMOTE_STALL`` or ``DEFAULT_STALL``: an API that restarts loses the jobs still in its queue (ndif
+    0.1.2 keeps them QUEUED forever), so a job whose status has not changed for this long is submitted again."""
+    raw = os.environ.get("NSLENS_REMOTE_STALL", str(DEFAULT_STALL))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise NsLensError(f"NSLENS_REMOTE_STALL must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 def poll_job(model: Any, job_id: str, *, what: str = "NDIF job", sleep: Callable[[float], Any] = time.sleep,
-             ) -> dict[str, Any]:
+             resubmit: Callable[[], str] | None = None) -> dict[str, Any]:
     """Wait for a submitted job (``job_backend``) and return its saved values by name. Polling is idempotent, so
-    a failed poll is retried (``with_retries``); the wait is bounded by ``remote_timeout()``."""
+    a failed poll is retried (``with_retries``); the wait is bounded by ``remote_timeout()``. With ``resubmit``
+    (submits the same work again and returns the new job id), a job stuck in one state for ``stall_seconds()``
+    is replaced by a new one (logged); the caller's ``resubmit`` records the new id."""
     backend = job_backend(model, job_id)
     deadline = time.monotonic() + remote_timeout()
-    interval = 0.05
+    stall = stall_seconds()
+    interval, seen, since = 0.05, None, time.monotonic()
     while True:
-        result = with_retries(lambda: backend(None), what=what, sleep=sleep)
+        result = with_retries(lambda b=backend: b(None), what=what, sleep=sleep)
         if result is not None:
             return result
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        state = None if backend.status is None else str(backend.status)
+        if state != seen:
+            seen, since = state, now
+        elif resubmit is not None and now - since >= stall:
+            old, job_id = job_id, resubmit()
+            logger.warning("%s: job %s stayed %s for %.0f s (lost by a restarted server?); submitted again as %s",
+                           what, old, state or "unknown to the server", now - since, job_id)
+            backend, seen, since = job_backend(model, job_id), None, now
+        if now >= deadline:
             raise RemoteTimeout(f"{what}: job {job_id} did not finish within {remote_timeout():g} s "
                                 f"(client-side timeout); raise it with NSLENS_REMOTE_TIMEOUT=SECONDS")
         sleep(interval)

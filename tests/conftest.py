@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NSLENS_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "nslens"))
+# a remote test that waits on a server which will never answer fails after 5 minutes instead of 6 hours
+os.environ.setdefault("NSLENS_REMOTE_TIMEOUT", "300")
 
 # The real NDIF server the remote tests run against (session fixture `ndif_stack`; see tests/ndif_stack/README.md).
 from ndif_stack.fixture import ndif_stack  # noqa: E402, F401

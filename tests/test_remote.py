@@ -122,3 +122,34 @@ def test_adapter_accepts_a_meta_remote_style_model(embedded):
     assert next(meta._module.parameters()).device.type == "meta"
     lm = NsLensLM(meta, remote=True)
     assert lm.device.type == "cpu" and lm.remote is True
+
+
+def test_a_stuck_job_is_submitted_again(monkeypatch, caplog):
+    """A job that stays in one state for NSLENS_REMOTE_STALL seconds (a restarted ndif server keeps the jobs it lost
+    QUEUED forever) is replaced by a resubmitted one; a job whose status moves is waited for."""
+    import logging
+
+    import nslens.remote as remote
+
+    class Fake:
+        def __init__(self, statuses):
+            self.statuses, self.status = list(statuses), None
+
+        def __call__(self, tracer):
+            self.status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+            return {"part": self.status} if self.status == "COMPLETED" else None
+
+    backends = {"old": Fake(["QUEUED"]), "new": Fake(["QUEUED", "RUNNING", "COMPLETED"])}
+    monkeypatch.setattr(remote, "job_backend", lambda model, job_id=None: backends[job_id])
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(remote.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setenv("NSLENS_REMOTE_STALL", "5")
+    submitted = []
+    with caplog.at_level(logging.WARNING, logger="nslens.remote"):
+        out = remote.poll_job(None, "old", what="record batch 3", sleep=lambda s: None,
+                              resubmit=lambda: submitted.append(1) or "new")
+    assert out == {"part": "COMPLETED"} and submitted == [1]
+    assert "record batch 3: job old stayed QUEUED" in caplog.text and "submitted again as new" in caplog.text
+    monkeypatch.setenv("NSLENS_REMOTE_STALL", "0")
+    with pytest.raises(ValueError, match="NSLENS_REMOTE_STALL must be a positive number"):
+        remote.stall_seconds()

@@ -75,8 +75,9 @@ def test_server_down_then_exhausted_retries_then_resume_bit_identical(ndif_stack
                                                                       caplog, api_restored):
     """The API goes down after two batches of a checkpointed recording: the retries are logged, then exhausted
     in one line; the checkpoint holds the finished batches and the ids of jobs already submitted; once the API is
-    back the same call resumes (polling those jobs, not resubmitting them) and the statistics equal an
-    uninterrupted run bit for bit. With the server down before a request, the preflight says so in one line."""
+    back the same call resumes, polling those jobs (a job the killed API had still queued is lost and stays
+    QUEUED: after NSLENS_REMOTE_STALL seconds it is submitted again), and the statistics equal an uninterrupted
+    run bit for bit. With the server down before a request, the preflight says so in one line."""
     monkeypatch.setenv("NSLENS_REMOTE_RETRIES", "2")
     monkeypatch.setenv("NSLENS_REMOTE_BACKOFF", "0.1")
     ck = tmp_path / "rec.ckpt"
@@ -97,6 +98,7 @@ def test_server_down_then_exhausted_retries_then_resume_bit_identical(ndif_stack
     with pytest.raises(ValueError, match=r"cannot reach NDIF at http://127\.0\.0\.1:\d+ \(Connect"):
         nslens.load_model(ndif_stack.models[0], remote=True)
     ndif_stack.start_api()
+    monkeypatch.setenv("NSLENS_REMOTE_STALL", "4")
     polled = []
     rec_mod = sys.modules["nslens.record"]  # the module (nslens.record is the function)
     real_poll = rec_mod.poll_job
