@@ -6,6 +6,9 @@ stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` ru
 
 __version__ = "0.1.0"
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
 # Public names, imported on first use (PEP 562): ``import nslens`` and ``nslens --help`` stay fast (torch, nnsight
 # and transformers load when a name that needs them is first touched).
 _EXPORTS = {
@@ -21,6 +24,20 @@ _EXPORTS = {
     "stats": ("ConceptStats",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+class _Package(types.ModuleType):
+    """``record`` and ``rank`` name both a function and the module it lives in. Imported eagerly, the function
+    won; lazily, importing the submodule would rebind the package attribute to the module, so that rebinding is
+    ignored here (the module stays reachable as ``sys.modules["nslens.record"]``, as before)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _HOME.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
