@@ -273,9 +273,13 @@ def is_public_host() -> bool:
     return CONFIG.API.HOST.rstrip("/") == PUBLIC_HOST
 
 
-def check_remote(repo_id: str, *, timeout: float = 5.0) -> None:
+def check_remote(repo_id: str, *, timeout: float = 5.0, read_timeout: float = 90.0) -> None:
     """Fail early, with a clear one-line reason, when a remote run cannot work: no key for the public NDIF,
-    NDIF unreachable, or the model not running there (naming the models that are)."""
+    NDIF unreachable, or the model not running there (naming the models that are).
+
+    ``timeout`` bounds the connection; ``read_timeout`` the answer, which an ndif server computes on a cache miss
+    by asking its Ray controller (bounded there by ``NDIF_STATUS_TIMEOUT_S``, default 60 s): on a busy machine that
+    takes well over 5 s, so a short read timeout called a healthy server unreachable."""
     from nnsight import CONFIG
     from nnsight.ndif import _get
 
@@ -284,9 +288,12 @@ def check_remote(repo_id: str, *, timeout: float = 5.0) -> None:
         raise ValueError("remote runs need an NDIF API key: set NDIF_API_KEY or call "
                          "nnsight.CONFIG.set_default_api_key(KEY) (keys: https://login.ndif.us)")
     try:
-        status = _get("/status", timeout=(timeout, timeout))
+        status = _get("/status", timeout=(timeout, read_timeout))
     except Exception as e:  # httpx raises its own hierarchy; any failure here means "cannot reach"
-        raise ValueError(f"cannot reach NDIF at {host} ({type(e).__name__}); check the network or NDIF_HOST") from e
+        if "ReadTimeout" in type(e).__name__:
+            raise NsLensError(f"NDIF at {host} accepted the connection but sent no status within {read_timeout:g} s; "
+                              "the server is overloaded or its controller is down") from e
+        raise NsLensError(f"cannot reach NDIF at {host} ({type(e).__name__}); check the network or NDIF_HOST") from e
     running = served_models(status)
     if repo_id not in running:
         raise ValueError(f"model {repo_id!r} is not running on NDIF at {host}; running now: "

@@ -30,6 +30,28 @@ def test_unreachable_host_never_shows_the_key(monkeypatch):
     assert SECRET not in str(err.value)
 
 
+def test_a_server_that_accepts_but_never_answers_is_not_called_unreachable(monkeypatch):
+    """An ndif server computes /status through its Ray controller (up to 60 s on a busy machine): the preflight
+    waits for the answer and, when none comes, says the server answered the connection but not the request."""
+    import socket
+    import threading
+
+    from nnsight import CONFIG
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    held = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    monkeypatch.setenv("NDIF_API_KEY", SECRET)
+    monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        with pytest.raises(ValueError, match=r"accepted the connection but sent no status within 1 s"):
+            check_remote("meta-llama/Llama-3.1-70B", timeout=2.0, read_timeout=1.0)
+    finally:
+        listener.close()
+
+
 def test_model_not_running(monkeypatch):
     import nnsight.ndif
 
