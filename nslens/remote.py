@@ -288,16 +288,36 @@ def check_remote(repo_id: str, *, timeout: float = 5.0, read_timeout: float = 90
         raise ValueError("remote runs need an NDIF API key: set NDIF_API_KEY or call "
                          "nnsight.CONFIG.set_default_api_key(KEY) (keys: https://login.ndif.us)")
     try:
-        status = _get("/status", timeout=(timeout, read_timeout))
+        status = _status(_get, timeout, read_timeout)
     except Exception as e:  # httpx raises its own hierarchy; any failure here means "cannot reach"
         if "ReadTimeout" in type(e).__name__:
             raise NsLensError(f"NDIF at {host} accepted the connection but sent no status within {read_timeout:g} s; "
                               "the server is overloaded or its controller is down") from e
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        if code is not None:
+            raise NsLensError(f"NDIF at {host} answered its status page with HTTP {code}; the server is up but "
+                              "not serving (see its logs)") from e
         raise NsLensError(f"cannot reach NDIF at {host} ({type(e).__name__}); check the network or NDIF_HOST") from e
     running = served_models(status)
     if repo_id not in running:
         raise ValueError(f"model {repo_id!r} is not running on NDIF at {host}; running now: "
                          + (", ".join(running) or "none"))
+
+
+def _status(get: Callable[..., Any], timeout: float, read_timeout: float, attempts: int = 3) -> Any:
+    """The server's ``/status``, asked again (after 2 s) when it answers 503/504: ndif sends those when its
+    controller's refresh failed or was lost (a lock left by an API restarted mid-refresh expires after 60 s), and
+    the next request triggers a fresh one."""
+    for i in range(attempts):
+        try:
+            return get("/status", timeout=(timeout, read_timeout))
+        except Exception as e:
+            code = getattr(getattr(e, "response", None), "status_code", None)
+            if code not in (503, 504) or i == attempts - 1:
+                raise
+            logger.warning("NDIF /status answered %s; asking again (%d/%d)", code, i + 1, attempts - 1)
+            time.sleep(2.0)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def retry_settings() -> tuple[int, float]:

@@ -52,6 +52,32 @@ def test_a_server_that_accepts_but_never_answers_is_not_called_unreachable(monke
         listener.close()
 
 
+def test_a_status_refresh_the_server_lost_is_asked_for_again(monkeypatch):
+    """503/504 from /status (ndif's refresh failed or its lock outlived a restarted API): asked again, then fine."""
+    import httpx
+    import nnsight.ndif
+
+    import nslens.remote as remote
+
+    answers = [504, 503, None]
+
+    def get(path, timeout):
+        code = answers.pop(0)
+        if code:
+            raise httpx.HTTPStatusError("busy", request=httpx.Request("GET", path),
+                                        response=httpx.Response(code))
+        return {"deployments": {"a": {"repo_id": "m/x", "application_state": "RUNNING"}}}
+
+    monkeypatch.setenv("NDIF_API_KEY", SECRET)
+    monkeypatch.setattr(nnsight.ndif, "_get", get)
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    check_remote("m/x")
+    assert answers == []
+    answers[:] = [504, 504, 504]
+    with pytest.raises(ValueError, match=r"answered its status page with HTTP 504; the server is up"):
+        check_remote("m/x")
+
+
 def test_model_not_running(monkeypatch):
     import nnsight.ndif
 
