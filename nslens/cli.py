@@ -193,7 +193,8 @@ def erase_cmd(
     ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
     model: str = ModelOpt, dataset: str = DatasetOpt, layer: int = LayerOpt, n_per_class: int = NOpt,
     batch_size: int = BatchOpt, remote: bool = RemoteOpt,
-    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
+    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept, adaptive or "
+                                 "leace (LEACE per concept over the masks' neurons, fitted on the training split)."),
     positions: str = typer.Option("all", help="all or last."),
     seed: int = typer.Option(0), only_correct: bool = OnlyCorrectOpt, label_words: str | None = LabelWordsOpt,
     allow_other_model: bool = AllowOtherModelOpt,
@@ -217,9 +218,9 @@ def erase_cmd(
     masks = load_masks(ranges, expect=site.describe())
     check_masks_fit(masks, label_names=ds.label_names, model=m, dataset=cfg.dataset,
                     allow_other_model=allow_other_model, source=f"the masks in {ranges}")
-    op = run_operators(m, site, cfg)[operator]
     with progress_display() as cb:
         data = prepare_data(m, site, cfg, cb, ds=ds)
+        op = run_operators(m, site, cfg, cb, data=data, masks=masks)[operator]
         tab = erasure_table(m, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                             gold_token_ids=data.test_gold, positions=positions, batch_size=batch_size,
                             remote=remote, progress=cb)
@@ -263,7 +264,11 @@ def side_effects_cmd(
     ranges: Path = typer.Option(..., "--ranges", "-r", help="Directory of range masks."),
     model: str = ModelOpt, layer: int = LayerOpt, batch_size: int = typer.Option(8, "--batch-size"),
     remote: bool = RemoteOpt,
-    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept or adaptive."),
+    dataset: str = typer.Option("synthetic", "--dataset", "-d", help="leace only: the concepts its erasers are "
+                                "fitted on (as for erase)."),
+    n_per_class: int = typer.Option(400, "--n-per-class", help="leace only: samples per concept before the split."),
+    operator: str = typer.Option("zero", help="zero, dampen, mean (general-text mean), mean_concept, adaptive or "
+                                 "leace (LEACE per concept over the masks' neurons, fitted on the training split)."),
     tasks: str = typer.Option("mmlu,nslens_wikipedia_ppl", help="Comma-separated lm-eval tasks (embedded model: offline "
                               "synthetic tasks replace the defaults)."),
     limit: float | None = typer.Option(None, help="lm-eval --limit (per subtask for the mmlu group)."),
@@ -280,7 +285,7 @@ def side_effects_cmd(
 
     if limit is not None and not limit > 0:
         raise ValueError(f"limit must be > 0, got {limit}")
-    cfg = _config(model, "synthetic", layer, 400, batch_size, remote, operators=[operator], positions=positions,
+    cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator], positions=positions,
                   side_effect_tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                   lm_eval_include=str(include) if include else None)
     if out is not None:
@@ -289,7 +294,13 @@ def side_effects_cmd(
     site = resolve_site(m, cfg.layer)
     masks = load_masks(ranges, expect=site.describe())
     check_masks_fit(masks, model=m, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
-    op = run_operators(m, site, cfg)[operator]
+    data = None
+    if operator == "leace":  # its erasers are fitted on the dataset's training split
+        from .pipeline import prepare_data
+
+        with progress_display() as cb:
+            data = prepare_data(m, site, cfg, cb)
+    op = run_operators(m, site, cfg, data=data, masks=masks)[operator]
     task_list, inc = side_effect_tasks(cfg)
     with progress_display() as cb:
         tab = side_effect_table(m, site, masks, op, tasks=task_list, positions=positions, limit=limit,
@@ -354,7 +365,7 @@ def steer_cmd(
     layer: int | None = typer.Option(None, "--layer", "-l", help="Decoder layer (default: the middle one, as the "
                                      "paper steers at layer 14 of Llama-3.2-3B's 28)."),
     n_per_class: int = NOpt, batch_size: int = BatchOpt, remote: bool = RemoteOpt,
-    kinds: str = typer.Option("steer,ablate,arm", help="Comma-separated: steer, ablate, arm."),
+    kinds: str = typer.Option("steer,ablate,arm", help="Comma-separated: steer, ablate, arm, leace."),
     alpha: float = typer.Option(-2.0, help="Steering strength a in x + a r."),
     source: str = typer.Option("last", help="Steering vectors from the last token or the mean token (mean)."),
     tau: float = typer.Option(1.0, help="tau of the full-vector ranges (range-gated steering, arm)."),

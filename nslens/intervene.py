@@ -57,6 +57,9 @@ class Intervention:
             if (d is not None and site_values.numel() != d) or int(self.mask.neurons.max()) >= site_values.numel():
                 raise ValueError(f"{self.operator.name} has {site_values.numel()} site values for a mask over "
                                  f"{d if d is not None else 'more'} neurons")
+        check = getattr(self.operator, "check", None)
+        if callable(check):  # an operator fitted for one mask (LEACE) refuses any other
+            check(self.mask, self.sae)
 
     @property
     def tau(self) -> float:

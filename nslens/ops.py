@@ -19,6 +19,8 @@ mask's per-neuron ``mu``/``sigma`` ``[k]``; it returns phi(x) with x's shape. Ga
   at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single point mu and
   a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are never
   amplified; inside the range the cap never binds, so range-gated use is exactly the paper's formula.
+- ``leace``: LEACE (least-squares concept erasure), one eraser per concept fitted on the training split
+  (``nslens.leace.Leace``, a subclass of ``Operator``); ``make_operator`` cannot build it from a name.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import torch
 __all__ = ["OPERATORS", "VECTOR_OPERATORS", "Operator", "ablate_direction", "adaptive_dampen", "dampen",
            "make_operator", "mean_replace", "steer", "zero"]
 
-OPERATORS = ("zero", "dampen", "mean", "mean_concept", "adaptive")
+OPERATORS = ("zero", "dampen", "mean", "mean_concept", "adaptive", "leace")
+#: operators fitted on the concepts' training activations (``nslens.leace``), not built by name alone
+FITTED_OPERATORS = ("leace",)
 #: operators built from a per-concept steering vector (``steer``, ``ablate``), not by name alone
 VECTOR_OPERATORS = ("steer", "ablate")
 
@@ -159,4 +163,9 @@ def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
         return mean_replace()
     if name == "adaptive":
         return adaptive_dampen(beta)
+    if name in FITTED_OPERATORS:
+        from .errors import NsLensError
+
+        raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: use "
+                          "nslens.leace.leace_operators (or run_operators(..., data=, masks=))")
     raise ValueError(f"unknown operator {name!r}; choose one of {', '.join(OPERATORS)}")

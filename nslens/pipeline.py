@@ -32,7 +32,7 @@ from .rank import RANKING_METHODS, check_fraction
 from .record import POSITIONS, Progress, RecordResult, record
 
 #: the steering comparisons a run can add (paper App. M, Tables 28-30)
-STEERING_RUNS = ("steer", "ablate", "arm")
+STEERING_RUNS = ("steer", "ablate", "arm", "leace")
 
 __all__ = ["STEERING_RUNS", "PreparedData", "RunConfig", "analyze_run", "load_concepts", "prepare_data", "run_pipeline"]
 
@@ -62,7 +62,8 @@ class RunConfig:
     tau: float = DEFAULT_TAU
     """Range half-width in standard deviations."""
     operators: list[str] = field(default_factory=lambda: ["zero"])
-    """Operators to evaluate (zero, dampen, mean = the general-text mean, mean_concept = mu, adaptive)."""
+    """Operators to evaluate (zero, dampen, mean = the general-text mean, mean_concept = mu, adaptive, leace = LEACE
+    fitted per concept on the training split over the mask's neurons, ``nslens.leace``)."""
     alpha: float = 0.125
     """Dampening factor."""
     beta: float = 0.5
@@ -112,7 +113,8 @@ class RunConfig:
     steering: list[str] = field(default_factory=list)
     """Steering baselines (paper App. M) over the full site vector, each an erasure table (and side effects):
     steer (ungated = difference-in-means steering, range = range-gated steering), ablate (directional ablation),
-    arm (zeroing, range = range masking of the full vector with tau = steer_tau)."""
+    arm (zeroing, range = range masking of the full vector with tau = steer_tau), leace (LEACE of the full vector
+    fitted per concept on the training split; range = range-gated LEACE)."""
     steer_alpha: float = -2.0
     """Steering strength a in x + a r (the paper: -2)."""
     steer_source: str = "last"
@@ -165,6 +167,9 @@ class RunConfig:
         if self.steer_source not in ("last", "mean"):
             raise ValueError(f"unknown steer_source {self.steer_source!r}; choose last or mean")
         check_tau(self.steer_tau)
+        from .leace import check_leace_config
+
+        check_leace_config(self)
         if self.steering and (self.sae_path or self.sae_release):
             raise ValueError("steering baselines act on the site's neurons; run them without an SAE")
         if self.sae_ranges_over not in ("firing", "all"):
@@ -437,7 +442,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         summary["neurons_per_concept"] = len(masks[0])
         summary["erasure"] = {}
         save_summary()
-        ops = run_operators(model, site, cfg, progress)
+        ops = run_operators(model, site, cfg, progress, data=data, masks=masks, rec=rec)
         for op_name, op in ops.items():
             tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                                 gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
@@ -514,14 +519,26 @@ def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunCon
     return masks
 
 
-def run_operators(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """The run's operators by name; ``mean`` gets the site's general-text mean (recorded once, cached)."""
+def run_operators(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None, *,
+                  data: PreparedData | None = None, masks: list[RangeMask] | None = None,
+                  rec: RecordResult | None = None) -> dict[str, Any]:
+    """The run's operators by name; ``mean`` gets the site's general-text mean (recorded once, cached); ``leace``
+    is a list of per-concept erasers fitted on ``data``'s training split over ``masks`` (from ``rec``'s raw samples
+    when they cover it, else streamed from the model)."""
     gm = None
     if "mean" in cfg.operators:
         from .general import general_mean
 
         gm = general_mean(model, site, batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
-    return {name: make_operator(name, alpha=cfg.alpha, beta=cfg.beta, general_mean=gm) for name in cfg.operators}
+    ops: dict[str, Any] = {}
+    for name in cfg.operators:
+        if name == "leace":
+            from .leace import run_leace
+
+            ops[name] = run_leace(model, site, cfg, data, masks, rec, progress)
+        else:
+            ops[name] = make_operator(name, alpha=cfg.alpha, beta=cfg.beta, general_mean=gm)
+    return ops
 
 
 def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
@@ -538,7 +555,12 @@ def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg
     masks = full_masks(rec.stats, tau=cfg.steer_tau)
     runs: dict[str, Any] = {}
     for name in cfg.steering:
-        per = [zero()] * len(masks) if name == "arm" else steering_operators(stats, name, cfg.steer_alpha)
+        if name == "leace":
+            from .leace import run_leace
+
+            per = run_leace(model, site, cfg, data, masks, rec, progress)
+        else:
+            per = [zero()] * len(masks) if name == "arm" else steering_operators(stats, name, cfg.steer_alpha)
         tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, per,
                             gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                             progress=progress, cacc_average=cfg.cacc_average)
