@@ -49,14 +49,26 @@ def progress() -> object:
 
 
 def run(main: Callable[[list[str] | None], object]) -> None:
-    """Call ``main`` like the CLI: bad input is one ``error:`` line and exit 1, Ctrl-C one line and exit 130."""
+    """Call ``main`` like the CLI: bad input is one ``error:`` line and exit 1, Ctrl-C one line and exit 130, any
+    other exception one line saying it is internal and where its traceback was saved (``--debug`` prints it)."""
+    from nslens.errors import internal_error_line, is_user_error, save_traceback
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
     try:
         main(None)
     except KeyboardInterrupt:
         sys.stderr.write(f"error: interrupted: {Path(sys.argv[0]).name}\n")
         sys.exit(130)
-    except (ValueError, OSError) as e:
-        sys.stderr.write("error: " + " ".join(str(e).split()) + "\n")
+    except Exception as e:
+        if is_user_error(e):
+            sys.stderr.write("error: " + " ".join(str(e).split()) + "\n")
+        else:
+            text, saved = save_traceback(e)
+            if debug:
+                sys.stderr.write(text)
+            sys.stderr.write("error: " + internal_error_line(e, saved, debug) + "\n")
         sys.exit(1)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NsLensError
 from .ranges import RangeMask
 from .rank import select_top
 
@@ -74,7 +75,7 @@ def normality(samples: np.ndarray, labels: np.ndarray, label_names: Sequence[str
     for k in range(c):
         xs = x[labels == k]
         if len(xs) < 3:
-            raise ValueError(f"concept {label_names[k]!r} has {len(xs)} samples; normality needs at least 3")
+            raise NsLensError(f"concept {label_names[k]!r} has {len(xs)} samples; normality needs at least 3")
         sk[k] = stats.skew(xs, axis=0)
         ku[k] = stats.kurtosis(xs, axis=0, fisher=False)
         sd = xs.std(0)
@@ -129,7 +130,7 @@ def bound_samples(samples: np.ndarray, labels: np.ndarray, texts: Sequence[str],
     mean and upper bound (each as (text, activation))."""
     pos = (mask.neurons == neuron).nonzero()
     if len(pos) == 0:
-        raise ValueError(f"neuron {neuron} is not in the mask of concept {mask.concept!r}")
+        raise NsLensError(f"neuron {neuron} is not in the mask of concept {mask.concept!r}")
     i = int(pos[0, 0])
     c = int(mask.meta.get("concept_index", 0))
     idx = np.flatnonzero(labels == c)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .errors import NsLensError
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Range-based neuron attribution and intervention (NeuronLens) on nnsight.")
 console = Console(stderr=True)
@@ -88,7 +90,7 @@ def _check_writable(path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {e.strerror or e}") from e
+        raise NsLensError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _config(model: str, dataset: str, layer: int, n_per_class: int, batch_size: int, remote: bool, **kw):
@@ -248,7 +250,7 @@ def nexttoken_cmd(
 
     parse_spec(f"next:{family}:{source}")
     if n_per_concept < 1:
-        raise ValueError(f"--n must be >= 1, got {n_per_concept}")
+        raise NsLensError(f"--n must be >= 1, got {n_per_concept}")
     _check_writable(out)
     concepts = parse_concepts(family)
     with progress_display() as cb:
@@ -284,7 +286,7 @@ def side_effects_cmd(
     from .ranges import check_masks_fit, load_masks
 
     if limit is not None and not limit > 0:
-        raise ValueError(f"limit must be > 0, got {limit}")
+        raise NsLensError(f"limit must be > 0, got {limit}")
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, operators=[operator], positions=positions,
                   side_effect_tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                   lm_eval_include=str(include) if include else None)
@@ -346,7 +348,7 @@ def sae_cmd(
     from .pipeline import run_pipeline
 
     if not sae_path and not release:
-        raise ValueError("name the SAE: --sae-path params.npz, or --release R --sae-id ID")
+        raise NsLensError("name the SAE: --sae-path params.npz, or --release R --sae-id ID")
     cfg = _config(model, dataset, layer, n_per_class, batch_size, remote, sae_path=str(sae_path) if sae_path else None,
                   sae_release=release, sae_id=sae_id, sae_ranges_over=ranges_over, side_effects=side_effects,
                   side_effect_limit=limit, operators=[o.strip() for o in operators.split(",") if o.strip()],
@@ -479,7 +481,7 @@ def probe_cmd(
 
         ds = load_concepts(cfg)
         if ds.next_token:
-            raise ValueError(f"probe reads skills from label options; {dataset!r} holds next-token concepts (use a "
+            raise NsLensError(f"probe reads skills from label options; {dataset!r} holds next-token concepts (use a "
                              "classification dataset or --mceval)")
         ids = label_token_ids(m.tokenizer, ds.label_words or ds.label_names)
         prompter = FewShotPrompter(list(ds.label_words or ds.label_names), max_words=cfg.max_words)
@@ -517,7 +519,7 @@ def sweep_cmd(
 
     cfg = RunConfig.from_file(config)
     if param not in ("fraction", "tau", "layer"):
-        raise ValueError(f"unknown sweep {param!r}; choose from fraction, tau, layer")
+        raise NsLensError(f"unknown sweep {param!r}; choose from fraction, tau, layer")
     cfg.sweeps, cfg.analyses = [param], False
     if values:
         vals = [float(v) for v in values.split(",") if v.strip()]
@@ -600,16 +602,32 @@ def _interrupted(argv: list[str]) -> None:
     _error(f"interrupted: nslens {command}{hint}")
 
 
+def _internal_error(e: BaseException, debug: bool) -> None:
+    """A bug, not a user error: one line saying so and where the full traceback was saved (``--debug`` or
+    ``NSLENS_DEBUG=1`` prints it as well)."""
+    from .errors import internal_error_line, save_traceback
+
+    text, saved = save_traceback(e)
+    if debug:
+        sys.stderr.write(text)
+    _error(internal_error_line(e, saved, debug))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point. Usage errors: the usage line and one ``error:`` line, exit 2. Other user errors: one line, exit
-    1. Ctrl-C: one line saying what was interrupted (and how to resume), exit 130. Never a traceback."""
+    """Entry point. Usage errors: the usage line and one ``error:`` line, exit 2. Other user errors
+    (``NsLensError``, a missing or unwritable file): one line, exit 1. Ctrl-C: one line saying what was interrupted
+    (and how to resume), exit 130. Any other exception is an internal error: one line saying so and where its
+    traceback was saved, exit 1; ``--debug`` (anywhere on the line) or ``NSLENS_DEBUG=1`` also prints it."""
+    import os
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("NSLENS_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    argv = args
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="nslens")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _error(str(e))
-        sys.exit(1)
+        code = app(args=args, standalone_mode=False, prog_name="nslens")
     except KeyboardInterrupt:
         _interrupted(argv)
         sys.exit(130)
@@ -630,7 +648,13 @@ def main(argv: list[str] | None = None) -> None:
         if _is(e, "ClickException"):
             _error(e.format_message())
             sys.exit(getattr(e, "exit_code", 1))
-        raise
+        from .errors import is_user_error
+
+        if is_user_error(e):
+            _error(str(e))
+            sys.exit(1)
+        _internal_error(e, debug)
+        sys.exit(1)
     # typer >= 0.2x turns Ctrl-C into Exit(130), which a non-standalone call returns instead of raising
     if isinstance(code, int) and not isinstance(code, bool) and code:
         if code == 130:

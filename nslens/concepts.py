@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NsLensError
+
 __all__ = ["ConceptDataset", "FewShotPrompter"]
 
 
@@ -41,20 +43,20 @@ class ConceptDataset:
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.texts) != len(self.labels):
-            raise ValueError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.labels)} labels")
+            raise NsLensError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.labels)} labels")
         if self.targets is not None and len(self.targets) != len(self.texts):
-            raise ValueError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.targets)} targets")
+            raise NsLensError(f"dataset {self.name!r}: {len(self.texts)} texts but {len(self.targets)} targets")
         if len(self.label_names) < 2:
-            raise ValueError(f"dataset {self.name!r}: need at least 2 concepts, got {self.label_names}")
+            raise NsLensError(f"dataset {self.name!r}: need at least 2 concepts, got {self.label_names}")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
-            raise ValueError(
+            raise NsLensError(
                 f"dataset {self.name!r}: labels must lie in [0, {len(self.label_names) - 1}], "
                 f"got [{self.labels.min()}, {self.labels.max()}]"
             )
         if self.label_words is None:
             self.label_words = list(self.label_names)
         if len(self.label_words) != len(self.label_names):
-            raise ValueError(
+            raise NsLensError(
                 f"dataset {self.name!r}: {len(self.label_words)} label words for {len(self.label_names)} labels"
             )
 
@@ -88,7 +90,7 @@ class ConceptDataset:
     def balanced(self, n_per_class: int, seed: int = 0) -> ConceptDataset:
         """At most ``n_per_class`` samples of every concept, drawn without replacement (seeded)."""
         if n_per_class < 1:
-            raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+            raise NsLensError(f"n_per_class must be >= 1, got {n_per_class}")
         rng = np.random.default_rng(seed)
         keep: list[int] = []
         for c in range(self.n_concepts):
@@ -103,7 +105,7 @@ class ConceptDataset:
         from sklearn.model_selection import train_test_split
 
         if not 0.0 < test_size < 1.0:
-            raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+            raise NsLensError(f"test_size must be in (0, 1), got {test_size}")
         idx = np.arange(len(self))
         tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=self.labels)
         return self.subset(np.sort(tr)), self.subset(np.sort(te))
@@ -113,7 +115,7 @@ class ConceptDataset:
         counts = self.class_counts()
         bad = [f"{self.label_names[c]} ({int(n)})" for c, n in enumerate(counts) if n < min_samples]
         if bad:
-            raise ValueError(
+            raise NsLensError(
                 f"dataset {self.name!r}: concepts with fewer than {min_samples} samples: {', '.join(bad)}"
             )
 
@@ -140,13 +142,13 @@ class FewShotPrompter:
     def from_dataset(cls, ds: ConceptDataset, k: int = 1, seed: int = 0, max_words: int = 64) -> FewShotPrompter:
         """Draw ``k`` demonstrations per concept from ``ds`` (seeded)."""
         if k < 0:
-            raise ValueError(f"k (demonstrations per class) must be >= 0, got {k}")
+            raise NsLensError(f"k (demonstrations per class) must be >= 0, got {k}")
         rng = random.Random(seed)
         demos: list[tuple[str, int]] = []
         for c in range(ds.n_concepts):
             idx = np.flatnonzero(ds.labels == c).tolist()
             if len(idx) < k:
-                raise ValueError(f"concept {ds.label_names[c]!r} has {len(idx)} samples, fewer than k={k} demos")
+                raise NsLensError(f"concept {ds.label_names[c]!r} has {len(idx)} samples, fewer than k={k} demos")
             demos.extend((ds.texts[i], c) for i in rng.sample(idx, k))
         rng.shuffle(demos)
         return cls(label_words=list(ds.label_words or ds.label_names), demos=demos, max_words=max_words)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .concepts import ConceptDataset, FewShotPrompter
+from .errors import NsLensError
 
 __all__ = [
     "HF_DATASETS",
@@ -66,7 +67,7 @@ HF_DATASETS: dict[str, HFDatasetSpec] = {
 def load_hf_dataset(name: str, split: str | None = None, label_words: Sequence[str] | None = None) -> ConceptDataset:
     """Load one of the paper's datasets through HF ``datasets`` (needs the Hub or a local HF cache)."""
     if name not in HF_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(HF_DATASETS))} (or a .csv/.jsonl path)")
+        raise NsLensError(f"unknown dataset {name!r}; known: {', '.join(sorted(HF_DATASETS))} (or a .csv/.jsonl path)")
     spec = HF_DATASETS[name]
     import datasets
 
@@ -75,7 +76,7 @@ def load_hf_dataset(name: str, split: str | None = None, label_words: Sequence[s
     ds = datasets.load_dataset(*args, split=split)
     for col in (spec.text_column, spec.label_column):
         if col not in ds.column_names:
-            raise ValueError(f"dataset {spec.hub_id}: missing column {col!r}; columns are {ds.column_names}")
+            raise NsLensError(f"dataset {spec.hub_id}: missing column {col!r}; columns are {ds.column_names}")
     feature = ds.features[spec.label_column]
     names = list(getattr(feature, "names", []) or sorted({str(x) for x in ds[spec.label_column]}))
     words = list(label_words or spec.label_words or names)
@@ -106,10 +107,10 @@ def load_local_dataset(
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"dataset file not found: {path}")
+        raise NsLensError(f"dataset file not found: {path}")
     rows: list[dict[str, Any]]
     if path.suffix not in (".csv", ".jsonl", ".json"):
-        raise ValueError(f"unsupported dataset file {path.name!r}; use .csv or .jsonl")
+        raise NsLensError(f"unsupported dataset file {path.name!r}; use .csv or .jsonl")
     try:
         with path.open(newline="", encoding="utf-8") as f:
             if path.suffix == ".csv":
@@ -121,15 +122,15 @@ def load_local_dataset(
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as e:
-                            raise ValueError(f"dataset file {path}, line {number}: not JSON ({e.msg})") from e
+                            raise NsLensError(f"dataset file {path}, line {number}: not JSON ({e.msg})") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"dataset file {path} is not UTF-8 text (byte {e.start})") from e
+        raise NsLensError(f"dataset file {path} is not UTF-8 text (byte {e.start})") from e
     if not rows:
-        raise ValueError(f"dataset file {path} is empty")
+        raise NsLensError(f"dataset file {path} is empty")
     columns = list(rows[0])
     for col in (text_column, label_column):
         if col not in columns:
-            raise ValueError(f"dataset file {path.name}: missing column {col!r}; columns are {columns}")
+            raise NsLensError(f"dataset file {path.name}: missing column {col!r}; columns are {columns}")
     raw = [r[label_column] for r in rows]
     if all(isinstance(x, int) or (isinstance(x, str) and x.strip().lstrip("-").isdigit()) for x in raw):
         labels = np.asarray([int(x) for x in raw])
@@ -138,14 +139,14 @@ def load_local_dataset(
         names = list(label_names) if label_names else sorted({str(x) for x in raw})
         unknown = sorted({str(x) for x in raw} - set(names))
         if unknown:
-            raise ValueError(f"dataset file {path.name}: labels {unknown} are not in label_names {names}")
+            raise NsLensError(f"dataset file {path.name}: labels {unknown} are not in label_names {names}")
         labels = np.asarray([names.index(str(x)) for x in raw])
     targets = None
     if target_column in columns:
         targets = [str(r.get(target_column) or "") for r in rows]
         empty = [i + 1 for i, t in enumerate(targets) if not t]
         if empty:
-            raise ValueError(f"dataset file {path.name}: empty {target_column!r} in rows {empty[:5]}")
+            raise NsLensError(f"dataset file {path.name}: empty {target_column!r} in rows {empty[:5]}")
     return ConceptDataset(
         texts=[str(r[text_column]) for r in rows],
         labels=labels,
@@ -173,9 +174,9 @@ def check_dataset_spec(spec: str) -> None:
         return
     if spec.endswith((".csv", ".jsonl", ".json")):
         if not Path(spec).exists():
-            raise ValueError(f"dataset file not found: {spec}")
+            raise NsLensError(f"dataset file not found: {spec}")
         return
-    raise ValueError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
+    raise NsLensError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
                      "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path")
 
 
@@ -199,7 +200,7 @@ def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
         return load_local_dataset(spec, **kwargs)
     if spec in HF_DATASETS:
         return load_hf_dataset(spec, **kwargs)
-    raise ValueError(
+    raise NsLensError(
         f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
         "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path"
     )
@@ -217,7 +218,7 @@ def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "
     for w in label_words:
         full = tokenizer(f"{context} {w}", add_special_tokens=False)["input_ids"]
         if full[: len(base)] != base or len(full) == len(base):
-            raise ValueError(f"label word {w!r} does not tokenize as a continuation of {context!r}")
+            raise NsLensError(f"label word {w!r} does not tokenize as a continuation of {context!r}")
         ids.append(int(full[len(base)]))
     seen: dict[int, str] = {}
     clashes: list[str] = []
@@ -226,7 +227,7 @@ def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "
             clashes.append(f"{seen[t]!r} and {w!r} (token {tokenizer.convert_ids_to_tokens(t)!r})")
         seen.setdefault(t, w)
     if clashes:
-        raise ValueError(
+        raise NsLensError(
             "label words share their first token: " + "; ".join(clashes)
             + " (give distinct ones: --label-words w1,w2,... on the CLI, label_words in a config)"
         )
@@ -248,12 +249,12 @@ def wikipedia_articles(n_docs: int = 200, data_files: str = WIKIPEDIA_DATA_FILES
         ds = datasets.load_dataset("parquet", data_files={"train": data_files}, split="train", streaming=True)
         return [row["text"] for row, _ in zip(ds, range(n_docs))]
     except Exception as e:  # the hub's errors are many and deep: one line that names the source
-        raise ValueError(f"could not load Wikipedia articles from {data_files} ({type(e).__name__}: "
+        raise NsLensError(f"could not load Wikipedia articles from {data_files} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); pass data_files= a local parquet/json") from e
 
 
 def cut_to_tokens(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[str]:
     """Each text cut to its first ``max_tokens`` tokens of ``tokenizer`` (no special tokens), decoded back."""
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise NsLensError(f"max_tokens must be >= 1, got {max_tokens}")
     return [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens]) for t in texts]

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .concepts import FewShotPrompter
+from .errors import NsLensError
 from .synthetic import (
     EMBEDDED_VERSION,
     SYNTHETIC_LABELS,
@@ -69,7 +70,7 @@ def embedded_seed() -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"NSLENS_EMBEDDED_SEED must be an integer, got {raw!r}") from None
+        raise NsLensError(f"NSLENS_EMBEDDED_SEED must be an integer, got {raw!r}") from None
 
 
 def embedded_model_dir(seed: int | None = None) -> Path:
@@ -166,7 +167,7 @@ def _train_in_child(tmp: Path, steps: int, seed: int, check: bool, progress: Cal
     finally:
         proc.wait()
     if "error" in result:
-        raise ValueError(result["error"])
+        raise NsLensError(result["error"])
     if proc.returncode != 0 or not result.get("ok"):
         raise RuntimeError(f"training the embedded model failed (exit {proc.returncode}); its error is above")
 

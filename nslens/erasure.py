@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .intervene import Intervention, apply_in_trace
 from .models import Site
 from .ops import Operator
@@ -51,7 +52,7 @@ def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndar
                  remote: bool | str) -> torch.Tensor:
     gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
     if len(gold) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(gold)} gold labels")
+        raise NsLensError(f"{len(prompts)} prompts but {len(gold)} gold labels")
     return gold
 
 
@@ -161,12 +162,12 @@ def sample_gold(labels: np.ndarray, label_token_ids: Sequence[int] | None,
     if gold_token_ids is not None:
         gold = np.asarray(gold_token_ids, dtype=np.int64)
         if gold.shape != labels.shape:
-            raise ValueError(f"{len(gold)} gold tokens for {len(labels)} samples")
+            raise NsLensError(f"{len(gold)} gold tokens for {len(labels)} samples")
         return gold
     if label_token_ids is None:
-        raise ValueError("give label_token_ids (one per concept) or gold_token_ids (one per sample)")
+        raise NsLensError("give label_token_ids (one per concept) or gold_token_ids (one per sample)")
     if len(label_token_ids) != n_concepts:
-        raise ValueError(f"{n_concepts} masks for {len(label_token_ids)} concepts")
+        raise NsLensError(f"{n_concepts} masks for {len(label_token_ids)} concepts")
     return np.asarray(list(label_token_ids), dtype=np.int64)[labels]
 
 
@@ -177,10 +178,10 @@ def concept_metrics(p: Predictions, labels: np.ndarray, target: int, average: st
     concept's accuracy (confidence), so every class weighs the same however many test samples it has.
     ``"pooled"`` averages over all other samples together (large classes weigh more)."""
     if average not in CACC_AVERAGES:
-        raise ValueError(f"unknown average {average!r}; choose one of {', '.join(CACC_AVERAGES)}")
+        raise NsLensError(f"unknown average {average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     on = labels == target
     if not on.any() or on.all():
-        raise ValueError(f"concept {target} needs test samples of its own and of other concepts")
+        raise NsLensError(f"concept {target} needs test samples of its own and of other concepts")
     if average == "pooled":
         cacc, cconf = float(p.correct[~on].mean()), float(p.conf[~on].mean())
     else:
@@ -300,9 +301,9 @@ def erasure_table(
     """
     ops = list(operator) if isinstance(operator, (list, tuple)) else [operator] * len(masks)
     if len(ops) != len(masks):
-        raise ValueError(f"{len(ops)} operators for {len(masks)} masks")
+        raise NsLensError(f"{len(ops)} operators for {len(masks)} masks")
     if cacc_average not in CACC_AVERAGES:
-        raise ValueError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
+        raise NsLensError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
     labels = np.asarray(labels, dtype=np.int64)
     gold = sample_gold(labels, label_token_ids, gold_token_ids, n_concepts=len(masks))
     concepts = [m.concept for m in masks]

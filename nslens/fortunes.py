@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .concepts import ConceptDataset
+from .errors import NsLensError
 
 __all__ = [
     "CLEANING",
@@ -80,7 +81,7 @@ def fortunes_dir() -> Path:
     """The data directory, or a one-line error saying how to install it."""
     root = Path(os.environ.get("NSLENS_FORTUNES_DIR") or FORTUNES_DIR)
     if not root.is_dir() or not any(root.glob("*.dat")):
-        raise ValueError(f"the fortunes data is not installed (no {root}); install it with "
+        raise NsLensError(f"the fortunes data is not installed (no {root}); install it with "
                          "`apt-get install fortunes` (Debian/Ubuntu) or set NSLENS_FORTUNES_DIR")
     return root
 
@@ -95,18 +96,18 @@ def fortune_categories(root: Path | None = None) -> list[str]:
 def parse_fortunes_spec(spec: str, root: Path | None = None) -> tuple[str, ...]:
     """``fortunes`` -> ``DEFAULT_CATEGORIES``; ``fortunes:a,b,...`` -> those categories (checked, in order)."""
     if spec != "fortunes" and not spec.startswith("fortunes:"):
-        raise ValueError(f"not a fortunes dataset spec: {spec!r} (fortunes or fortunes:<category>,<category>,...)")
+        raise NsLensError(f"not a fortunes dataset spec: {spec!r} (fortunes or fortunes:<category>,<category>,...)")
     listed = spec.partition(":")[2]
     cats = tuple(c.strip() for c in listed.split(",") if c.strip()) if listed else DEFAULT_CATEGORIES
     valid = fortune_categories(root)
     unknown = [c for c in cats if c not in valid]
     if unknown:
-        raise ValueError(f"unknown fortunes categories {unknown}; choose from {', '.join(valid)}")
+        raise NsLensError(f"unknown fortunes categories {unknown}; choose from {', '.join(valid)}")
     dup = sorted({c for c in cats if cats.count(c) > 1})
     if dup:
-        raise ValueError(f"fortunes categories listed twice: {dup}")
+        raise NsLensError(f"fortunes categories listed twice: {dup}")
     if len(cats) < 2:
-        raise ValueError(f"fortunes dataset {spec!r}: need at least 2 categories, e.g. "
+        raise NsLensError(f"fortunes dataset {spec!r}: need at least 2 categories, e.g. "
                          f"fortunes:{','.join(DEFAULT_CATEGORIES)}")
     return cats
 
@@ -188,7 +189,7 @@ def read_items(category: str, *, heldout: bool = False, min_words: int = 5, max_
     root = root or fortunes_dir()
     items = _all_items(str(root), min_words, max_words)
     if category not in items:
-        raise ValueError(f"unknown fortunes category {category!r}; choose from {', '.join(items)}")
+        raise NsLensError(f"unknown fortunes category {category!r}; choose from {', '.join(items)}")
     return [t for k, t in items[category] if _held_out(k) == heldout]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .data import cut_to_tokens, wikipedia_articles
+from .errors import NsLensError
 from .files import atomic_path, nslens_home
 from .models import Site, model_fingerprint, model_id
 from .record import Progress, record
@@ -49,7 +50,7 @@ def general_mean(model: Any, site: Site, texts: Sequence[str] | None = None, *, 
     ``general_texts(model)``), cached by model fingerprint, site and corpus."""
     texts = list(texts) if texts is not None else general_texts(model)
     if not texts:
-        raise ValueError("the general-text mean needs at least one text")
+        raise NsLensError("the general-text mean needs at least one text")
     h = hashlib.sha256(json.dumps([model_fingerprint(model), site.describe()]).encode())
     for t in texts:
         h.update(t.encode() + b"\0")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import NsLensError
 from .files import nslens_home
 
 __all__ = [
@@ -102,20 +103,20 @@ def installed_gguf(distribution: str, file: str | None = None, install: str | No
     try:
         dist = md.distribution(distribution)
     except md.PackageNotFoundError:
-        raise ValueError(f"the package {distribution!r} is not installed: {hint}") from None
+        raise NsLensError(f"the package {distribution!r} is not installed: {hint}") from None
     files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if file is not None:
         files = [f for f in files if str(f) == file or Path(str(f)).name == file]
     if len(files) != 1:
         shipped = ", ".join(sorted(str(f) for f in dist.files or [] if str(f).endswith(".gguf"))) or "none"
         if len(files) > 1:
-            raise ValueError(f"package {distribution!r} ships several GGUF files ({shipped}); "
+            raise NsLensError(f"package {distribution!r} ships several GGUF files ({shipped}); "
                              f"use pkg:{distribution}/<file.gguf>")
         what = f"no GGUF file {file!r}" if file is not None else "no GGUF file"
-        raise ValueError(f"package {distribution!r} ships {what} (its .gguf files: {shipped}); reinstall: {hint}")
+        raise NsLensError(f"package {distribution!r} ships {what} (its .gguf files: {shipped}); reinstall: {hint}")
     path = Path(str(dist.locate_file(files[0])))
     if not path.is_file():
-        raise ValueError(f"package {distribution!r} lists {files[0]} but it is missing on disk; reinstall: {hint}")
+        raise NsLensError(f"package {distribution!r} lists {files[0]} but it is missing on disk; reinstall: {hint}")
     return path
 
 
@@ -131,17 +132,17 @@ def find_gguf(name: str) -> Path | None:
     if name.startswith("pkg:"):
         dist, _, file = name[len("pkg:"):].partition("/")
         if not dist:
-            raise ValueError(f"model {name!r}: name the installed package, pkg:<distribution>[/<file.gguf>]")
+            raise NsLensError(f"model {name!r}: name the installed package, pkg:<distribution>[/<file.gguf>]")
         return installed_gguf(dist, file or None)
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise ValueError(f"GGUF file not found: {name}")
+            raise NsLensError(f"GGUF file not found: {name}")
         return path
     if path.is_dir() and not (path / "config.json").exists():
         found = sorted(path.glob("*.gguf"))
         if len(found) > 1:
-            raise ValueError(f"folder {name} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); "
+            raise NsLensError(f"folder {name} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); "
                              "pass the one to load")
         if found:
             return found[0]
@@ -155,7 +156,7 @@ def _require_gguf() -> Any:
     try:
         import gguf
     except ImportError as e:
-        raise ValueError(f"reading GGUF models needs the gguf package: {INSTALL_GGUF}") from e
+        raise NsLensError(f"reading GGUF models needs the gguf package: {INSTALL_GGUF}") from e
     return gguf
 
 
@@ -172,12 +173,12 @@ def read_gguf_info(path: str | Path, families: Collection[str] | None = None) ->
     except Exception as e:  # numpy's reshape/IndexError on a cut file, gguf's own ValueError on a bad magic
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "magic" in msg.lower():
-            raise ValueError(f"{path} is not a GGUF file (no GGUF magic number)") from None
-        raise ValueError(f"GGUF file {path} is truncated or corrupt ({size} bytes; reading its header and tensor "
+            raise NsLensError(f"{path} is not a GGUF file (no GGUF magic number)") from None
+        raise NsLensError(f"GGUF file {path} is truncated or corrupt ({size} bytes; reading its header and tensor "
                          f"table failed: {msg[:200]})") from None
     need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if need > size:
-        raise ValueError(f"GGUF file {path} is truncated: its tensors need {need} bytes, the file has {size}")
+        raise NsLensError(f"GGUF file {path} is truncated: its tensors need {need} bytes, the file has {size}")
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
@@ -189,18 +190,18 @@ def read_gguf_info(path: str | Path, families: Collection[str] | None = None) ->
 
     arch = field("general.architecture")
     if not arch:
-        raise ValueError(f"GGUF file {path} names no architecture (general.architecture is missing)")
+        raise NsLensError(f"GGUF file {path} names no architecture (general.architecture is missing)")
     name = field("general.name")
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     model_type = "mistral" if arch == "llama" and name and "mistral" in name.lower() else arch
     readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # mapping keys, not models
     if arch not in readable:
-        raise ValueError(f"transformers cannot read GGUF architecture {arch!r} ({path.name}); it reads "
+        raise NsLensError(f"transformers cannot read GGUF architecture {arch!r} ({path.name}); it reads "
                          f"{', '.join(readable)}")
     model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
     if families is not None and model_type not in families:
-        raise ValueError(f"GGUF architecture {arch!r} ({path.name}) is not a model family nslens supports; "
+        raise NsLensError(f"GGUF architecture {arch!r} ({path.name}) is not a model family nslens supports; "
                          f"supported: {', '.join(sorted(families))}")
     layers = field(f"{arch}.block_count")
     return GGUFInfo(path, arch, model_type, int(layers) if layers is not None else None, name, len(reader.tensors))
@@ -321,7 +322,7 @@ def _convert(info: GGUFInfo, out: Path) -> None:
         raise
     except Exception as e:  # what transformers raises on a file it cannot map is many things
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"transformers could not load the GGUF file {src.name}: {first[:300]}") from e
+        raise NsLensError(f"transformers could not load the GGUF file {src.name}: {first[:300]}") from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -27,6 +27,7 @@ import torch
 
 from .data import WIKIPEDIA_DATA_FILES, cut_to_tokens, wikipedia_articles
 from .erasure import trim_note
+from .errors import NsLensError
 from .files import nslens_home, write_text
 from .intervene import Intervention, apply_in_trace
 from .loglik import LoglikSweep
@@ -67,7 +68,7 @@ def _require_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as e:
-        raise ValueError("side effects need lm-eval: pip install 'nslens[eval]'") from e
+        raise NsLensError("side effects need lm-eval: pip install 'nslens[eval]'") from e
     return lm_eval
 
 
@@ -93,7 +94,7 @@ def _lm_class() -> type:
                      remote: bool | str = False, batch_size: int = 8, *, sweep: LoglikSweep | None = None,
                      index: int = 0, softmax_dtype: Any = "float32", **kwargs: Any) -> None:
             if interventions is not None and site is None:
-                raise ValueError("an intervention needs its site")
+                raise NsLensError("an intervention needs its site")
             hf = model._module
             device = str(next(hf.parameters()).device) if any(True for _ in hf.parameters()) else "cpu"
             super().__init__(pretrained=hf, tokenizer=model.tokenizer, batch_size=batch_size, device=device,
@@ -103,7 +104,7 @@ def _lm_class() -> type:
             if sweep is None:
                 sweep = LoglikSweep(model, site, [interventions], remote=remote)
             elif not 0 <= index < len(sweep.interventions):
-                raise ValueError(f"index {index} outside the sweep's {len(sweep.interventions)} interventions")
+                raise NsLensError(f"index {index} outside the sweep's {len(sweep.interventions)} interventions")
             self.nn_model, self.sweep, self.index = model, sweep, index
             self.site, self.interventions, self.remote = sweep.site, sweep.interventions[index], sweep.remote
             self.progress: Callable[[int, int], None] | None = None  # (requests answered, requests expected)
@@ -125,7 +126,7 @@ def _lm_class() -> type:
             return traced_logits(self.nn_model, self.site, self.interventions, inps, self.remote)
 
         def _model_generate(self, *args: Any, **kwargs: Any) -> Any:
-            raise ValueError("generative lm-eval tasks are not supported by nslens side effects; "
+            raise NsLensError("generative lm-eval tasks are not supported by nslens side effects; "
                              "use loglikelihood, multiple_choice or loglikelihood_rolling tasks")
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -163,7 +164,7 @@ def _lm_class() -> type:
                 inps, rows = [], []
                 for req_str, ctx, cont in chunk:
                     if not ctx or not cont or len(cont) > self.max_length:
-                        raise ValueError(f"lm-eval request with {len(ctx)} context and {len(cont)} continuation "
+                        raise NsLensError(f"lm-eval request with {len(ctx)} context and {len(cont)} continuation "
                                          f"tokens (max length {self.max_length})")
                     inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long,
                                        device=self.device)
@@ -292,7 +293,7 @@ def token_ppl_task(base: str | Path, task: str, texts: Sequence[str], tokenizer:
             for cut in cut_to_tokens(tokenizer, texts, max_tokens)]
     rows = [r for r in rows if r["n_tokens"]]
     if not rows:
-        raise ValueError(f"no text to build the {task} task from")
+        raise NsLensError(f"no text to build the {task} task from")
     data = f"{task}.jsonl"
     (base / data).write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.copyfile(TASKS_DIR / "token_ppl" / "utils.py", base / "utils.py")  # the YAML's !function hooks
@@ -359,7 +360,7 @@ def _check_tasks(tm: Any, tasks: Sequence[str]) -> None:
     for t in tasks:
         if t not in known:
             close = difflib.get_close_matches(t, sorted(known), n=5)
-            raise ValueError(f"unknown lm-eval task {t!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
+            raise NsLensError(f"unknown lm-eval task {t!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
 
 
 def task_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -488,16 +489,16 @@ def side_effects(
     """
     lm_eval = _require_lm_eval()
     if limit is not None and not (limit > 0):
-        raise ValueError(f"limit must be > 0, got {limit}")
+        raise NsLensError(f"limit must be > 0, got {limit}")
     if not tasks:
-        raise ValueError("no tasks given")
+        raise NsLensError("no tasks given")
     include_path = _with_generated_tasks(model, include_path, tasks)
     tm = _task_manager(include_path, tuple(tasks))
     _check_tasks(tm, tasks)
     for name, ivs in interventions.items():
         for iv in [ivs] if isinstance(ivs, Intervention) else list(ivs):
             if site is None:
-                raise ValueError("interventions need the site")
+                raise NsLensError("interventions need the site")
             iv.mask.validate(site.describe(), source=f"mask of {name!r}")
 
     key = clean_cache_key(model, tasks, limit, num_fewshot, include_path)
@@ -617,10 +618,10 @@ def side_effect_tables(
     operator, or a list with one per mask (per-concept steering vectors). Keyed by operator label."""
     per_mask = [list(op) if isinstance(op, (list, tuple)) else [op] * len(masks) for op in operators]
     if any(len(p) != len(masks) for p in per_mask):
-        raise ValueError(f"an operator list must hold one operator per mask ({len(masks)})")
+        raise NsLensError(f"an operator list must hold one operator per mask ({len(masks)})")
     labels = [p[0].label for p in per_mask]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"operators must differ, got {', '.join(labels)}")
+        raise NsLensError(f"operators must differ, got {', '.join(labels)}")
     ivs: dict[str, Intervention] = {}
     for label, ops in zip(labels, per_mask):
         for m, op in zip(masks, ops):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .errors import NsLensError
 from .models import Site, read_site, write_site
 from .ops import Operator
 from .ranges import RangeMask
@@ -40,22 +41,22 @@ class Intervention:
     def __post_init__(self) -> None:
         is_sae_mask = self.mask.meta.get("basis") == "sae"
         if is_sae_mask and self.sae is None:
-            raise ValueError("this mask selects SAE features: pass the SAE (Intervention(..., sae=sae))")
+            raise NsLensError("this mask selects SAE features: pass the SAE (Intervention(..., sae=sae))")
         if self.sae is not None and not is_sae_mask:
-            raise ValueError("an SAE intervention needs a mask of SAE features (nslens.sae.build_feature_masks)")
+            raise NsLensError("an SAE intervention needs a mask of SAE features (nslens.sae.build_feature_masks)")
         if self.positions not in INTERVENE_POSITIONS:
-            raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
+            raise NsLensError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.operator.values is not None and self.operator.values.numel() != len(self.mask):
-            raise ValueError(f"mean replacement has {self.operator.values.numel()} values for "
+            raise NsLensError(f"mean replacement has {self.operator.values.numel()} values for "
                              f"{len(self.mask)} selected neurons")
         site_values = self.operator.site_values
         if site_values is not None:
             if self.sae is not None:
-                raise ValueError(f"{self.operator.name} works on the site's neurons, not SAE features "
+                raise NsLensError(f"{self.operator.name} works on the site's neurons, not SAE features "
                                  "(for mean replacement of features use mean_concept)")
             d = self.mask.meta.get("d_model")
             if (d is not None and site_values.numel() != d) or int(self.mask.neurons.max()) >= site_values.numel():
-                raise ValueError(f"{self.operator.name} has {site_values.numel()} site values for a mask over "
+                raise NsLensError(f"{self.operator.name} has {site_values.numel()} site values for a mask over "
                                  f"{d if d is not None else 'more'} neurons")
         check = getattr(self.operator, "check", None)
         if callable(check):  # an operator fitted for one mask (LEACE) refuses any other

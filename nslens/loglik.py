@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .errors import NsLensError
 from .intervene import apply_in_trace
 from .models import Site
 from .remote import maybe_retry, trace_args
@@ -60,7 +61,7 @@ class LoglikPlan:
             for cont in members:
                 n = len(cont)
                 if n > contlen:
-                    raise ValueError(f"a continuation of {n} tokens in a window of {contlen}")
+                    raise NsLensError(f"a continuation of {n} tokens in a window of {contlen}")
                 spans.append((len(toks), len(toks) + n))
                 lp_idx += range(base, base + n)
                 g_idx += range(base + contlen - n, base + contlen)
@@ -126,9 +127,9 @@ class LoglikSweep:
 
     def __post_init__(self) -> None:
         if not self.interventions:
-            raise ValueError("a sweep needs at least one intervention (None = the clean model)")
+            raise NsLensError("a sweep needs at least one intervention (None = the clean model)")
         if self.site is None and any(iv is not None for iv in self.interventions):
-            raise ValueError("an intervention needs its site")
+            raise NsLensError("an intervention needs its site")
         chunked(self.interventions, self.per_pass)  # validates per_pass
         cfg = getattr(self.model, "config", None)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)

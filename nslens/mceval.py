@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NsLensError
+
 __all__ = ["MCEVAL_REPO", "MCEVAL_TASKS", "MCEvalData", "MCEvalTask", "answer_token_ids", "load_mceval"]
 
 MCEVAL_REPO = "iszhaoxin/MCEval8K"
@@ -168,15 +170,15 @@ class MCEvalData:
 
 def _read_json(p: Path) -> list[dict]:
     if not p.exists():
-        raise ValueError(f"MCEval8K file not found: {p}")
+        raise NsLensError(f"MCEval8K file not found: {p}")
     text = p.read_text(encoding="utf-8")
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
                                                                        if x.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"MCEval8K file {p} is not JSON (list or lines): {e.msg} at line {e.lineno}") from None
+        raise NsLensError(f"MCEval8K file {p} is not JSON (list or lines): {e.msg} at line {e.lineno}") from None
     if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"MCEval8K file {p}: every row must be a JSON object")
+        raise NsLensError(f"MCEval8K file {p}: every row must be a JSON object")
     return rows
 
 
@@ -188,7 +190,7 @@ def _rows(task: str, split: str, path: str | Path | None, file_split: str) -> li
         p = Path(path)
         f = p / _FILES[split] if p.is_dir() else p if split == file_split else p.parent / _FILES[split]
         if split == "train" and file_split != "train" and not f.exists():
-            raise ValueError(f"MCEval8K demonstrations come from the train split: {f} not found (pass the task's "
+            raise NsLensError(f"MCEval8K demonstrations come from the train split: {f} not found (pass the task's "
                              "folder, or zero_shot=True)")
         return _read_json(f)
     import datasets
@@ -196,7 +198,7 @@ def _rows(task: str, split: str, path: str | Path | None, file_split: str) -> li
     try:
         return list(datasets.load_dataset(MCEVAL_REPO, task, split=split))
     except Exception as e:  # the hub's errors are many and deep: one line naming the source
-        raise ValueError(f"could not load {MCEVAL_REPO} task {task!r} split {split!r} ({type(e).__name__}); "
+        raise NsLensError(f"could not load {MCEVAL_REPO} task {task!r} split {split!r} ({type(e).__name__}); "
                          "pass path= a local copy of its json file") from e
 
 
@@ -206,19 +208,19 @@ def _check_rows(spec: MCEvalTask, rows: list[dict], where: str) -> np.ndarray:
     for i, r in enumerate(rows):
         for c in spec.columns:
             if c not in r:
-                raise ValueError(f"MCEval8K {where} row {i}: no column {c!r} (columns: {sorted(r)})")
+                raise NsLensError(f"MCEval8K {where} row {i}: no column {c!r} (columns: {sorted(r)})")
         for c, n in spec.lists:
             v = r[c]
             if not isinstance(v, list) or (n and len(v) != n) or not v:
                 got = f"{len(v)} entries" if isinstance(v, list) else f"a {type(v).__name__}"
                 need = f"a list of {n}" if n else "a non-empty list"
-                raise ValueError(f"MCEval8K {where} row {i}: column {c!r} holds {got}; the task needs {need}")
+                raise NsLensError(f"MCEval8K {where} row {i}: column {c!r} holds {got}; the task needs {need}")
         v = r[spec.answer_column]
         ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer()
         k = int(v) - spec.first_label if ok else -1
         if not 0 <= k < len(spec.labels):
             valid = f"{spec.first_label}..{spec.first_label + len(spec.labels) - 1}"
-            raise ValueError(f"MCEval8K {where} row {i}: column {spec.answer_column!r} is {v!r}; the task's "
+            raise NsLensError(f"MCEval8K {where} row {i}: column {spec.answer_column!r} is {v!r}; the task's "
                              f"answers are {valid}")
         answers[i] = k
     return answers
@@ -241,15 +243,15 @@ def load_mceval(task: str, split: str = "train", *, path: str | Path | None = No
     itself when ``split`` is train). ``zero_shot`` leaves the demonstrations out; ``shuffle=False`` keeps file
     order; ``limit`` keeps the first rows after shuffling."""
     if task not in MCEVAL_TASKS:
-        raise ValueError(f"unknown MCEval8K task {task!r}; choose one of {', '.join(MCEVAL_TASKS)}")
+        raise NsLensError(f"unknown MCEval8K task {task!r}; choose one of {', '.join(MCEVAL_TASKS)}")
     if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of train, validation, test")
+        raise NsLensError(f"unknown split {split!r}; choose one of train, validation, test")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be positive, got {limit}")
+        raise NsLensError(f"limit must be positive, got {limit}")
     spec, split = MCEVAL_TASKS[task], _SPLITS[split]
     rows = _rows(task, split, path, split)
     if not rows:
-        raise ValueError(f"no rows in MCEval8K task {task!r} ({split})")
+        raise NsLensError(f"no rows in MCEval8K task {task!r} ({split})")
     answers = _check_rows(spec, rows, f"{task} {split}")
     order = _order(len(rows), spec.seed, 2 if split == "test" else 1) if shuffle else np.arange(len(rows))
     order = order[:limit]
@@ -266,7 +268,7 @@ def load_mceval(task: str, split: str = "train", *, path: str | Path | None = No
         for k in range(len(spec.labels)):
             pool = [int(j) for j in train_order if train_answers[j] == k]
             if not pool:
-                raise ValueError(f"MCEval8K {task} train has no row with answer {spec.labels[k]!r} to demonstrate it"
+                raise NsLensError(f"MCEval8K {task} train has no row with answer {spec.labels[k]!r} to demonstrate it"
                                  " (pass zero_shot=True)")
             picked.append(random.Random(spec.seed).choice(pool))
         demo_rows = tuple(picked)
@@ -290,15 +292,15 @@ def answer_token_ids(tokenizer: Any, labels: Sequence[str], prompt: str | None =
             if len(toks) > 1 and tokenizer.eos_token_id is not None and toks[-1] == tokenizer.eos_token_id:
                 toks = toks[:-1]
             if len(toks) != 1:
-                raise ValueError(f"the answer {lab!r} is {len(toks)} tokens in this tokenizer ({toks}); the probes "
+                raise NsLensError(f"the answer {lab!r} is {len(toks)} tokens in this tokenizer ({toks}); the probes "
                                  "need single-token answers")
             ids.append(int(toks[0]))
         else:
             base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             full = tokenizer(prompt + lab, add_special_tokens=False)["input_ids"]
             if full[:len(base)] != base or len(full) == len(base):
-                raise ValueError(f"the answer {lab!r} merges with the end of the prompt in this tokenizer")
+                raise NsLensError(f"the answer {lab!r} merges with the end of the prompt in this tokenizer")
             ids.append(int(full[len(base)]))
     if len(set(ids)) != len(ids):
-        raise ValueError(f"answers {list(labels)} share their first token ({ids}) in this tokenizer")
+        raise NsLensError(f"answers {list(labels)} share their first token ({ids}) in this tokenizer")
     return ids

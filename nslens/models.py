@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import NsLensError
+
 __all__ = [
     "QUANTIZE_MODES",
     "check_layer",
@@ -64,7 +66,7 @@ class Site:
 def _hf_config(model: Any) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is None:
-        raise ValueError("model has no `config`; pass an nnsight-wrapped Hugging Face causal LM")
+        raise NsLensError("model has no `config`; pass an nnsight-wrapped Hugging Face causal LM")
     return _decoder_config(cfg)
 
 
@@ -81,9 +83,9 @@ def _n_layers(cfg: Any) -> int:
 def check_layer(layer: Any, n_layers: int) -> int:
     """``layer`` as an index into ``n_layers`` decoder layers (negative counts from the end), or a one-line error."""
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"layer must be an integer, got {layer!r}")
+        raise NsLensError(f"layer must be an integer, got {layer!r}")
     if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range for a model with {n_layers} layers "
+        raise NsLensError(f"layer {layer} out of range for a model with {n_layers} layers "
                          f"(valid: {-n_layers}..{n_layers - 1})")
     return layer % n_layers
 
@@ -116,7 +118,7 @@ def model_family(model: Any) -> str:
     cfg = _hf_config(model)
     family = getattr(cfg, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
+        raise NsLensError(
             f"unknown model family {family!r}; supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
         )
     return family
@@ -199,7 +201,7 @@ def _prepare_tokenizer(tok: Any) -> Any:
     tok.padding_side = "left"  # the last position is every row's last real token
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise NsLensError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -210,7 +212,7 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+        raise NsLensError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
     return names[dtype]
 
 
@@ -218,11 +220,11 @@ def _quantization_config(quantize: str | None, dtype: torch.dtype | None) -> Any
     if quantize is None:
         return None
     if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        raise NsLensError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise ValueError("quantize needs bitsandbytes: pip install 'nslens[quant]'") from e
+        raise NsLensError("quantize needs bitsandbytes: pip install 'nslens[quant]'") from e
     from transformers import BitsAndBytesConfig
 
     if quantize == "nf4":
@@ -239,7 +241,7 @@ def _check_nf4_on_cpu(hf: Any) -> None:
     for name, mod in hf.named_modules():
         if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.device.type == "cpu" \
                 and (mod.out_features % 32 or mod.in_features % 2):
-            raise ValueError(f"nf4 on the CPU needs quantized layers whose output width is a multiple of 32 and input "
+            raise NsLensError(f"nf4 on the CPU needs quantized layers whose output width is a multiple of 32 and input "
                              f"width even (bitsandbytes' CPU packing); {name} is {mod.in_features} -> "
                              f"{mod.out_features}. Use quantize='int8' or a GPU")
 
@@ -270,9 +272,9 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     if isinstance(name_or_path, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok)")
+            raise NsLensError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok)")
         if remote:
-            raise ValueError("remote=True needs a hub model id, not an in-memory model")
+            raise NsLensError("remote=True needs a hub model id, not an in-memory model")
         model = TransformersModel(name_or_path, tokenizer=_prepare_tokenizer(tokenizer))
         model_family(model)
         return model
@@ -286,7 +288,7 @@ def load_model(
     else:
         label = name
         if remote and (name in GGUF_ALIASES or name.startswith("pkg:") or name.endswith(".gguf")):
-            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local "
+            raise NsLensError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local "
                              f"GGUF model {name!r}")
         gguf_file = None if remote else find_gguf(name)
         if gguf_file is not None:
@@ -296,24 +298,24 @@ def load_model(
         from .remote import check_remote, is_public_host
 
         if is_local and is_public_host():
-            raise ValueError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path "
+            raise NsLensError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path "
                              f"{name!r} (a self-hosted NDIF set with NDIF_HOST may serve checkpoint paths)")
         if quantize:
-            raise ValueError("quantize applies to local models; remote models run as NDIF hosts them")
+            raise NsLensError("quantize applies to local models; remote models run as NDIF hosts them")
         check_remote(name)
         if is_local:  # a self-hosted server serving a checkpoint by its path: its id is the path, no Hub lookup
             import nnsight.modeling.huggingface as nnsight_hf
 
             nnsight_hf._ID_CACHE.setdefault(name, name)
     if not is_local and not remote and "/" not in name:
-        raise ValueError(f"model {name!r} is neither a local directory, 'embedded', a GGUF model (a .gguf file, "
+        raise NsLensError(f"model {name!r} is neither a local directory, 'embedded', a GGUF model (a .gguf file, "
                          f"pkg:<distribution>, or an alias: {', '.join(GGUF_ALIASES)}) nor a hub id (org/name)")
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:  # not on the Hub, no network, a gated repo, a folder without one
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"could not load the model {name!r}: {first[:300]}") from e
+            raise NsLensError(f"could not load the model {name!r}: {first[:300]}") from e
     tok = tokenizer
     tok = _prepare_tokenizer(tok)
     if remote:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .models import Site, model_family, read_site, resolve_site, site_module, write_site
 from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
@@ -60,12 +61,12 @@ class NeuronSite:
 
 def resolve_neuron_site(model: Any, layer: int = -1, kind: str = "product") -> NeuronSite:
     if kind not in NEURON_KINDS:
-        raise ValueError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
+        raise NsLensError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
     site = resolve_site(model, layer)
     if kind == "residual":
         return NeuronSite(site, kind, site.d_model)
     if model_family(model) == "gpt2":
-        raise ValueError("MLP neuron kinds need a gated (Llama-family) MLP; use kind='residual' for GPT-2")
+        raise NsLensError("MLP neuron kinds need a gated (Llama-family) MLP; use kind='residual' for GPT-2")
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     return NeuronSite(site, kind, int(cfg.intermediate_size))
@@ -131,16 +132,16 @@ def _frozen(model: Any) -> Iterator[None]:
 def _target_matrix(targets: Any, options: Any, n: int) -> torch.Tensor:
     """``[N, K]`` token ids from exactly one of: per-prompt ``targets`` ([N] or [N, K]) or shared ``options`` [K]."""
     if (targets is None) == (options is None):
-        raise ValueError("give exactly one of targets (per prompt: [N] or [N, K]) and options (shared: [K])")
+        raise NsLensError("give exactly one of targets (per prompt: [N] or [N, K]) and options (shared: [K])")
     if options is not None:
         o = torch.as_tensor(np.asarray(options), dtype=torch.int64)
         if o.ndim != 1:
-            raise ValueError(f"options must be a 1-D list of token ids, got shape {tuple(o.shape)}")
+            raise NsLensError(f"options must be a 1-D list of token ids, got shape {tuple(o.shape)}")
         return o[None, :].expand(n, -1)
     t = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
     t = t[:, None] if t.ndim == 1 else t
     if t.ndim != 2 or t.shape[0] != n:
-        raise ValueError(f"targets must be [N] or [N, K] with N = {n} prompts, got shape {tuple(t.shape)}")
+        raise NsLensError(f"targets must be [N] or [N, K] with N = {n} prompts, got shape {tuple(t.shape)}")
     return t
 
 
@@ -168,13 +169,13 @@ def ig_alphas(steps: int, grid: str = "linspace") -> torch.Tensor:
     ``scaled_input`` (xzhao-tkl/NEG, the knowledge-neurons code it comes from): ``torch.linspace(0, 1, steps)``,
     both ends included; ``right`` is the right Riemann sum k / steps, k = 1 .. steps."""
     if grid not in IG_GRIDS:
-        raise ValueError(f"unknown IG grid {grid!r}; choose one of {', '.join(IG_GRIDS)}")
+        raise NsLensError(f"unknown IG grid {grid!r}; choose one of {', '.join(IG_GRIDS)}")
     if grid == "linspace":
         if steps < 2:
-            raise ValueError(f"steps must be >= 2 on the linspace grid (it holds both 0 and 1), got {steps}")
+            raise NsLensError(f"steps must be >= 2 on the linspace grid (it holds both 0 and 1), got {steps}")
         return torch.linspace(0, 1, steps, dtype=torch.float64)
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise NsLensError(f"steps must be >= 1, got {steps}")
     return torch.arange(1, steps + 1, dtype=torch.float64) / steps
 
 
@@ -268,11 +269,11 @@ def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[
 
     ``product`` neurons only; the unembedding runs locally, so a remote model is refused."""
     if ns.kind != "product":
-        raise ValueError("LPI needs product neurons (the down_proj input): their contribution is a_j W_down[:, j]")
+        raise NsLensError("LPI needs product neurons (the down_proj input): their contribution is a_j W_down[:, j]")
     if norm not in LPI_NORMS:
-        raise ValueError(f"unknown LPI norm {norm!r}; choose one of {', '.join(LPI_NORMS)}")
+        raise NsLensError(f"unknown LPI norm {norm!r}; choose one of {', '.join(LPI_NORMS)}")
     if next(model._module.parameters()).device.type == "meta":
-        raise ValueError("LPI unembeds locally: it needs local weights (not a remote model)")
+        raise NsLensError("LPI unembeds locally: it needs local weights (not a remote model)")
     neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
     layer = site_module(model, ns.site)
     pre_mlp = layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.pre_feedforward_layernorm
@@ -306,10 +307,10 @@ def neg_sweep(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Seq
     (shift, change) pairs."""
     shifts = [float(v) for v in shifts]
     if not shifts or all(v == 0 for v in shifts):
-        raise ValueError("shifts need at least one non-zero value")
+        raise NsLensError("shifts need at least one non-zero value")
     neurons = [int(j) for j in neurons]
     if not neurons or max(neurons) >= ns.width or min(neurons) < 0:
-        raise ValueError(f"neurons must lie in [0, {ns.width - 1}]")
+        raise NsLensError(f"neurons must lie in [0, {ns.width - 1}]")
     rows = [(j, v) for j in neurons for v in shifts]
     enc = tokenize(model, [prompt])
     base = _shifted_probs(model, ns, enc, target, [(neurons[0], 0.0)], log_prob, remote)[0]
@@ -418,18 +419,18 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
     ``integrated_gradients`` and ``lpi``)."""
     sites = [ns] if isinstance(ns, NeuronSite) else list(ns)
     if not sites:
-        raise ValueError("no neuron sites given")
+        raise NsLensError("no neuron sites given")
     if baselines:  # a bad IG grid or LPI normaliser fails before any forward pass
         ig_alphas(ig_steps, ig_grid)
         if lpi_norm not in LPI_NORMS:
-            raise ValueError(f"unknown LPI norm {lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
+            raise NsLensError(f"unknown LPI norm {lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
     targets = [int(t) for t in targets]
     offered = len(prompts)
     if only_correct:
         ok = _answered_correctly(model, sites[0], prompts, targets, remote)
         prompts, targets = [p for p, k in zip(prompts, ok) if k], [t for t, k in zip(targets, ok) if k]
         if not prompts:
-            raise ValueError(f"the model answers none of the {offered} prompts correctly; pass only_correct=False "
+            raise NsLensError(f"the model answers none of the {offered} prompts correctly; pass only_correct=False "
                              "to measure NEG on them anyway")
     rng = np.random.default_rng(seed)
     widths = np.array([s.width for s in sites])

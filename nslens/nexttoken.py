@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .concepts import ConceptDataset
+from .errors import NsLensError
 from .files import write_text
 
 __all__ = [
@@ -88,11 +89,11 @@ class NextTokenConcept:
 
     def __post_init__(self) -> None:
         if not self.words or any(not w or w != w.strip() for w in self.words):
-            raise ValueError(f"next-token concept {self.name!r}: words must be non-empty with no spaces, got "
+            raise NsLensError(f"next-token concept {self.name!r}: words must be non-empty with no spaces, got "
                              f"{list(self.words)}")
         for w in self.words:
             if _kind(w) is None:
-                raise ValueError(f"next-token concept {self.name!r}: {w!r} is neither a word (letters) nor one of "
+                raise NsLensError(f"next-token concept {self.name!r}: {w!r} is neither a word (letters) nor one of "
                                  f"the punctuation . ? ! or delimiters ( [ {{")
 
 
@@ -115,22 +116,22 @@ def parse_concepts(spec: str) -> tuple[NextTokenConcept, ...]:
     if spec in FAMILIES:
         return FAMILIES[spec]
     if "," not in spec:
-        raise ValueError(f"unknown next-token family {spec!r}; choose one of {', '.join(FAMILIES)} or list "
+        raise NsLensError(f"unknown next-token family {spec!r}; choose one of {', '.join(FAMILIES)} or list "
                          "concepts as w1,w2/w3,...")
     concepts = tuple(_concept(s.strip()) for s in spec.split(",") if s.strip())
     words = [w.lower() for c in concepts for w in c.words]
     dup = sorted({w for w in words if words.count(w) > 1})
     if dup:
-        raise ValueError(f"next-token concepts {spec!r}: {dup} belong to more than one concept")
+        raise NsLensError(f"next-token concepts {spec!r}: {dup} belong to more than one concept")
     if len(concepts) < 2:
-        raise ValueError(f"next-token concepts {spec!r}: need at least 2 concepts")
+        raise NsLensError(f"next-token concepts {spec!r}: need at least 2 concepts")
     return concepts
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """``next:<family>[:<source>]`` -> (family, source); source is wikitext (default), synthetic or a text file."""
     if not spec.startswith("next:"):
-        raise ValueError(f"not a next-token dataset spec: {spec!r} (next:<family>[:<source>])")
+        raise NsLensError(f"not a next-token dataset spec: {spec!r} (next:<family>[:<source>])")
     family, _, source = spec[len("next:"):].partition(":")
     parse_concepts(family)
     source = source or "wikitext"
@@ -142,9 +143,9 @@ def _check_source(source: str) -> None:
     if source in SOURCES:
         return
     if not source.endswith((".txt", ".jsonl")):
-        raise ValueError(f"unknown next-token source {source!r}; choose {', '.join(SOURCES)} or a .txt/.jsonl file")
+        raise NsLensError(f"unknown next-token source {source!r}; choose {', '.join(SOURCES)} or a .txt/.jsonl file")
     if not Path(source).exists():
-        raise ValueError(f"next-token source file not found: {source}")
+        raise NsLensError(f"next-token source file not found: {source}")
 
 
 @dataclass
@@ -205,7 +206,7 @@ def find_occurrences(text: str, concepts: Sequence[NextTokenConcept], *, min_wor
                      max_words: int = 64, text_index: int = 0) -> list[NextTokenSample]:
     """Every occurrence of the concepts' tokens in ``text`` under the extraction rule (module docstring)."""
     if min_words < 1 or max_words < min_words:
-        raise ValueError(f"need 1 <= min_words <= max_words, got {min_words} and {max_words}")
+        raise NsLensError(f"need 1 <= min_words <= max_words, got {min_words} and {max_words}")
     out = []
     for pattern, name in _patterns(tuple(concepts)):
         for m in pattern.finditer(text):
@@ -230,7 +231,7 @@ def extract_next_token(texts: Iterable[str], concepts: Sequence[NextTokenConcept
     ``pool * n_per_concept`` (or the texts end), then ``n_per_concept`` are drawn per concept (seeded).
     Identical contexts are kept once. Concepts with fewer occurrences keep all they have."""
     if n_per_concept < 1:
-        raise ValueError(f"n_per_concept must be >= 1, got {n_per_concept}")
+        raise NsLensError(f"n_per_concept must be >= 1, got {n_per_concept}")
     found: dict[str, list[NextTokenSample]] = {c.name: [] for c in concepts}
     seen: set[str] = set()
     want = pool * n_per_concept
@@ -258,7 +259,7 @@ def samples_to_dataset(samples: Sequence[NextTokenSample], concepts: Sequence[Ne
     names = [c.name for c in concepts]
     missing = [n for n in names if not any(s.concept == n for s in samples)]
     if missing:
-        raise ValueError(f"next-token dataset {name!r}: no occurrences of {missing} in the source text")
+        raise NsLensError(f"next-token dataset {name!r}: no occurrences of {missing} in the source text")
     return ConceptDataset(
         texts=[s.context for s in samples],
         labels=np.asarray([names.index(s.concept) for s in samples]),
@@ -288,7 +289,7 @@ def _file_texts(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"next-token source {path} is not UTF-8 text (byte {e.start})") from e
+        raise NsLensError(f"next-token source {path} is not UTF-8 text (byte {e.start})") from e
     if path.suffix == ".txt":
         return [line for line in lines if line.strip()]
     texts = []
@@ -298,9 +299,9 @@ def _file_texts(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"next-token source {path}, line {number}: not JSON ({e.msg})") from e
+            raise NsLensError(f"next-token source {path}, line {number}: not JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"next-token source {path}, line {number}: no 'text' string")
+            raise NsLensError(f"next-token source {path}, line {number}: no 'text' string")
         texts.append(row["text"])
     return texts
 
@@ -314,7 +315,7 @@ def _wikitext_lines() -> Iterable[str]:
         first = iter(ds)
         row = next(first)
     except Exception as e:  # the hub's errors are many and deep: one line that names the source
-        raise ValueError(f"could not load WikiText ({'/'.join(WIKITEXT)}: {type(e).__name__}: "
+        raise NsLensError(f"could not load WikiText ({'/'.join(WIKITEXT)}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); use next:<family>:<file.txt> for a local "
                          "text") from e
 
@@ -346,7 +347,7 @@ def target_token_ids(tokenizer: Any, contexts: Sequence[str], targets: Sequence[
     one token, and not the tokenizer's unknown token. Returns ``(gold ids, usable mask)``; the gold id is -1 where
     unusable."""
     if len(contexts) != len(targets):
-        raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
+        raise NsLensError(f"{len(contexts)} contexts but {len(targets)} targets")
     a = tokenizer(list(contexts))["input_ids"]
     b = tokenizer([c + t for c, t in zip(contexts, targets)])["input_ids"]
     gold = np.full(len(contexts), -1, dtype=np.int64)

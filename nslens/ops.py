@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .errors import NsLensError
+
 __all__ = ["OPERATORS", "VECTOR_OPERATORS", "Operator", "ablate_direction", "adaptive_dampen", "dampen",
            "make_operator", "mean_replace", "steer", "zero"]
 
@@ -61,14 +63,14 @@ class Operator:
         if self.name in ("mean", "mean_concept"):
             if self.site_values is not None:
                 if neurons is None:
-                    raise ValueError("site-wide replacement values need the selected neurons' indices")
+                    raise NsLensError("site-wide replacement values need the selected neurons' indices")
                 v = self.site_values.to(x.device)[neurons.to(x.device)]
             else:
                 v = mu if self.values is None else self.values
             return v.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
         if self.name in VECTOR_OPERATORS:
             if self.site_values is None or neurons is None:
-                raise ValueError(f"{self.name} needs its site-wide vector and the selected neurons' indices")
+                raise NsLensError(f"{self.name} needs its site-wide vector and the selected neurons' indices")
             r = self.site_values.to(device=x.device, dtype=x.dtype)[neurons.to(x.device)]
             if self.name == "steer":
                 return x + self.alpha * r
@@ -79,7 +81,7 @@ class Operator:
             a = torch.where(denom > 0, self.beta * dist / denom.clamp(min=torch.finfo(x.dtype).tiny),
                             torch.zeros_like(x))
             return a.clamp(max=self.beta) * x
-        raise ValueError(f"unknown operator {self.name!r}; choose one of {', '.join(OPERATORS)}")
+        raise NsLensError(f"unknown operator {self.name!r}; choose one of {', '.join(OPERATORS)}")
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
@@ -107,7 +109,7 @@ def zero() -> Operator:
 
 def dampen(alpha: float = 0.125) -> Operator:
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"dampening factor alpha must be in [0, 1], got {alpha}")
+        raise NsLensError(f"dampening factor alpha must be in [0, 1], got {alpha}")
     return Operator("dampen", alpha=float(alpha))
 
 
@@ -115,7 +117,7 @@ def mean_replace(values: torch.Tensor | None = None, *, site_values: torch.Tenso
     """Replace by ``site_values`` (one per neuron of the site: the general-text mean, ``nslens.general_mean``), by
     ``values`` (one per selected neuron), or, with neither, by the mask's concept mean mu (``mean_concept``)."""
     if values is not None and site_values is not None:
-        raise ValueError("give values (per selected neuron) or site_values (per site neuron), not both")
+        raise NsLensError("give values (per selected neuron) or site_values (per site neuron), not both")
     if site_values is not None:
         return Operator("mean", site_values=torch.as_tensor(site_values, dtype=torch.float32).flatten())
     if values is not None:
@@ -128,7 +130,7 @@ def steer(vector: torch.Tensor, alpha: float = -2.0) -> Operator:
     with the target concept's mean minus the other concepts' mean, ``nslens.steering.steering_vectors``)."""
     v = torch.as_tensor(vector, dtype=torch.float32).flatten()
     if not torch.isfinite(v).all():
-        raise ValueError("the steering vector has NaN/inf values")
+        raise NsLensError("the steering vector has NaN/inf values")
     return Operator("steer", alpha=float(alpha), site_values=v)
 
 
@@ -137,13 +139,13 @@ def ablate_direction(vector: torch.Tensor) -> Operator:
     v = torch.as_tensor(vector, dtype=torch.float32).flatten()
     norm = float(v.norm())
     if not norm > 0 or not torch.isfinite(v).all():
-        raise ValueError("directional ablation needs a finite, non-zero direction")
+        raise NsLensError("directional ablation needs a finite, non-zero direction")
     return Operator("ablate", site_values=v / norm)
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"adaptive dampening beta must be in [0, 1], got {beta}")
+        raise NsLensError(f"adaptive dampening beta must be in [0, 1], got {beta}")
     return Operator("adaptive", beta=float(beta))
 
 
@@ -156,7 +158,7 @@ def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
         return dampen(alpha)
     if name == "mean":
         if general_mean is None:
-            raise ValueError("the mean operator replaces with the general-text mean: pass general_mean= "
+            raise NsLensError("the mean operator replaces with the general-text mean: pass general_mean= "
                              "(nslens.general_mean(model, site)), or use mean_concept for the concept mean")
         return mean_replace(site_values=general_mean)
     if name == "mean_concept":
@@ -168,4 +170,4 @@ def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
 
         raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: use "
                           "nslens.leace.leace_operators (or run_operators(..., data=, masks=))")
-    raise ValueError(f"unknown operator {name!r}; choose one of {', '.join(OPERATORS)}")
+    raise NsLensError(f"unknown operator {name!r}; choose one of {', '.join(OPERATORS)}")

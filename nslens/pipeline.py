@@ -22,6 +22,7 @@ import numpy as np
 
 from .data import ConceptDataset, FewShotPrompter, check_dataset_spec, label_token_ids, load_dataset
 from .erasure import CACC_AVERAGES, erasure_table, predict
+from .errors import NsLensError
 from .files import atomic_path, slug, write_text
 from .intervene import INTERVENE_POSITIONS
 from .models import Site, check_layer, load_model, local_n_layers, model_id, resolve_site
@@ -139,44 +140,44 @@ class RunConfig:
         """Everything that can be checked without the model; ``check_layers`` adds what its config tells."""
         check_dataset_spec(self.dataset)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise NsLensError(f"batch_size must be >= 1, got {self.batch_size}")
         check_fraction(self.fraction)
         check_tau(self.tau)
         if self.method not in RANKING_METHODS:
-            raise ValueError(f"unknown ranking method {self.method!r}; choose one of {', '.join(RANKING_METHODS)}")
+            raise NsLensError(f"unknown ranking method {self.method!r}; choose one of {', '.join(RANKING_METHODS)}")
         for op in self.operators:
             if op not in OPERATORS:
-                raise ValueError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
+                raise NsLensError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
         if not self.operators:
-            raise ValueError("no operators given; choose from " + ", ".join(OPERATORS))
+            raise NsLensError("no operators given; choose from " + ", ".join(OPERATORS))
         if self.cacc_average not in CACC_AVERAGES:
-            raise ValueError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
+            raise NsLensError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
         if self.record_position not in POSITIONS:
-            raise ValueError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
+            raise NsLensError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
         if self.positions not in INTERVENE_POSITIONS:
-            raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
+            raise NsLensError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
         if self.side_effect_limit is not None and not self.side_effect_limit > 0:
-            raise ValueError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
+            raise NsLensError(f"side_effect_limit must be > 0, got {self.side_effect_limit}")
         if self.sae_path and (self.sae_release or self.sae_id):
-            raise ValueError("give either sae_path or sae_release + sae_id, not both")
+            raise NsLensError("give either sae_path or sae_release + sae_id, not both")
         if bool(self.sae_release) != bool(self.sae_id):
-            raise ValueError("sae_release and sae_id go together")
+            raise NsLensError("sae_release and sae_id go together")
         unknown_steering = sorted(set(self.steering) - set(STEERING_RUNS))
         if unknown_steering:
-            raise ValueError(f"unknown steering {unknown_steering}; choose from {', '.join(STEERING_RUNS)}")
+            raise NsLensError(f"unknown steering {unknown_steering}; choose from {', '.join(STEERING_RUNS)}")
         if self.steer_source not in ("last", "mean"):
-            raise ValueError(f"unknown steer_source {self.steer_source!r}; choose last or mean")
+            raise NsLensError(f"unknown steer_source {self.steer_source!r}; choose last or mean")
         check_tau(self.steer_tau)
         from .leace import check_leace_config
 
         check_leace_config(self)
         if self.steering and (self.sae_path or self.sae_release):
-            raise ValueError("steering baselines act on the site's neurons; run them without an SAE")
+            raise NsLensError("steering baselines act on the site's neurons; run them without an SAE")
         if self.sae_ranges_over not in ("firing", "all"):
-            raise ValueError(f"unknown sae_ranges_over {self.sae_ranges_over!r}; choose firing or all")
+            raise NsLensError(f"unknown sae_ranges_over {self.sae_ranges_over!r}; choose firing or all")
         unknown = sorted(set(self.sweeps) - {"fraction", "tau", "layer"})
         if unknown:
-            raise ValueError(f"unknown sweeps {unknown}; choose from fraction, tau, layer")
+            raise NsLensError(f"unknown sweeps {unknown}; choose from fraction, tau, layer")
         for f in self.sweep_fractions:
             check_fraction(f)
         for t in self.sweep_taus:
@@ -185,27 +186,27 @@ class RunConfig:
             from .models import QUANTIZE_MODES
 
             if self.quantize not in QUANTIZE_MODES:
-                raise ValueError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+                raise NsLensError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
         if self.n_per_class < 4:
-            raise ValueError(f"n_per_class must be >= 4, got {self.n_per_class}")
+            raise NsLensError(f"n_per_class must be >= 4, got {self.n_per_class}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
         """Read a ``.toml`` or ``.json`` config; unknown keys are an error listing the valid ones."""
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"config file not found: {path}")
+            raise NsLensError(f"config file not found: {path}")
         if path.suffix not in (".toml", ".json"):
-            raise ValueError(f"config must be .toml or .json, got {path.name}")
+            raise NsLensError(f"config must be .toml or .json, got {path.name}")
         try:
             text = path.read_text(encoding="utf-8")
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except UnicodeDecodeError as e:
-            raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start})") from e
+            raise NsLensError(f"config file {path} is not UTF-8 text (byte {e.start})") from e
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"config file {path}: {e}") from e
+            raise NsLensError(f"config file {path}: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a table of keys, got {type(data).__name__}")
+            raise NsLensError(f"config file {path} must hold a table of keys, got {type(data).__name__}")
         return cls.from_dict(data)
 
     @classmethod
@@ -213,11 +214,11 @@ class RunConfig:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
+            raise NsLensError(f"unknown config keys {unknown}; valid keys: {', '.join(names)}")
         hints = typing.get_type_hints(cls)
         for key, value in data.items():
             if not _fits(value, hints[key]):
-                raise ValueError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
+                raise NsLensError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
         cfg = cls(**data)
         cfg.validate()
         return cfg
@@ -289,7 +290,7 @@ def load_concepts(cfg: RunConfig) -> ConceptDataset:
         ds = load_dataset(cfg.dataset)
     if cfg.label_words:
         if ds.next_token:
-            raise ValueError(f"dataset {cfg.dataset!r} holds next-token concepts: label_words do not apply")
+            raise NsLensError(f"dataset {cfg.dataset!r} holds next-token concepts: label_words do not apply")
         ds.label_words = list(cfg.label_words)
         ds.__post_init__()
     return ds.balanced(cfg.n_per_class, seed=cfg.seed)
@@ -355,7 +356,7 @@ def _check_correct(part: ConceptDataset, correct: np.ndarray, split: str, least:
     hints = ["a larger --limit / n_per_class", "--all-samples (only_correct = false)"]
     if not part.next_token:
         hints.append("other --label-words or more shots (k_shot)")
-    raise ValueError(f"dataset {cfg.dataset!r}, {split} split: the only-correct filter leaves fewer than {least} "
+    raise NsLensError(f"dataset {cfg.dataset!r}, {split} split: the only-correct filter leaves fewer than {least} "
                      f"samples of a concept (before -> after: {counts}); try " + ", ".join(hints))
 
 
@@ -390,7 +391,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     kept = [p for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))] \
         if out.exists() else []
     if kept and not overwrite:
-        raise ValueError(f"run directory {out} exists and is not empty (pass --overwrite to replace it)")
+        raise NsLensError(f"run directory {out} exists and is not empty (pass --overwrite to replace it)")
     if model is None:
         model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, remote=cfg.remote)
     site = resolve_site(model, cfg.layer)
@@ -658,7 +659,7 @@ def analyze_run(run_dir: str | Path) -> Path:
 
     run = Path(run_dir)
     if not (run / "samples.safetensors").exists():
-        raise ValueError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
+        raise NsLensError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
     cfg = json.loads((run / "config.json").read_text())
     raw = load_file(str(run / "samples.safetensors"))
     stats = ConceptStats.load(run / "stats.safetensors")

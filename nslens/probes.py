@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NsLensError
+
 __all__ = ["ActProbe", "MagnProbe", "PolarProbe", "ProbeResults", "evaluate_probes", "probe_features",
            "split_queries", "tree_probe"]
 
@@ -47,7 +49,7 @@ def split_queries(queries: Sequence[str], seed: int = 0, ratios: tuple[int, int,
     cut2 = cut1 + round(len(order) * ratios[1] / total)
     parts = (order[:cut1], order[cut1:cut2], order[cut2:])
     if any(len(p) == 0 for p in parts):
-        raise ValueError(f"{len(order)} distinct queries are too few for a {ratios} split")
+        raise NsLensError(f"{len(order)} distinct queries are too few for a {ratios} split")
     return tuple(np.array(sorted(i for k in p for i in groups[k]), dtype=np.int64) for p in parts)  # type: ignore
 
 
@@ -184,17 +186,17 @@ def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str]
     LM-Prob and Act baselines on the same test split."""
     answers = np.asarray(answers, dtype=np.int64)
     if neg.ndim != 3 or neg.shape[0] != len(answers) or len(queries) != len(answers):
-        raise ValueError(f"need NEG [queries, options, neurons] and one answer per query; got {neg.shape}, "
+        raise NsLensError(f"need NEG [queries, options, neurons] and one answer per query; got {neg.shape}, "
                          f"{len(answers)} answers, {len(queries)} queries")
     tr, va, te = split_queries(queries, seed)
     acc, neurons = {}, {}
     if option_probs is not None:
         if option_probs.shape != neg.shape[:2]:
-            raise ValueError(f"option_probs must be [queries, options] = {neg.shape[:2]}, got {option_probs.shape}")
+            raise NsLensError(f"option_probs must be [queries, options] = {neg.shape[:2]}, got {option_probs.shape}")
         acc["LM-Prob"] = float(np.mean(option_probs[te].argmax(1) == answers[te]))
     if activations is not None:
         if activations.ndim != 2 or activations.shape[0] != len(answers):
-            raise ValueError(f"activations must be [queries, neurons], got {activations.shape}")
+            raise NsLensError(f"activations must be [queries, neurons], got {activations.shape}")
         act = ActProbe(neg.shape[1]).fit(activations[tr], answers[tr])
         neurons["Act"] = act.choose(activations[va], answers[va])
         acc["Act"] = float(np.mean(act.predict(activations[te]) == answers[te]))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .files import atomic_path, write_text
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
@@ -31,7 +32,7 @@ DEFAULT_TAU = 2.5  # the paper's value (~98.76 % of a Gaussian); the authors' CL
 
 def check_tau(tau: float) -> None:
     if not (isinstance(tau, (int, float)) and np.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
+        raise NsLensError(f"tau must be a positive number, got {tau!r}")
 
 
 @dataclass
@@ -52,11 +53,11 @@ class RangeMask:
         k = self.neurons.numel()
         for name in ("lo", "hi", "mu", "sigma"):
             if getattr(self, name).shape != (k,):
-                raise ValueError(f"RangeMask.{name} has shape {tuple(getattr(self, name).shape)}, expected ({k},)")
+                raise NsLensError(f"RangeMask.{name} has shape {tuple(getattr(self, name).shape)}, expected ({k},)")
         if k == 0:
-            raise ValueError("RangeMask selects no neurons")
+            raise NsLensError("RangeMask selects no neurons")
         if bool((self.lo > self.hi).any()):
-            raise ValueError("RangeMask has lo > hi for some neurons")
+            raise NsLensError("RangeMask has lo > hi for some neurons")
 
     def __len__(self) -> int:
         return int(self.neurons.numel())
@@ -88,18 +89,18 @@ class RangeMask:
 
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"range file not found: {path}")
+            raise NsLensError(f"range file not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 md = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"cannot read range file {path}: {e}") from e
+            raise NsLensError(f"cannot read range file {path}: {e}") from e
         if md.get("format") != "nslens.rangemask/1":
-            raise ValueError(f"{path} is not an nslens range mask (format {md.get('format')!r})")
+            raise NsLensError(f"{path} is not an nslens range mask (format {md.get('format')!r})")
         missing = sorted({"neurons", "lo", "hi", "mu", "sigma"} - set(tensors))
         if missing:
-            raise ValueError(f"range file {path} lacks tensors {missing}")
+            raise NsLensError(f"range file {path} lacks tensors {missing}")
         mask = cls(**tensors, meta=json.loads(md.get("nslens", "{}")))
         if expect is not None:
             mask.validate(expect, source=str(path))
@@ -109,12 +110,12 @@ class RangeMask:
         diffs = [f"{k}: mask has {self.meta.get(k)!r}, model has {expect[k]!r}"
                  for k in ("d_model", "n_layers", "layer") if k in expect and self.meta.get(k) != expect[k]]
         if diffs:
-            raise ValueError(f"{source} was made for another model/site: " + "; ".join(diffs))
+            raise NsLensError(f"{source} was made for another model/site: " + "; ".join(diffs))
         if self.meta.get("basis") == "sae":
             if int(self.neurons.max()) >= int(self.meta.get("d_sae", 0)):
-                raise ValueError(f"{source} selects SAE feature {int(self.neurons.max())} >= d_sae {self.meta.get('d_sae')}")
+                raise NsLensError(f"{source} selects SAE feature {int(self.neurons.max())} >= d_sae {self.meta.get('d_sae')}")
         elif "d_model" in expect and int(self.neurons.max()) >= int(expect["d_model"]):
-            raise ValueError(f"{source} selects neuron {int(self.neurons.max())} >= d_model {expect['d_model']}")
+            raise NsLensError(f"{source} selects neuron {int(self.neurons.max())} >= d_model {expect['d_model']}")
 
 
 def build_range_masks(
@@ -137,11 +138,11 @@ def build_range_masks(
     check_fraction(fraction)
     stats.check(min_samples=2)
     if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
-        raise ValueError("statistics contain NaN/inf; re-record with finite activations")
+        raise NsLensError("statistics contain NaN/inf; re-record with finite activations")
     if scores is None:
         scores = rank(method, stats, samples, sample_labels)
     elif np.shape(scores) != stats.mean.shape:
-        raise ValueError(f"scores have shape {np.shape(scores)}, expected {stats.mean.shape}")
+        raise NsLensError(f"scores have shape {np.shape(scores)}, expected {stats.mean.shape}")
     sigma_all = stats.std()
     from . import __version__
 
@@ -169,7 +170,7 @@ def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     files = [f for f in files if f.name not in ("stats.safetensors", "samples.safetensors")]
     if not files:
-        raise ValueError(f"no range masks (*.safetensors) in {directory}")
+        raise NsLensError(f"no range masks (*.safetensors) in {directory}")
     masks = [RangeMask.load(f, expect=expect) for f in files]
     return sorted(masks, key=lambda m: m.meta.get("concept_index", 0))
 
@@ -182,20 +183,20 @@ def check_masks_fit(masks: Sequence[RangeMask], *, label_names: Sequence[str] | 
     from .models import model_id, tokenizer_fingerprint
 
     if not masks:
-        raise ValueError(f"{source}: no masks")
+        raise NsLensError(f"{source}: no masks")
     concepts = [m.concept for m in masks]
     if label_names is not None and concepts != list(label_names):
-        raise ValueError(f"{source} are for the concepts {concepts} but the dataset has {list(label_names)}; "
+        raise NsLensError(f"{source} are for the concepts {concepts} but the dataset has {list(label_names)}; "
                          "record and build masks on this dataset")
     meta = masks[0].meta
     if model is not None:
         made, here = meta.get("model_id"), model_id(model)
         if made is not None and made != here and not allow_other_model:
-            raise ValueError(f"{source} were recorded on model {made!r}, not {here!r} "
+            raise NsLensError(f"{source} were recorded on model {made!r}, not {here!r} "
                              "(pass --allow-other-model for a fine-tuned copy of it)")
         tok = meta.get("tokenizer")
         if tok is not None and getattr(model, "tokenizer", None) is not None \
                 and tok != tokenizer_fingerprint(model.tokenizer):
-            raise ValueError(f"{source} were made with another tokenizer than this model's")
+            raise NsLensError(f"{source} were made with another tokenizer than this model's")
     if dataset is not None and meta.get("dataset") not in (None, dataset):
-        raise ValueError(f"{source} were made from the dataset {meta.get('dataset')!r}, not {dataset!r}")
+        raise NsLensError(f"{source} were made from the dataset {meta.get('dataset')!r}, not {dataset!r}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NsLensError
 from .stats import ConceptStats
 
 __all__ = ["RANKING_METHODS", "rank", "rank_max", "rank_probe", "rank_probeless", "select_top"]
@@ -50,7 +51,7 @@ def rank_probe(samples: np.ndarray, labels: np.ndarray, n_concepts: int, *, l1_r
     from sklearn.preprocessing import StandardScaler
 
     if samples is None:
-        raise ValueError("the probe ranking needs raw samples: record with keep_samples=True")
+        raise NsLensError("the probe ranking needs raw samples: record with keep_samples=True")
     x = StandardScaler().fit_transform(np.asarray(samples, dtype=np.float64))
     clf = LogisticRegression(**_elastic_net(), solver="saga", l1_ratio=l1_ratio, C=C, max_iter=max_iter,
                              random_state=seed)
@@ -70,12 +71,12 @@ def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,
         return rank_probeless(stats)
     if method == "probe":
         if samples is None or labels is None:
-            raise ValueError("the probe ranking needs raw samples: record with keep_samples=True")
+            raise NsLensError("the probe ranking needs raw samples: record with keep_samples=True")
         return rank_probe(samples, labels, stats.n_concepts, **kwargs)
     if method == "neurgrad":
-        raise ValueError("the neurgrad ranking needs the model: compute it with "
+        raise NsLensError("the neurgrad ranking needs the model: compute it with "
                          "nslens.neg.neurgrad_concept_scores and pass scores= (the pipeline does this)")
-    raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(RANKING_METHODS)}")
+    raise NsLensError(f"unknown ranking method {method!r}; choose one of {', '.join(RANKING_METHODS)}")
 
 
 def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -92,4 +93,4 @@ def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
 
 def check_fraction(fraction: float) -> None:
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        raise NsLensError(f"fraction must be in (0, 1], got {fraction!r}")

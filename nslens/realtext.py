@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import NsLensError
 from .fortunes import CLEANING, heldout_texts
 
 __all__ = ["FORTUNES_PPL_TASK", "fortunes_documents", "fortunes_ppl_task_dir"]
@@ -33,7 +34,7 @@ def fortunes_documents(items_per_doc: int = 12, texts: Sequence[str] | None = No
     """The held-out items (all categories, category then file order) joined by blank lines, ``items_per_doc``
     to a document."""
     if items_per_doc < 1:
-        raise ValueError(f"items_per_doc must be >= 1, got {items_per_doc}")
+        raise NsLensError(f"items_per_doc must be >= 1, got {items_per_doc}")
     texts = list(texts) if texts is not None else heldout_texts()
     return ["\n\n".join(texts[i:i + items_per_doc]) for i in range(0, len(texts), items_per_doc)]
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .models import Site, model_id, read_site, tokenizer_fingerprint
 from .remote import job_backend, poll_job, trace_args, with_retries
 from .stats import ConceptStats, batch_partials
@@ -51,7 +52,7 @@ class RecordResult:
         from .files import atomic_path
 
         if self.samples is None or self.sample_labels is None:
-            raise ValueError("no raw samples were kept: record with keep_samples=True")
+            raise NsLensError("no raw samples were kept: record with keep_samples=True")
         with atomic_path(path) as tmp:
             index = self.sample_index if self.sample_index is not None else np.arange(len(self.samples))
             save_file({"samples": self.samples, "labels": self.sample_labels, "index": index.astype(np.int64)}, tmp,
@@ -63,7 +64,7 @@ def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Left-padded batch encoding (the last column is every row's last real token)."""
     tok = model.tokenizer
     if tok.padding_side != "left":
-        raise ValueError("the tokenizer must pad on the left; load the model with nslens.load_model")
+        raise NsLensError("the tokenizer must pad on the left; load the model with nslens.load_model")
     return dict(tok(list(prompts), return_tensors="pt", padding=True))
 
 
@@ -73,7 +74,7 @@ def sample_per_concept(labels: np.ndarray, max_samples: int, seed: int = 0) -> n
     within the concept. Class-grouped datasets (DBPedia-14 on the Hub is stored by class) keep every class."""
     labels = np.asarray(labels)
     if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        raise NsLensError(f"max_samples must be >= 1, got {max_samples}")
     if len(labels) <= max_samples:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -87,7 +88,7 @@ def sample_per_concept(labels: np.ndarray, max_samples: int, seed: int = 0) -> n
 
 def batches(n: int, batch_size: int) -> list[slice]:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise NsLensError(f"batch_size must be >= 1, got {batch_size}")
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
@@ -122,14 +123,14 @@ def record(
     (then the caller removes it once the result is safely written).
     """
     if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
+        raise NsLensError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
     labels = np.asarray(labels, dtype=np.int64)
     if len(prompts) != len(labels):
-        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
+        raise NsLensError(f"{len(prompts)} prompts but {len(labels)} labels")
     if len(prompts) == 0:
-        raise ValueError("nothing to record: the dataset is empty")
+        raise NsLensError("nothing to record: the dataset is empty")
     if keep_samples and position != "last":
-        raise ValueError("keep_samples needs position='last'")
+        raise NsLensError("keep_samples needs position='last'")
     c = len(label_names)
     stats = ConceptStats.empty(c, site.d_model, list(label_names), meta={
         "model_id": model_id(model), **site.describe(), "position": position,
@@ -143,7 +144,7 @@ def record(
     start, fingerprint, jobs = 0, "", {}
     if checkpoint is not None:
         if keep_samples:
-            raise ValueError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
+            raise NsLensError("checkpointed recording keeps no raw samples; drop keep_samples or checkpoint")
         fingerprint = _fingerprint(prompts, labels, site, model_id(model), position, batch_size)
         start, jobs = _resume(Path(checkpoint), fingerprint, stats)
     def inputs(i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
@@ -181,7 +182,7 @@ def record(
             enc, lab, rows = inputs(i)
             part = _record_batch(model, site, enc, lab, c, position, rows, trace_args(model, remote))
         if not bool(part["finite"]):
-            raise ValueError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
+            raise NsLensError(f"non-finite activations (NaN/inf) at {site.path} in batch {i} "
                              f"(samples {sl.start}..{sl.stop - 1}); check the model's dtype and inputs")
         stats.update(part)
         if keep_samples:
@@ -248,9 +249,9 @@ def _resume(path: Path, fingerprint: str, stats: ConceptStats) -> tuple[int, dic
     saved = ConceptStats.load(path)
     tag = saved.meta.get("checkpoint")
     if not isinstance(tag, dict):
-        raise ValueError(f"{path} is not an nslens record checkpoint")
+        raise NsLensError(f"{path} is not an nslens record checkpoint")
     if tag.get("fingerprint") != fingerprint:
-        raise ValueError(f"record checkpoint {path} was written for another run (model, site, prompts, labels or "
+        raise NsLensError(f"record checkpoint {path} was written for another run (model, site, prompts, labels or "
                          "batch size differ); delete it or choose another checkpoint file")
     stats.count, stats.mean, stats.m2, stats.abs_sum = saved.count, saved.mean, saved.m2, saved.abs_sum
     done = int(tag["batches_done"])

@@ -95,7 +95,7 @@ def remote_timeout() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ValueError(f"NSLENS_REMOTE_TIMEOUT must be a positive number of seconds, got {raw!r}")
+        raise NsLensError(f"NSLENS_REMOTE_TIMEOUT must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -285,7 +285,7 @@ def check_remote(repo_id: str, *, timeout: float = 5.0, read_timeout: float = 90
 
     host = CONFIG.API.HOST.rstrip("/")
     if not api_key() and is_public_host():
-        raise ValueError("remote runs need an NDIF API key: set NDIF_API_KEY or call "
+        raise NsLensError("remote runs need an NDIF API key: set NDIF_API_KEY or call "
                          "nnsight.CONFIG.set_default_api_key(KEY) (keys: https://login.ndif.us)")
     try:
         status = _status(_get, timeout, read_timeout)
@@ -300,7 +300,7 @@ def check_remote(repo_id: str, *, timeout: float = 5.0, read_timeout: float = 90
         raise NsLensError(f"cannot reach NDIF at {host} ({type(e).__name__}); check the network or NDIF_HOST") from e
     running = served_models(status)
     if repo_id not in running:
-        raise ValueError(f"model {repo_id!r} is not running on NDIF at {host}; running now: "
+        raise NsLensError(f"model {repo_id!r} is not running on NDIF at {host}; running now: "
                          + (", ".join(running) or "none"))
 
 
@@ -360,7 +360,7 @@ def with_retries(fn: Callable[[], T], *, attempts: int | None = None, base_delay
     attempts = default_attempts if attempts is None else attempts
     base_delay = default_delay if base_delay is None else base_delay
     if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, got {attempts}")
+        raise NsLensError(f"attempts must be >= 1, got {attempts}")
     transient = _transient_types()
     for i in range(attempts):
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .errors import NsLensError
 from .intervene import Intervention, edit_hidden
 from .models import Site, read_site, site_module
 from .remote import trace_args
@@ -31,7 +32,7 @@ Chunk = list[tuple[int, Any]]
 def chunked(interventions: Sequence[Intervention | Sequence[Intervention] | None], per_pass: int) -> list[Chunk]:
     """The non-clean interventions, ``per_pass`` to a forward (``None`` entries mean the clean model)."""
     if per_pass < 1:
-        raise ValueError(f"per_pass must be >= 1, got {per_pass}")
+        raise NsLensError(f"per_pass must be >= 1, got {per_pass}")
     edits = [(i, iv) for i, iv in enumerate(interventions) if iv is not None]
     return [edits[j:j + per_pass] for j in range(0, len(edits), per_pass)]
 

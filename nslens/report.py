@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .erasure import ErasureTable
+from .errors import NsLensError
 
 __all__ = ["write_report"]
 
@@ -14,7 +15,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` from ``summary.json``, ``config.json`` and the ``erasure_*.json`` tables."""
     run = Path(run_dir)
     if not (run / "summary.json").exists():
-        raise ValueError(f"{run} is not an nslens run directory (no summary.json)")
+        raise NsLensError(f"{run} is not an nslens run directory (no summary.json)")
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     site = summary["site"]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .models import Site, model_id, read_site
 from .ranges import RangeMask, check_tau
 from .record import Progress, batches, tokenize
@@ -60,7 +61,7 @@ class JumpReLUSAE:
         expected = {"b_enc": (f,), "threshold": (f,), "W_dec": (f, d), "b_dec": (d,)}
         for k, shape in expected.items():
             if tuple(getattr(self, k).shape) != shape:
-                raise ValueError(f"SAE {k} has shape {tuple(getattr(self, k).shape)}, expected {shape}")
+                raise NsLensError(f"SAE {k} has shape {tuple(getattr(self, k).shape)}, expected {shape}")
 
     @property
     def d_in(self) -> int:
@@ -79,7 +80,7 @@ class JumpReLUSAE:
 
     def check(self, site: Site) -> None:
         if self.d_in != site.d_model:
-            raise ValueError(f"SAE d_in {self.d_in} does not match the model's d_model {site.d_model}")
+            raise NsLensError(f"SAE d_in {self.d_in} does not match the model's d_model {site.d_model}")
 
     def save_npz(self, path: str | Path) -> Path:
         """Gemma Scope's ``params.npz`` layout."""
@@ -91,24 +92,24 @@ def load_sae_npz(path: str | Path) -> JumpReLUSAE:
     """Load Gemma Scope's ``params.npz`` (keys W_enc, b_enc, threshold, W_dec, b_dec)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"SAE file not found: {path}")
+        raise NsLensError(f"SAE file not found: {path}")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # pickled data, not numpy at all, a truncated zip
-        raise ValueError(f"SAE file {path} is not a readable .npz archive ({type(e).__name__}); Gemma Scope's "
+        raise NsLensError(f"SAE file {path} is not a readable .npz archive ({type(e).__name__}); Gemma Scope's "
                          f"params.npz holds {list(NPZ_KEYS)}") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"SAE file {path} is a single array (.npy), not an .npz archive of {list(NPZ_KEYS)}")
+        raise NsLensError(f"SAE file {path} is a single array (.npy), not an .npz archive of {list(NPZ_KEYS)}")
     try:
         with z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
-                raise ValueError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
+                raise NsLensError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
             return JumpReLUSAE(*(z[k] for k in NPZ_KEYS), meta={"source": str(path)})
     except ValueError:
         raise
     except Exception as e:  # a member that cannot be read (truncated archive)
-        raise ValueError(f"SAE file {path} could not be read ({type(e).__name__}: {e}); is it truncated?") from e
+        raise NsLensError(f"SAE file {path} could not be read ({type(e).__name__}: {e}); is it truncated?") from e
 
 
 def load_sae(release: str, sae_id: str, *, device: str = "cpu") -> JumpReLUSAE:
@@ -118,23 +119,23 @@ def load_sae(release: str, sae_id: str, *, device: str = "cpu") -> JumpReLUSAE:
         from sae_lens import SAE
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError as e:
-        raise ValueError("loading an SAE by release needs sae-lens: pip install 'nslens[sae]' "
+        raise NsLensError("loading an SAE by release needs sae-lens: pip install 'nslens[sae]' "
                          "(or pass a Gemma Scope params.npz path)") from e
     directory = get_pretrained_saes_directory()
     if release not in directory:
         close = sorted(r for r in directory if "gemma-scope" in r)[:10]
-        raise ValueError(f"unknown SAE release {release!r}; Gemma Scope releases include: {', '.join(close)}")
+        raise NsLensError(f"unknown SAE release {release!r}; Gemma Scope releases include: {', '.join(close)}")
     ids = sorted(directory[release].saes_map)
     if sae_id not in ids:
         prefix = sae_id.split("/")[0]
         near = [i for i in ids if i.startswith(prefix)] or ids[:10]
-        raise ValueError(f"ID {sae_id!r} not found in release {release!r}. Valid IDs include: {', '.join(near[:12])}")
+        raise NsLensError(f"ID {sae_id!r} not found in release {release!r}. Valid IDs include: {', '.join(near[:12])}")
     loaded = SAE.from_pretrained(release, sae_id, device=device)
     sae = loaded[0] if isinstance(loaded, tuple) else loaded
     sd = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
     missing = [k for k in NPZ_KEYS if k not in sd]
     if missing:
-        raise ValueError(f"SAE {release}/{sae_id} is not a JumpReLU SAE (lacks {missing})")
+        raise NsLensError(f"SAE {release}/{sae_id} is not a JumpReLU SAE (lacks {missing})")
     return JumpReLUSAE(*(sd[k] for k in NPZ_KEYS), meta={"release": release, "sae_id": sae_id})
 
 
@@ -210,7 +211,7 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
     sae.check(site)
     labels = np.asarray(labels, dtype=np.int64)
     if len(prompts) != len(labels) or len(prompts) == 0:
-        raise ValueError(f"need matching, non-empty prompts and labels (got {len(prompts)} and {len(labels)})")
+        raise NsLensError(f"need matching, non-empty prompts and labels (got {len(prompts)} and {len(labels)})")
     c = len(label_names)
     st = FeatureStats.empty(c, sae.d_sae, label_names, {"model_id": model_id(model), **site.describe(),
                                                        "basis": "sae", "d_sae": sae.d_sae, **sae.meta})
@@ -229,7 +230,7 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
 
         part = maybe_retry(remote, run, what=f"record features batch {i}")
         if not bool(part["finite"]):
-            raise ValueError(f"non-finite SAE feature activations at {site.path} in batch {i}")
+            raise NsLensError(f"non-finite SAE feature activations at {site.path} in batch {i}")
         st.update(part)
         if progress is not None:
             progress("record SAE features", i + 1, len(parts))
@@ -240,13 +241,13 @@ def select_features(st: FeatureStats, *, min_fire: float = 0.1, top: float = 0.2
     """Per concept: candidates fire on >= ``min_fire`` of its samples; keep the top ``top`` of them by mean
     activation (over all the concept's samples), most active first."""
     if not 0 < min_fire <= 1 or not 0 < top <= 1:
-        raise ValueError(f"min_fire and top must be in (0, 1], got {min_fire} and {top}")
+        raise NsLensError(f"min_fire and top must be in (0, 1], got {min_fire} and {top}")
     out = []
     rate = st.fire_rate()
     for c, name in enumerate(st.label_names):
         cand = np.flatnonzero(rate[c] >= min_fire)
         if len(cand) == 0:
-            raise ValueError(f"no SAE feature fires on >= {min_fire:.0%} of concept {name!r}'s samples")
+            raise NsLensError(f"no SAE feature fires on >= {min_fire:.0%} of concept {name!r}'s samples")
         k = max(1, int(np.ceil(top * len(cand) - 1e-9)))
         order = np.argsort(-st.mean[c, cand], kind="stable")
         out.append(cand[order[:k]])
@@ -258,7 +259,7 @@ def build_feature_masks(st: FeatureStats, selection: Sequence[np.ndarray], *, ta
     """One RangeMask per concept whose ``neurons`` are SAE feature indices (``meta["basis"] == "sae"``)."""
     check_tau(tau)
     if ranges_over not in ("firing", "all"):
-        raise ValueError(f"unknown ranges_over {ranges_over!r}; choose firing or all")
+        raise NsLensError(f"unknown ranges_over {ranges_over!r}; choose firing or all")
     mean = st.fire_mean if ranges_over == "firing" else st.mean
     sd = st.std(ranges_over)
     masks = []

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import NsLensError
+
 __all__ = ["ConceptStats", "batch_partials"]
 
 
@@ -114,7 +116,7 @@ class ConceptStats:
     def check(self, min_samples: int = 2) -> None:
         bad = [f"{n} ({int(c)})" for n, c in zip(self.label_names, self.count) if c < min_samples]
         if bad:
-            raise ValueError(f"concepts with fewer than {min_samples} recorded samples (sigma undefined): "
+            raise NsLensError(f"concepts with fewer than {min_samples} recorded samples (sigma undefined): "
                              f"{', '.join(bad)}")
 
     # ------------------------------------------------------------------------------------------- io
@@ -139,16 +141,16 @@ class ConceptStats:
 
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"statistics file not found: {path}")
+            raise NsLensError(f"statistics file not found: {path}")
         try:
             with safe_open(str(path), framework="np") as f:
                 md = f.metadata() or {}
                 if md.get("format") != "nslens.stats/1":
-                    raise ValueError(f"{path} is not an nslens statistics file (format {md.get('format')!r})")
+                    raise NsLensError(f"{path} is not an nslens statistics file (format {md.get('format')!r})")
                 arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
         except ValueError:
             raise
         except Exception as e:  # safetensors' own errors: not safetensors, truncated, a missing tensor
-            raise ValueError(f"{path} is not a readable nslens statistics file (safetensors: "
+            raise NsLensError(f"{path} is not a readable nslens statistics file (safetensors: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from e
         return cls(**arrays, label_names=json.loads(md["label_names"]), meta=json.loads(md["meta"]))

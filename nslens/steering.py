@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import NsLensError
 from .ops import Operator, ablate_direction, steer
 from .ranges import RangeMask, build_range_masks
 from .stats import ConceptStats
@@ -31,7 +32,7 @@ def steering_vectors(stats: ConceptStats) -> torch.Tensor:
     """``[C, d]``: each concept's mean minus the count-weighted mean of all other concepts' samples."""
     n = np.asarray(stats.count, dtype=np.float64)
     if (n <= 0).any():
-        raise ValueError("every concept needs samples for a steering vector")
+        raise NsLensError("every concept needs samples for a steering vector")
     mu = np.asarray(stats.mean, dtype=np.float64)
     total = (n[:, None] * mu).sum(0)
     other = (total[None, :] - n[:, None] * mu) / (n.sum() - n)[:, None]
@@ -46,6 +47,6 @@ def full_masks(stats: ConceptStats, tau: float = 1.0) -> list[RangeMask]:
 def steering_operators(stats: ConceptStats, kind: str = "steer", alpha: float = -2.0) -> list[Operator]:
     """One operator per concept: ``steer`` (alpha * r_c) or ``ablate`` (r_c's direction)."""
     if kind not in STEERING_KINDS:
-        raise ValueError(f"unknown steering kind {kind!r}; choose one of {', '.join(STEERING_KINDS)}")
+        raise NsLensError(f"unknown steering kind {kind!r}; choose one of {', '.join(STEERING_KINDS)}")
     vectors = steering_vectors(stats)
     return [steer(v, alpha) if kind == "steer" else ablate_direction(v) for v in vectors]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .erasure import erasure_table
+from .errors import NsLensError
 from .models import resolve_site
 from .ops import Operator
 from .ranges import build_range_masks
@@ -57,7 +58,7 @@ class Sweep:
 def _check(values: Sequence[float], name: str) -> list[float]:
     vals = [float(v) for v in values]
     if not vals:
-        raise ValueError(f"{name} sweep needs at least one value")
+        raise NsLensError(f"{name} sweep needs at least one value")
     return vals
 
 

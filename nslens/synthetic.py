@@ -26,6 +26,7 @@ import re
 import numpy as np
 
 from .concepts import ConceptDataset
+from .errors import NsLensError
 
 __all__ = [
     "EMBEDDED_VERSION",
@@ -172,7 +173,7 @@ def _story_sentence(rng: random.Random) -> list[str]:
 def synthetic_concepts(n_per_class: int = 400, seed: int = 1) -> ConceptDataset:
     """The synthetic concept dataset (balanced, shuffled, deterministic in ``seed``)."""
     if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        raise NsLensError(f"n_per_class must be >= 1, got {n_per_class}")
     rng = random.Random(seed)
     labels = [c for c in range(len(SYNTHETIC_LABELS)) for _ in range(n_per_class)]
     rng.shuffle(labels)

@@ -217,3 +217,39 @@ def test_unwritable_out_fails_before_any_work_and_a_failed_final_write_keeps_the
                   "ck.safetensors", "--all-samples"])
     assert e.value.code == 1 and "No space left on device" in capsys.readouterr().err
     assert (tmp_path / "ck.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_bug_is_an_internal_error_not_a_user_error(monkeypatch, tmp_path, capsys):
+    """A plain ValueError from inside (numpy's, say) is not bad input: one line saying it is internal, where the
+    traceback went, exit 1; --debug prints the traceback too. NsLensError stays a one-line user error."""
+    import nslens.pipeline
+    from nslens.cli import main
+    from nslens.errors import NsLensError
+
+    monkeypatch.setenv("NSLENS_HOME", str(tmp_path / "home"))
+
+    def broken(run):
+        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    monkeypatch.setattr(nslens.pipeline, "analyze_run", broken)
+    with pytest.raises(SystemExit) as ex:
+        main(["analyze", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "internal error" in err and "broadcast" in err and "--debug" in err and "Traceback" not in err
+    saved = list((tmp_path / "home" / "errors").glob("internal-error-*.txt"))
+    assert len(saved) == 1 and "in broken" in saved[0].read_text()
+
+    with pytest.raises(SystemExit) as ex:
+        main(["analyze", str(tmp_path), "--debug"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and "Traceback (most recent call last)" in err and "in broken" in err
+
+    def user(run):
+        raise NsLensError("run directory has no samples.safetensors")
+
+    monkeypatch.setattr(nslens.pipeline, "analyze_run", user)
+    with pytest.raises(SystemExit) as ex:
+        main(["analyze", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and err.strip() == "error: run directory has no samples.safetensors"
