@@ -34,6 +34,9 @@ from .record import POSITIONS, Progress, RecordResult, record
 
 #: the steering comparisons a run can add (paper App. M, Tables 28-30)
 STEERING_RUNS = ("steer", "ablate", "arm", "leace")
+#: steering runs whose tables are written under another name (``leace`` is also an operator: the operator's
+#: tables are erasure_leace / side_effects_leace, the full-vector run's erasure_leace_full / side_effects_leace_full)
+STEERING_KEYS = {"leace": "leace_full"}
 
 __all__ = ["STEERING_RUNS", "PreparedData", "RunConfig", "analyze_run", "load_concepts", "prepare_data", "run_pipeline"]
 
@@ -115,7 +118,7 @@ class RunConfig:
     """Steering baselines (paper App. M) over the full site vector, each an erasure table (and side effects):
     steer (ungated = difference-in-means steering, range = range-gated steering), ablate (directional ablation),
     arm (zeroing, range = range masking of the full vector with tau = steer_tau), leace (LEACE of the full vector
-    fitted per concept on the training split; range = range-gated LEACE)."""
+    fitted per concept on the training split; range = range-gated LEACE; written as erasure_leace_full)."""
     steer_alpha: float = -2.0
     """Steering strength a in x + a r (the paper: -2)."""
     steer_source: str = "last"
@@ -566,10 +569,11 @@ def _steering(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg
                             gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size, remote=cfg.remote,
                             progress=progress, cacc_average=cfg.cacc_average)
         tab.meta.update(steering=name, steer_source=cfg.steer_source, steer_tau=cfg.steer_tau)
-        tab.write(out / f"erasure_{name}")
-        summary["erasure"][name] = tab.summary()
+        key = STEERING_KEYS.get(name, name)  # never the file of an operator of the same name
+        tab.write(out / f"erasure_{key}")
+        summary["erasure"][key] = tab.summary()
         save_summary()
-        runs[name] = (masks, per)
+        runs[key] = (masks, per)
     return runs
 
 

@@ -191,9 +191,11 @@ def test_run_with_leace_operator_and_steering(embedded, tmp_path, monkeypatch):
                     steering=["leace"], analyses=False)
     run = run_pipeline(cfg, tmp_path / "run", model=embedded)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "complete" and set(summary["erasure"]) == {"zero", "leace"}
+    assert summary["status"] == "complete" and set(summary["erasure"]) == {"zero", "leace", "leace_full"}
     tab = json.loads((run / "erasure_leace.json").read_text())
-    assert tab["operator"] == "leace" and tab["meta"]["steering"] == "leace"  # the full-vector table is written last
+    assert tab["operator"] == "leace" and "steering" not in tab["meta"]
+    full = json.loads((run / "erasure_leace_full.json").read_text())
+    assert full["operator"] == "leace" and full["meta"]["steering"] == "leace"
     assert "### `leace` (leace)" in (run / "report.md").read_text()
 
 
