@@ -166,8 +166,6 @@ def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
     if name == "adaptive":
         return adaptive_dampen(beta)
     if name in FITTED_OPERATORS:
-        from .errors import NsLensError
-
         raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: use "
                           "nslens.leace.leace_operators (or run_operators(..., data=, masks=))")
     raise NsLensError(f"unknown operator {name!r}; choose one of {', '.join(OPERATORS)}")
