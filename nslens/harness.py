@@ -6,7 +6,10 @@ site (all positions). HFLM calls the raw HF module, where an nnsight ``edit()`` 
 and sends no attention mask: the model is causal, so padding at the end never reaches the positions whose logits
 lm-eval reads, with or without an edit (padding columns are edited too, harmlessly). The numbers are lm-eval's own.
 
-``side_effects`` evaluates the clean model once (cached on disk by model + tasks + limit) and each intervention.
+``side_effects`` evaluates the clean model once and each intervention once: results are cached on disk by (model
+fingerprint, tasks with their files, limit, shots) and, for an intervention, its site and
+``intervention_fingerprint`` too, so a sweep can never report one intervention's scores for another's (lm-eval's own
+request cache is keyed by the requests alone, without the model or the edit; nslens does not use it).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .data import WIKIPEDIA_DATA_FILES, cut_to_tokens, wikipedia_articles
 from .erasure import trim_note
 from .errors import NsLensError
 from .files import nslens_home, write_text
-from .intervene import Intervention, apply_in_trace
+from .intervene import Intervention, apply_in_trace, intervention_fingerprint
 from .loglik import LoglikSweep
 from .models import Site, model_fingerprint, model_id, tokenizer_fingerprint
 from .remote import trace_args
@@ -42,6 +45,7 @@ __all__ = [
     "SideEffects",
     "local_tasks_dir",
     "default_cache_dir",
+    "run_cache_key",
     "main_metric",
     "side_effect_table",
     "side_effect_tables",
@@ -413,6 +417,14 @@ def clean_cache_key(model: Any, tasks: Sequence[str], limit: float | None, num_f
     return h.hexdigest()[:16]
 
 
+def run_cache_key(clean_key: str, site: Site | None, interventions: Intervention | Sequence[Intervention]) -> str:
+    """What an intervention's results depend on: everything the clean results do (``clean_cache_key``), the site
+    and ``intervention_fingerprint`` (mask, operator and its tensors, gating, positions, SAE), never its name."""
+    h = hashlib.sha256(json.dumps([clean_key, site.describe() if site is not None else None]).encode())
+    h.update(intervention_fingerprint(interventions).encode())
+    return h.hexdigest()[:24]
+
+
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
     """Silence lm-eval while it runs under nslens's own progress: its loggers (and datasets') at ERROR, its tqdm
@@ -484,8 +496,11 @@ def side_effects(
     the site run once, each intervention replays the layers above it, ``per_pass`` of them per forward, and only
     log-likelihoods leave the trace). Then one ``simple_evaluate`` per intervention reads its own answers, so every
     metric is lm-eval's. ``limit`` passes through to lm-eval (for the ``mmlu`` group lm-eval applies it *per
-    subtask*). The clean results are cached in ``cache_dir`` (key: model, weights, tasks, limit, shots), so a run
-    over many operators computes them once. ``progress(desc, done, total)`` counts lm-eval requests answered.
+    subtask*). Results are cached in ``cache_dir``: the clean model's by model, weights, tasks, limit and shots
+    (``clean_<key>.json``), each intervention's by the same plus its site and fingerprint (``run_<key>.json``,
+    ``run_cache_key``), so a run over many operators computes the clean model once, a repeated sweep computes only
+    what is new, and two different interventions never share an entry whatever they are named.
+    ``progress(desc, done, total)`` counts lm-eval requests answered.
     """
     lm_eval = _require_lm_eval()
     if limit is not None and not (limit > 0):
@@ -504,8 +519,18 @@ def side_effects(
     key = clean_cache_key(model, tasks, limit, num_fewshot, include_path)
     cache = Path(cache_dir) / f"clean_{key}.json" if cache_dir is not None else None
     cached_clean = json.loads(cache.read_text())["metrics"] if cache is not None and cache.exists() else None
-    runs: list[str | None] = ([] if cached_clean is not None else [None]) + list(interventions)
-    sweep = LoglikSweep(model, site, [None if r is None else interventions[r] for r in runs] or [None],
+    run_files = {name: Path(cache_dir) / f"run_{run_cache_key(key, site, ivs)}.json"
+                 for name, ivs in interventions.items()} if cache_dir is not None else {}
+    cached_runs = {name: json.loads(f.read_text())["metrics"] for name, f in run_files.items() if f.exists()}
+    runs: list[str | None] = ([] if cached_clean is not None else [None]) + [n for n in interventions
+                                                                              if n not in cached_runs]
+    out = SideEffects()
+    if not runs:  # everything was cached: no model pass, no lm-eval run
+        out["clean"] = cached_clean
+        for name in interventions:
+            out[name] = cached_runs[name]
+        return out
+    sweep = LoglikSweep(model, site, [None if r is None else interventions[r] for r in runs],
                         per_pass=per_pass, remote=remote)
 
     with quiet_lm_eval():  # built once: every evaluation reads the same documents (lm-eval rebuilds requests)
@@ -523,12 +548,20 @@ def side_effects(
         return task_metrics(res, tasks)
 
     results = {run: evaluate(i) for i, run in enumerate(runs)}
-    out = SideEffects(clean=cached_clean if cached_clean is not None else results[None])
+    out["clean"] = cached_clean if cached_clean is not None else results[None]
+    about = {"model_id": model_id(model), "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot}
     if cached_clean is None and cache is not None:
-        write_text(cache, json.dumps({"model_id": model_id(model), "tasks": list(tasks), "limit": limit,
-                                      "num_fewshot": num_fewshot, "metrics": out["clean"]}, indent=2))
-    for name in interventions:
+        write_text(cache, json.dumps({**about, "metrics": out["clean"]}, indent=2))
+    for name, ivs in interventions.items():
+        if name in cached_runs:
+            out[name] = cached_runs[name]
+            continue
         out[name] = results[name]
+        if name in run_files:
+            described = [iv.describe() for iv in ([ivs] if isinstance(ivs, Intervention) else list(ivs))]
+            write_text(run_files[name], json.dumps({**about, "site": site.describe() if site else None,
+                                                    "intervention": described, "metrics": out[name]}, indent=2,
+                                                   default=str))
     out.batch_bytes, out.batch_shapes = list(sweep.batch_bytes), list(sweep.batch_shapes)
     return out
 

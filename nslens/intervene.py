@@ -11,6 +11,8 @@ the clean model (``applied`` offers the same guarantee for code that needs a per
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,8 @@ from .models import Site, read_site, write_site
 from .ops import Operator
 from .ranges import RangeMask
 
-__all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "edit_hidden"]
+__all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "edit_hidden",
+           "intervention_fingerprint"]
 
 INTERVENE_POSITIONS = ("all", "last")
 
@@ -129,3 +132,57 @@ def applied(model: Any, site: Site, interventions: Intervention | Sequence[Inter
         yield model
     finally:
         model.clear_edits()
+
+
+def _hash_into(h: Any, value: Any) -> None:
+    """Feed ``value`` into the hash ``h``, unambiguously: tensors and arrays by dtype, shape and bytes, dataclasses
+    by class name and every field, containers element by element, scalars by type and repr."""
+    import numpy as np
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        h.update(f"array {a.dtype} {a.shape};".encode())
+        h.update(a.tobytes())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__module__}.{type(value).__qualname__}(".encode())
+        for f in dataclasses.fields(value):
+            h.update(f"{f.name}=".encode())
+            _hash_into(h, getattr(value, f.name))
+        h.update(b")")
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}{{".encode())
+        for k in sorted(value, key=str):
+            _hash_into(h, str(k))
+            _hash_into(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)}[".encode())
+        for v in value:
+            _hash_into(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def intervention_fingerprint(interventions: Intervention | Sequence[Intervention] | None) -> str:
+    """A hash of everything that decides what an intervention (or a sequence applied in order) does to the model:
+    for each one, gated or not, its positions, tau, the mask's neurons, bounds, mu and sigma, its basis, the
+    operator's class and every parameter (the tensors byte for byte: a steering vector, a LEACE eraser, a mean) and
+    the SAE's weights. A run's name and a mask file's metadata (creation time, dataset) do not enter it, so two
+    interventions that edit the same way share cached results and two that differ in any number never do."""
+    h = hashlib.sha256(b"nslens.intervention/1;")
+    ivs = [] if interventions is None else [interventions] if isinstance(interventions, Intervention) \
+        else list(interventions)
+    for iv in ivs:
+        m = iv.mask
+        _hash_into(h, [iv.gated, iv.positions, iv.tau, m.meta.get("basis", "neurons"),
+                       m.neurons, m.lo, m.hi, m.mu, m.sigma, iv.operator])
+        if iv.sae is not None:
+            from .sae import NPZ_KEYS
+
+            _hash_into(h, [getattr(iv.sae, k) for k in NPZ_KEYS])
+    return h.hexdigest()[:24]

@@ -150,7 +150,8 @@ def test_side_effects_deltas_and_clean_cache(embedded, site, synth, inc, tmp_pat
     assert d["neuron"][ppl]["token_perplexity"] > d["range"][ppl]["token_perplexity"]
     assert d["neuron"][ppl]["token_perplexity"] > 0
     assert len(list((tmp_path / "cache").glob("clean_*.json"))) == 1
-    # a second call reads the clean results from the cache: the sweep holds no clean run
+    assert len(list((tmp_path / "cache").glob("run_*.json"))) == 2
+    # a second call reads everything from the cache: no sweep at all
     import nslens.harness as h
 
     sweeps = []
@@ -158,15 +159,51 @@ def test_side_effects_deltas_and_clean_cache(embedded, site, synth, inc, tmp_pat
     monkeypatch.setattr(h, "LoglikSweep", lambda *a, **k: sweeps.append(orig(*a, **k)) or sweeps[-1])
     again = side_effects(embedded, site, {"range": ivs["range"]}, tasks=TASKS, include_path=inc,
                          cache_dir=tmp_path / "cache")
-    assert [s.interventions for s in sweeps] == [[ivs["range"]]] and again["clean"] == res["clean"]
-    assert again["range"] == res["range"]
-    # several interventions with the clean results cached: the clean pass stops at the site
-    both = side_effects(embedded, site, ivs, tasks=TASKS, include_path=inc, cache_dir=tmp_path / "cache")
-    assert sweeps[-1].interventions == list(ivs.values()) and both["clean"] == res["clean"]
+    assert sweeps == [] and again["clean"] == res["clean"] and again["range"] == res["range"]
+    # new interventions with the clean results cached: the sweep holds only them (the clean pass stops at the site)
+    new = {"dampen": nslens.Intervention(full, nslens.dampen(0.5), gated=False),
+           "range": nslens.Intervention(full, nslens.dampen(0.5), gated=True)}
+    both = side_effects(embedded, site, {**ivs, "dampen": new["dampen"]}, tasks=TASKS, include_path=inc,
+                        cache_dir=tmp_path / "cache")
+    assert [s.interventions for s in sweeps] == [[new["dampen"]]] and both["clean"] == res["clean"]
     for name in ivs:
-        for t in TASKS:
-            assert both[name][t] == pytest.approx(res[name][t], rel=1e-6)
+        assert both[name] == res[name]
     assert f"| range | {ppl} | token_perplexity |" in again.to_markdown()
+
+
+def test_intervention_results_are_cached_by_fingerprint_never_by_name(embedded, site, masks, inc, tmp_path):
+    """Two interventions under the same name, one after the other, with one cache: each gets its own scores (equal
+    to an uncached evaluation), and the same intervention rebuilt from equal tensors under another name is read
+    from the cache."""
+    from nslens.harness import run_cache_key
+    from nslens.intervene import intervention_fingerprint
+
+    a = nslens.Intervention(masks[0], nslens.zero(), gated=False)
+    b = nslens.Intervention(masks[1], nslens.zero(), gated=False)
+    cache = tmp_path / "cache"
+    first = side_effects(embedded, site, {"x": a}, tasks=TASKS, include_path=inc, limit=8, cache_dir=cache)
+    second = side_effects(embedded, site, {"x": b}, tasks=TASKS, include_path=inc, limit=8, cache_dir=cache)
+    fresh = side_effects(embedded, site, {"x": b}, tasks=TASKS, include_path=inc, limit=8)
+    assert second["x"] == fresh["x"] and second["x"] != first["x"]
+    assert len(list(cache.glob("run_*.json"))) == 2
+    twin = nslens.Intervention(RangeMask(masks[0].neurons.clone(), masks[0].lo.clone(), masks[0].hi.clone(),
+                                         masks[0].mu.clone(), masks[0].sigma.clone(), dict(masks[0].meta)),
+                               nslens.zero(), gated=False)
+    assert intervention_fingerprint(twin) == intervention_fingerprint(a)
+    again = side_effects(embedded, site, {"y": twin}, tasks=TASKS, include_path=inc, limit=8, cache_dir=cache)
+    assert again["y"] == first["x"] and len(list(cache.glob("run_*.json"))) == 2
+    # anything that changes the edit changes the key: gating, the operator's parameters, one bound, the limit
+    lo = masks[0].lo.clone()
+    lo[0] += 1e-3
+    nudged = RangeMask(masks[0].neurons, lo, masks[0].hi, masks[0].mu, masks[0].sigma, masks[0].meta)
+    variants = [a, b, nslens.Intervention(masks[0], nslens.zero(), gated=True),
+                nslens.Intervention(masks[0], nslens.dampen(0.5), gated=False),
+                nslens.Intervention(masks[0], nslens.dampen(0.25), gated=False),
+                nslens.Intervention(nudged, nslens.zero(), gated=True),
+                nslens.Intervention(masks[0], nslens.zero(), gated=False, positions="last"),
+                [a, b]]
+    assert len({intervention_fingerprint(v) for v in variants}) == len(variants)
+    assert run_cache_key("k", site, a) != run_cache_key("k2", site, a)
 
 
 def test_progress_is_one_bar_and_lm_eval_is_quiet(embedded, site, masks, inc, capfd):
