@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NsLensError
+from .files import write_text
 from .ranges import RangeMask
 from .rank import select_top
 
@@ -177,5 +178,5 @@ def write_analyses(run_dir: str | Path, samples: np.ndarray, labels: np.ndarray,
         "bound_samples": bounds,
         "n_samples": int(len(samples)),
     }
-    (run / "analysis.json").write_text(json.dumps(result, indent=2))
+    write_text(run / "analysis.json", json.dumps(result, indent=2))
     return result

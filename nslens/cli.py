@@ -419,6 +419,7 @@ def neg_cmd(
     correlation and MAE."""
     import json as _json
 
+    from .files import write_text
     from .models import load_model, resolve_site
     from .neg import linearity_report, resolve_neuron_site, resolve_neuron_sites
     from .pipeline import prepare_data
@@ -434,9 +435,9 @@ def neg_cmd(
                                ig_steps=ig_steps, ig_grid=ig_grid, lpi_norm=lpi_norm, progress=cb)
     out.mkdir(parents=True, exist_ok=True)
     where = "all feed-forward layers" if all_layers else f"layer {sites[0].site.layer}"
-    (out / "neg.md").write_text(f"NEG linearity, neurons from {where} ({kind}, {sites[0].width} per layer)\n\n"
-                                + rep.to_markdown())
-    (out / "neg.json").write_text(_json.dumps(rep.summary(), indent=2))
+    write_text(out / "neg.md", f"NEG linearity, neurons from {where} ({kind}, {sites[0].width} per layer)\n\n"
+               + rep.to_markdown())
+    write_text(out / "neg.json", _json.dumps(rep.summary(), indent=2))
     _refresh_report(out)
     out_console.print(rep.to_markdown(), markup=False, highlight=False)
 
@@ -461,6 +462,7 @@ def probe_cmd(
     options are the dataset's labels, or an MCEval8K task's answer tokens."""
     import json as _json
 
+    from .files import write_text
     from .models import load_model, resolve_site
     from .neg import neurgrad, resolve_neuron_site
     from .pipeline import load_concepts
@@ -491,8 +493,8 @@ def probe_cmd(
     probs, acts = probe_features(m, ns, prompts, ids, batch_size=batch_size)
     res = evaluate_probes(neg, answers, queries, seed=seed, option_probs=probs, activations=acts)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probes.md").write_text(res.to_markdown())
-    (out / "probes.json").write_text(_json.dumps(res.__dict__, indent=2))
+    write_text(out / "probes.md", res.to_markdown())
+    write_text(out / "probes.json", _json.dumps(res.__dict__, indent=2))
     _refresh_report(out)
     out_console.print(res.to_markdown(), markup=False, highlight=False)
 
@@ -551,8 +553,8 @@ def demo_cmd(
     operators: str = typer.Option("zero,adaptive", help="Comma-separated operators to compare."),
     side_effects: bool = typer.Option(True, help="Also measure lm-eval side effects (offline synthetic tasks)."),
 ) -> None:
-    """The whole pipeline on the embedded model and synthetic concepts (offline; about 15 s, plus a minute and a half
-    to train the model the first time)."""
+    """The whole pipeline on the embedded model and synthetic concepts (offline; about 20 s, plus up to three
+    minutes to train the model the first time)."""
     from .embedded import build_embedded_model, embedded_model_dir
     from .pipeline import RunConfig, run_pipeline
 

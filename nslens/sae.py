@@ -84,8 +84,12 @@ class JumpReLUSAE:
 
     def save_npz(self, path: str | Path) -> Path:
         """Gemma Scope's ``params.npz`` layout."""
-        np.savez(path, **{k: getattr(self, k).numpy() for k in NPZ_KEYS})
-        return Path(path)
+        from .files import atomic_path
+
+        path = Path(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to it
+            np.savez(f, **{k: getattr(self, k).numpy() for k in NPZ_KEYS})
+        return path
 
 
 def load_sae_npz(path: str | Path) -> JumpReLUSAE:

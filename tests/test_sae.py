@@ -194,3 +194,19 @@ def test_bad_sae_files_are_one_line_errors(tmp_path, sae_file):
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.npz"):
         load_sae_npz(tmp_path / "cut.npz")
+
+
+def test_save_npz_is_atomic(sae, tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous file as it was and no temporary behind."""
+    path = tmp_path / "params.npz"
+    sae.save_npz(path)
+    before = path.read_bytes()
+
+    def broken(f, **arrays):
+        f.write(b"PK-half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sae.save_npz(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["params.npz"]
