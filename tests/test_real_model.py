@@ -243,3 +243,29 @@ def test_next_token_targets_on_unicode_text_with_bpe(smol):
         if k:
             assert g == b[-1] and tok.decode([g]) == s.target
     assert ok.sum() >= len(samples) - 2
+
+
+def test_real_model_experiment_smoke(smol, tmp_path):
+    """experiments/real_model.py at its --smoke sizes on the session's model: every section is written, and the
+    outlier dimensions it reports equal a numpy reading of the raw samples the topics run saved."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "experiments" / "real_model.py"))
+    res = mod["run_experiment"](mod["SMOKE"], tmp_path, model=smol, log=lambda *a: None)
+    assert json.loads((tmp_path / "report.json").read_text())["model"] == "smollm2-135m"
+    md = (tmp_path / "report.md").read_text()
+    for part in ("Table 1", "Table 5", "Table 3", "Table 4", "Layer sweep", "Massive activations", "NEG linearity",
+                 "Quantized"):
+        assert part in md, part
+    assert not res["topics"]["failed_steps"] and not res["next"]["failed_steps"]
+    x = load_file(str(tmp_path / "topics" / "samples.safetensors"))["samples"].astype(np.float64)
+    rms = np.sqrt((x**2).mean(0))
+    ref = np.flatnonzero(rms > 20.0 * np.median(rms))
+    assert sorted(res["outliers"]["topics"]["dims"]) == ref.tolist() and len(ref) >= 1
+    q = res["quantized"]["nf4"]
+    assert q["max_abs_diff"] == max(abs(q["erasure"][p][k] - res["next"]["erasure"][p][k])
+                                    for p in q["erasure"] for k in q["erasure"][p])
