@@ -99,8 +99,8 @@ def outlier_study(model: Any, site: Any, cfg: Any, run_dir: Path, rc: RealModelC
     """Part 6: the massive-activation dimensions of a run's site and what each ranking does with them."""
     from nslens.outliers import exclude_dims, outlier_dims, pooled_rms, range_coverage, rank_standardised
     from nslens.pipeline import prepare_data
-    from nslens.rank import rank, select_top
     from nslens.ranges import build_range_masks
+    from nslens.rank import rank, select_top
 
     stats, samples, labels = _recording(run_dir)
     data = prepare_data(model, site, cfg)  # only_correct off: the same split as the run, no model pass

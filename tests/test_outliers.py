@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 
 from nslens.errors import NsLensError
-from nslens.outliers import (exclude_dims, outlier_dims, pooled_mean_std, pooled_rms, range_coverage,
-                             rank_standardised)
-from nslens.rank import rank_max, select_top
+from nslens.outliers import (
+    exclude_dims,
+    outlier_dims,
+    pooled_mean_std,
+    pooled_rms,
+    range_coverage,
+    rank_standardised,
+)
 from nslens.ranges import build_range_masks
+from nslens.rank import rank_max, select_top
 from nslens.stats import ConceptStats
 
 
