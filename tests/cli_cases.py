@@ -1,7 +1,7 @@
 """The CLI's bad-input cases: what a user types, the exit code, and the message the tests require in its one
-error line. tests/test_cli.py runs every case; the README's "Bad input" table is generated from this list:
+error line. tests/test_cli.py runs every case; the "Bad input" table of docs/cli.md is generated from this list:
 
-    python tests/cli_cases.py      # prints the Markdown table (the README holds exactly this; a test checks it)
+    python tests/cli_cases.py      # prints the Markdown table (docs/cli.md holds exactly this; a test checks it)
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ def test_bad_input_is_one_error_line_with_its_exit_code(embedded, tmp_path, args
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_readme_bad_input_table_is_generated_from_the_cases():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown() in readme, "regenerate the README table: python tests/cli_cases.py"
+def test_docs_bad_input_table_is_generated_from_the_cases():
+    page = (ROOT / "docs" / "cli.md").read_text()
+    assert markdown() in page, "regenerate the table in docs/cli.md: python tests/cli_cases.py"
 
 
 @pytest.mark.parametrize("exc", ["keyboard", "typer-exit-130"])
