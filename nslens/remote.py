@@ -87,15 +87,20 @@ def ship_code() -> None:
 
 def remote_timeout() -> float:
     """The client-side deadline of one remote request: ``$NSLENS_REMOTE_TIMEOUT`` seconds or ``DEFAULT_TIMEOUT``."""
-    raw = os.environ.get("NSLENS_REMOTE_TIMEOUT")
+    return _seconds_from_env("NSLENS_REMOTE_TIMEOUT", DEFAULT_TIMEOUT)
+
+
+def _seconds_from_env(var: str, default: float) -> float:
+    """``$var`` as a positive number of seconds, ``default`` when unset; anything else is a one-line error."""
+    raw = os.environ.get(var)
     if raw is None:
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise NsLensError(f"NSLENS_REMOTE_TIMEOUT must be a positive number of seconds, got {raw!r}")
+        raise NsLensError(f"{var} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -149,14 +154,7 @@ DEFAULT_STALL = 600.0
 def stall_seconds() -> float:
     """``$NSLENS_REMOTE_STALL`` or ``DEFAULT_STALL``: an API that restarts loses the jobs still in its queue (ndif
     0.1.2 keeps them QUEUED forever), so a job whose status has not changed for this long is submitted again."""
-    raw = os.environ.get("NSLENS_REMOTE_STALL", str(DEFAULT_STALL))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise NsLensError(f"NSLENS_REMOTE_STALL must be a positive number of seconds, got {raw!r}")
-    return value
+    return _seconds_from_env("NSLENS_REMOTE_STALL", DEFAULT_STALL)
 
 
 def poll_job(model: Any, job_id: str, *, what: str = "NDIF job", sleep: Callable[[float], Any] = time.sleep,
