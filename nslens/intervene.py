@@ -49,20 +49,8 @@ class Intervention:
             raise NsLensError("an SAE intervention needs a mask of SAE features (nslens.sae.build_feature_masks)")
         if self.positions not in INTERVENE_POSITIONS:
             raise NsLensError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
-        if self.operator.values is not None and self.operator.values.numel() != len(self.mask):
-            raise NsLensError(f"mean replacement has {self.operator.values.numel()} values for "
-                             f"{len(self.mask)} selected neurons")
-        site_values = self.operator.site_values
-        if site_values is not None:
-            if self.sae is not None:
-                raise NsLensError(f"{self.operator.name} works on the site's neurons, not SAE features "
-                                 "(for mean replacement of features use mean_concept)")
-            d = self.mask.meta.get("d_model")
-            if (d is not None and site_values.numel() != d) or int(self.mask.neurons.max()) >= site_values.numel():
-                raise NsLensError(f"{self.operator.name} has {site_values.numel()} site values for a mask over "
-                                 f"{d if d is not None else 'more'} neurons")
         check = getattr(self.operator, "check", None)
-        if callable(check):  # an operator fitted for one mask (LEACE) refuses any other
+        if callable(check):  # the operator's own checks: a site-wide vector's width, a fitted eraser's mask
             check(self.mask, self.sae)
 
     @property

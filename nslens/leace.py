@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ class Leace(Operator):
     tensors (float32), so ``LeaceEraser(proj_left, proj_right, bias)`` is the same map. Build it with
     ``fit_leace`` / ``leace_operators``."""
 
-    name: str = "leace"
+    name: ClassVar[str] = "leace"
+    build: ClassVar[str] = "fitted"
     proj_left: torch.Tensor | None = None
     proj_right: torch.Tensor | None = None
     bias: torch.Tensor | None = None

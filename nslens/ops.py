@@ -1,171 +1,401 @@
 """Intervention operators phi: small pure-tensor functions of the selected neurons' activations.
 
-Each factory returns an ``Operator`` (a frozen dataclass, picklable, so it ships to NDIF with the trace). It is
-called as ``op(x, mu, sigma, tau)`` with ``x`` the activations of the selected neurons ``[..., k]`` and the
-mask's per-neuron ``mu``/``sigma`` ``[k]``; it returns phi(x) with x's shape. Gating (apply only inside
-[lo, hi]) is not the operator's business: see ``nslens.intervene``.
+Each operator is one frozen dataclass (picklable, so it ships to NDIF with the trace) derived from ``Operator``.
+It is called as ``op(x, mu, sigma, tau, neurons)`` with ``x`` the activations of the selected neurons ``[..., k]``,
+the mask's per-neuron ``mu``/``sigma`` ``[k]`` and the selected neurons' indices ``[k]``; it returns phi(x) with
+x's shape. Gating (apply only inside [lo, hi]) is not the operator's business: see ``nslens.intervene``.
 
-- ``zero``: phi(x) = 0 (the paper's concept erasure).
-- ``dampen``: phi(x) = alpha * x (Suau et al. 2024; alpha = 0.125 in the paper).
-- ``mean``: phi(x) = the neuron's mean over general text (paper App. G.2, Tables 13-15; ``nslens.general``),
-  given for the whole site (``site_values``, ``[d_model]``) so one operator serves every concept's mask.
-- ``mean_concept``: phi(x) = the mask's concept mean mu (pulls the concept to its most typical value).
-- ``steer``: phi(x) = x + a * r, r a steering vector given for the whole site (difference-in-means steering,
-  App. M; a = -2 in the paper). Range-gated (App. M.2: "range-based steering") it adds a * r_j only to components
-  whose activation lies in the target concept's range.
-- ``ablate``: phi(x) = x - (x . r_hat) r_hat, directional ablation (Arditi et al.; App. M.1) of the unit direction
-  r_hat restricted to the selected neurons (all of them, for a full-width mask).
-- ``adaptive``: phi(x) = a(x) * x with a(x) = beta * |x - mu| / (tau * sigma) (paper Appendix G): full suppression
-  at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single point mu and
-  a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are never
-  amplified; inside the range the cap never binds, so range-gated use is exactly the paper's formula.
-- ``leace``: LEACE (least-squares concept erasure), one eraser per concept fitted on the training split
-  (``nslens.leace.Leace``, a subclass of ``Operator``); ``make_operator`` cannot build it from a name.
+- ``Zero`` (``zero``): phi(x) = 0 (the paper's concept erasure).
+- ``Dampen`` (``dampen``): phi(x) = alpha * x (Suau et al. 2024; alpha = 0.125 in the paper).
+- ``MeanReplace`` (``mean``): phi(x) = the neuron's mean over general text (paper App. G.2, Tables 13-15;
+  ``nslens.general``), given for the whole site (``site_values``, ``[d_model]``) so one operator serves every
+  concept's mask; or given values, one per selected neuron.
+- ``MeanConcept`` (``mean_concept``): phi(x) = the mask's concept mean mu (pulls the concept to its most typical
+  value).
+- ``Steer`` (``steer``): phi(x) = x + a * r, r a steering vector given for the whole site (difference-in-means
+  steering, App. M; a = -2 in the paper). Range-gated (App. M.2: "range-based steering") it adds a * r_j only to
+  components whose activation lies in the target concept's range.
+- ``Ablate`` (``ablate``): phi(x) = x - (x . r_hat) r_hat, directional ablation (Arditi et al.; App. M.1) of the unit
+  direction r_hat restricted to the selected neurons (all of them, for a full-width mask).
+- ``Adaptive`` (``adaptive``): phi(x) = a(x) * x with a(x) = beta * |x - mu| / (tau * sigma) (paper Appendix G):
+  full suppression at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single
+  point mu and a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are
+  never amplified; inside the range the cap never binds, so range-gated use is exactly the paper's formula.
+- ``Leace`` (``leace``): LEACE (least-squares concept erasure), one eraser per concept fitted on the training split
+  (``nslens.leace``); ``make_operator`` cannot build it from a name.
+
+``OPERATOR_REGISTRY`` maps each name to its class; ``make_operator`` builds one by name through the class's
+``from_options``, and ``register_operator`` adds a class of one's own (``docs/extending.md``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .errors import NsLensError
+from .registry import Names, Registry
 
-__all__ = ["OPERATORS", "VECTOR_OPERATORS", "Operator", "ablate_direction", "adaptive_dampen", "dampen",
-           "make_operator", "mean_replace", "steer", "zero"]
-
-OPERATORS = ("zero", "dampen", "mean", "mean_concept", "adaptive", "leace")
-#: operators fitted on the concepts' training activations (``nslens.leace``), not built by name alone
-FITTED_OPERATORS = ("leace",)
-#: operators built from a per-concept steering vector (``steer``, ``ablate``), not by name alone
-VECTOR_OPERATORS = ("steer", "ablate")
+__all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate", "Adaptive", "Dampen",
+           "MeanConcept", "MeanReplace", "Operator", "Steer", "Zero", "ablate_direction", "adaptive_dampen", "dampen",
+           "get_operator", "make_operator", "mean_replace", "register_operator", "steer", "zero"]
 
 
 @dataclass(frozen=True)
 class Operator:
-    """phi with its parameters. Build it with the factories below rather than by hand."""
+    """phi with its parameters: the base of every operator.
 
-    name: str
-    alpha: float = 0.125
-    beta: float = 0.5
-    values: torch.Tensor | None = None
-    """Replacement values, one per selected neuron (``mean`` with explicit values)."""
-    site_values: torch.Tensor | None = None
-    """Replacement values for every neuron of the site ``[d_model]`` (``mean``: the general-text mean)."""
+    A subclass is a frozen dataclass (its fields are its parameters: they are hashed into the intervention's
+    fingerprint and pickled with the trace) that sets ``name``, implements ``__call__`` with plain torch (it runs
+    inside the trace, locally or on NDIF) and, where it has parameters, ``label``/``describe`` and checks in
+    ``__post_init__``. ``build`` says how a run gets one: ``"options"`` (``from_options``, by name from a config or
+    the CLI), ``"fitted"`` (fitted per concept on the training split) or ``"vector"`` (from a per-concept steering
+    vector)."""
+
+    name: ClassVar[str] = ""
+    build: ClassVar[str] = "options"
+    values: ClassVar[torch.Tensor | None] = None
+    """Replacement values, one per selected neuron (only ``MeanReplace`` sets them)."""
+    site_values: ClassVar[torch.Tensor | None] = None
+    """Values for every neuron of the site ``[d_model]`` (a general-text mean, a steering vector or direction)."""
 
     def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
                  neurons: torch.Tensor | None = None) -> torch.Tensor:
-        if self.name == "zero":
-            return torch.zeros_like(x)
-        if self.name == "dampen":
-            return x * self.alpha
-        if self.name in ("mean", "mean_concept"):
-            if self.site_values is not None:
-                if neurons is None:
-                    raise NsLensError("site-wide replacement values need the selected neurons' indices")
-                v = self.site_values.to(x.device)[neurons.to(x.device)]
-            else:
-                v = mu if self.values is None else self.values
-            return v.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
-        if self.name in VECTOR_OPERATORS:
-            if self.site_values is None or neurons is None:
-                raise NsLensError(f"{self.name} needs its site-wide vector and the selected neurons' indices")
-            r = self.site_values.to(device=x.device, dtype=x.dtype)[neurons.to(x.device)]
-            if self.name == "steer":
-                return x + self.alpha * r
-            return x - (x @ r)[..., None] * r
-        if self.name == "adaptive":
-            denom = tau * sigma.to(device=x.device, dtype=x.dtype)
-            dist = (x - mu.to(device=x.device, dtype=x.dtype)).abs()
-            a = torch.where(denom > 0, self.beta * dist / denom.clamp(min=torch.finfo(x.dtype).tiny),
-                            torch.zeros_like(x))
-            return a.clamp(max=self.beta) * x
-        raise NsLensError(f"unknown operator {self.name!r}; choose one of {', '.join(OPERATORS)}")
-
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name}
-        if self.name == "dampen":
-            d["alpha"] = self.alpha
-        if self.name == "adaptive":
-            d["beta"] = self.beta
-        if self.name in ("mean", "mean_concept"):
-            d["values"] = ("general-text mean" if self.site_values is not None
-                           else "mu" if self.values is None else "given")
-        if self.name == "steer":
-            d["alpha"] = self.alpha
-        return d
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
 
     @property
     def label(self) -> str:
-        return {"zero": "zero", "dampen": f"dampen(a={self.alpha:g})", "mean": "mean", "mean_concept": "mean(mu)",
-                "adaptive": f"adaptive(b={self.beta:g})", "steer": f"steer(a={self.alpha:g})",
-                "ablate": "ablate"}[self.name]
+        """The short name tables and reports print (``dampen(a=0.125)``)."""
+        return self.name
+
+    def describe(self) -> dict[str, Any]:
+        """The operator's name and parameters, as written into a run's JSON."""
+        return {"name": self.name}
+
+    def check(self, mask: Any, sae: Any = None) -> None:
+        """Refuse a mask this operator cannot edit (called by ``Intervention``); the base accepts any."""
+
+    @classmethod
+    def from_options(cls, *, alpha: float = 0.125, beta: float = 0.5, general_mean: torch.Tensor | None = None,
+                     **options: Any) -> Operator:
+        """The operator a run or the CLI asks for by name, from the shared options (``--alpha``, ``--beta``, the
+        site's general-text mean). The base builds the class without parameters."""
+        return cls()
+
+
+def _site_rows(op: Operator, x: torch.Tensor, neurons: torch.Tensor | None) -> torch.Tensor:
+    """The site-wide values of the selected neurons, on x's device and dtype."""
+    if op.site_values is None or neurons is None:
+        raise NsLensError(f"{op.name} needs its site-wide vector and the selected neurons' indices")
+    return op.site_values.to(device=x.device, dtype=x.dtype)[neurons.to(x.device)]
+
+
+def _check_site_width(op: Operator, mask: Any, sae: Any) -> None:
+    """A site-wide vector must match the mask's site and cannot edit SAE features."""
+    site_values = op.site_values
+    if site_values is None:
+        return
+    if sae is not None:
+        raise NsLensError(f"{op.name} works on the site's neurons, not SAE features "
+                          "(for mean replacement of features use mean_concept)")
+    d = mask.meta.get("d_model")
+    if (d is not None and site_values.numel() != d) or int(mask.neurons.max()) >= site_values.numel():
+        raise NsLensError(f"{op.name} has {site_values.numel()} site values for a mask over "
+                          f"{d if d is not None else 'more'} neurons")
+
+
+@dataclass(frozen=True)
+class Zero(Operator):
+    """phi(x) = 0: the paper's concept erasure."""
+
+    name: ClassVar[str] = "zero"
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@dataclass(frozen=True)
+class Dampen(Operator):
+    """phi(x) = alpha * x (Suau et al. 2024; the paper's alpha is 0.125)."""
+
+    name: ClassVar[str] = "dampen"
+    alpha: float = 0.125
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise NsLensError(f"dampening factor alpha must be in [0, 1], got {self.alpha}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        return x * self.alpha
+
+    @property
+    def label(self) -> str:
+        return f"dampen(a={self.alpha:g})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha}
+
+    @classmethod
+    def from_options(cls, *, alpha: float = 0.125, **options: Any) -> Operator:
+        return cls(alpha)
+
+
+def _replacement(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
+
+
+@dataclass(frozen=True)
+class MeanReplace(Operator):
+    """Replace by a fixed value per neuron: ``site_values`` (one per neuron of the site: the general-text mean,
+    ``nslens.general_mean``; paper App. G.2) or ``values`` (one per selected neuron), exactly one of them."""
+
+    name: ClassVar[str] = "mean"
+    values: torch.Tensor | None = None  # type: ignore[misc]
+    site_values: torch.Tensor | None = None  # type: ignore[misc]
+
+    def __post_init__(self) -> None:
+        if self.values is not None and self.site_values is not None:
+            raise NsLensError("give values (per selected neuron) or site_values (per site neuron), not both")
+        if self.values is None and self.site_values is None:
+            raise NsLensError("mean replacement needs values (per selected neuron) or site_values (per site "
+                              "neuron); MeanConcept replaces by the concept mean mu")
+        if self.site_values is not None:
+            object.__setattr__(self, "site_values",
+                               torch.as_tensor(self.site_values, dtype=torch.float32).flatten())
+        if self.values is not None:
+            object.__setattr__(self, "values", torch.as_tensor(self.values, dtype=torch.float32))
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        if self.site_values is not None:
+            if neurons is None:
+                raise NsLensError("site-wide replacement values need the selected neurons' indices")
+            return _replacement(self.site_values.to(x.device)[neurons.to(x.device)], x)
+        return _replacement(self.values, x)
+
+    @property
+    def label(self) -> str:
+        return "mean"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "values": "general-text mean" if self.site_values is not None else "given"}
+
+    def check(self, mask: Any, sae: Any = None) -> None:
+        if self.values is not None and self.values.numel() != len(mask):
+            raise NsLensError(f"mean replacement has {self.values.numel()} values for {len(mask)} selected neurons")
+        _check_site_width(self, mask, sae)
+
+    @classmethod
+    def from_options(cls, *, general_mean: torch.Tensor | None = None, **options: Any) -> Operator:
+        if general_mean is None:
+            raise NsLensError("the mean operator replaces with the general-text mean: pass general_mean= "
+                              "(nslens.general_mean(model, site)), or use mean_concept for the concept mean")
+        return cls(site_values=general_mean)
+
+
+@dataclass(frozen=True)
+class MeanConcept(Operator):
+    """phi(x) = mu, the mask's concept mean: pulls the concept to its most typical value (works on SAE features
+    too, since mu is the mask's own)."""
+
+    name: ClassVar[str] = "mean_concept"
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        return _replacement(mu, x)
+
+    @property
+    def label(self) -> str:
+        return "mean(mu)"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "values": "mu"}
+
+
+@dataclass(frozen=True)
+class Adaptive(Operator):
+    """phi(x) = a(x) * x, a(x) = beta * |x - mu| / (tau * sigma) capped at beta (paper Appendix G): full
+    suppression at mu, dampening by beta at the range's edges, a = 0 where tau * sigma = 0."""
+
+    name: ClassVar[str] = "adaptive"
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise NsLensError(f"adaptive dampening beta must be in [0, 1], got {self.beta}")
+        object.__setattr__(self, "beta", float(self.beta))
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        denom = tau * sigma.to(device=x.device, dtype=x.dtype)
+        dist = (x - mu.to(device=x.device, dtype=x.dtype)).abs()
+        a = torch.where(denom > 0, self.beta * dist / denom.clamp(min=torch.finfo(x.dtype).tiny),
+                        torch.zeros_like(x))
+        return a.clamp(max=self.beta) * x
+
+    @property
+    def label(self) -> str:
+        return f"adaptive(b={self.beta:g})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "beta": self.beta}
+
+    @classmethod
+    def from_options(cls, *, beta: float = 0.5, **options: Any) -> Operator:
+        return cls(beta)
+
+
+def _site_vector(vector: Any, what: str) -> torch.Tensor:
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    if not torch.isfinite(v).all():
+        raise NsLensError(f"the {what} has NaN/inf values")
+    return v
+
+
+@dataclass(frozen=True)
+class Steer(Operator):
+    """phi(x) = x + alpha * r_j with ``vector`` r given for every neuron of the site: difference-in-means steering
+    (paper App. M: alpha = -2, r = the target concept's mean minus the others', ``nslens.steering``)."""
+
+    name: ClassVar[str] = "steer"
+    build: ClassVar[str] = "vector"
+    vector: torch.Tensor
+    alpha: float = -2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", _site_vector(self.vector, "steering vector"))
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def site_values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.vector
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.alpha * _site_rows(self, x, neurons)
+
+    @property
+    def label(self) -> str:
+        return f"steer(a={self.alpha:g})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha}
+
+    def check(self, mask: Any, sae: Any = None) -> None:
+        _check_site_width(self, mask, sae)
+
+
+@dataclass(frozen=True)
+class Ablate(Operator):
+    """phi(x) = x - (x . r_hat) r_hat: directional ablation (Arditi et al.; App. M.1) of ``vector``'s unit
+    direction (normalised here), restricted to the selected neurons."""
+
+    name: ClassVar[str] = "ablate"
+    build: ClassVar[str] = "vector"
+    vector: torch.Tensor
+
+    def __post_init__(self) -> None:
+        v = torch.as_tensor(self.vector, dtype=torch.float32).flatten()
+        norm = float(v.norm())
+        if not norm > 0 or not torch.isfinite(v).all():
+            raise NsLensError("directional ablation needs a finite, non-zero direction")
+        object.__setattr__(self, "vector", v / norm)
+
+    @property
+    def site_values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.vector
+
+    def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
+                 neurons: torch.Tensor | None = None) -> torch.Tensor:
+        r = _site_rows(self, x, neurons)
+        return x - (x @ r)[..., None] * r
+
+    def check(self, mask: Any, sae: Any = None) -> None:
+        _check_site_width(self, mask, sae)
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+OPERATOR_REGISTRY: Registry[type[Operator]] = Registry("operator")
+
+
+def register_operator(cls: type[Operator], *, replace: bool = False) -> type[Operator]:
+    """Make ``cls`` (an ``Operator`` subclass with a ``name``) buildable by name: ``make_operator``, a run
+    config's ``operators``, the CLI's ``--operator``. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Operator)) or not cls.name:
+        raise NsLensError(f"register_operator needs an Operator subclass with a name, got {cls!r}")
+    if cls.build not in ("options", "fitted", "vector"):
+        raise NsLensError(f"operator {cls.name!r}: build must be one of options, fitted, vector, got {cls.build!r}")
+    OPERATOR_REGISTRY.register(cls.name, cls, replace=replace)
+    return cls
+
+
+def get_operator(name: str) -> type[Operator]:
+    """The operator class registered as ``name`` (an error listing the names otherwise)."""
+    return OPERATOR_REGISTRY.get(name)
+
+
+for _cls in (Zero, Dampen, MeanReplace, MeanConcept, Adaptive):
+    register_operator(_cls)
+OPERATOR_REGISTRY.register("leace", "nslens.leace:Leace")  # fitted on the range masks: defined above this module
+for _cls in (Steer, Ablate):
+    register_operator(_cls)
+
+#: operators a run builds by name or fits (every registered one but the vector operators), read at each use
+OPERATORS: Names = OPERATOR_REGISTRY.view(lambda cls: cls.build != "vector")
+#: operators fitted on the concepts' training activations (``nslens.leace``), not built by name alone
+FITTED_OPERATORS: Names = OPERATOR_REGISTRY.view(lambda cls: cls.build == "fitted")
+#: operators built from a per-concept steering vector (``steer``, ``ablate``), not by name alone
+VECTOR_OPERATORS: Names = OPERATOR_REGISTRY.view(lambda cls: cls.build == "vector")
+
+
+# --------------------------------------------------------------------------------------------- factories
 
 
 def zero() -> Operator:
-    return Operator("zero")
+    return Zero()
 
 
 def dampen(alpha: float = 0.125) -> Operator:
-    if not 0.0 <= alpha <= 1.0:
-        raise NsLensError(f"dampening factor alpha must be in [0, 1], got {alpha}")
-    return Operator("dampen", alpha=float(alpha))
+    return Dampen(alpha)
 
 
 def mean_replace(values: torch.Tensor | None = None, *, site_values: torch.Tensor | None = None) -> Operator:
     """Replace by ``site_values`` (one per neuron of the site: the general-text mean, ``nslens.general_mean``), by
     ``values`` (one per selected neuron), or, with neither, by the mask's concept mean mu (``mean_concept``)."""
-    if values is not None and site_values is not None:
-        raise NsLensError("give values (per selected neuron) or site_values (per site neuron), not both")
-    if site_values is not None:
-        return Operator("mean", site_values=torch.as_tensor(site_values, dtype=torch.float32).flatten())
-    if values is not None:
-        return Operator("mean", values=torch.as_tensor(values, dtype=torch.float32))
-    return Operator("mean_concept")
+    if values is None and site_values is None:
+        return MeanConcept()
+    return MeanReplace(values=values, site_values=site_values)
 
 
 def steer(vector: torch.Tensor, alpha: float = -2.0) -> Operator:
     """Add ``alpha * vector`` (one value per neuron of the site): difference-in-means steering (paper: alpha = -2
     with the target concept's mean minus the other concepts' mean, ``nslens.steering.steering_vectors``)."""
-    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
-    if not torch.isfinite(v).all():
-        raise NsLensError("the steering vector has NaN/inf values")
-    return Operator("steer", alpha=float(alpha), site_values=v)
+    return Steer(vector, alpha)
 
 
 def ablate_direction(vector: torch.Tensor) -> Operator:
     """Project out the unit direction of ``vector`` (one value per neuron of the site): directional ablation."""
-    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
-    norm = float(v.norm())
-    if not norm > 0 or not torch.isfinite(v).all():
-        raise NsLensError("directional ablation needs a finite, non-zero direction")
-    return Operator("ablate", site_values=v / norm)
+    return Ablate(vector)
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:
-    if not 0.0 <= beta <= 1.0:
-        raise NsLensError(f"adaptive dampening beta must be in [0, 1], got {beta}")
-    return Operator("adaptive", beta=float(beta))
+    return Adaptive(beta)
 
 
 def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
-                  general_mean: torch.Tensor | None = None) -> Operator:
-    """Operator by name (CLI and configs). ``mean`` needs the site's general-text mean (``nslens.general_mean``)."""
-    if name == "zero":
-        return zero()
-    if name == "dampen":
-        return dampen(alpha)
-    if name == "mean":
-        if general_mean is None:
-            raise NsLensError("the mean operator replaces with the general-text mean: pass general_mean= "
-                             "(nslens.general_mean(model, site)), or use mean_concept for the concept mean")
-        return mean_replace(site_values=general_mean)
-    if name == "mean_concept":
-        return mean_replace()
-    if name == "adaptive":
-        return adaptive_dampen(beta)
-    if name in FITTED_OPERATORS:
+                  general_mean: torch.Tensor | None = None, **options: Any) -> Operator:
+    """Operator by name (CLI and configs) through its class's ``from_options``. ``mean`` needs the site's
+    general-text mean (``nslens.general_mean``); fitted and vector operators are refused with where to get them."""
+    if name not in OPERATOR_REGISTRY or name in VECTOR_OPERATORS:
+        raise OPERATOR_REGISTRY.unknown(name, OPERATORS)
+    cls = get_operator(name)
+    if cls.build == "fitted":
         raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: use "
                           "nslens.leace.leace_operators (or run_operators(..., data=, masks=))")
-    raise NsLensError(f"unknown operator {name!r}; choose one of {', '.join(OPERATORS)}")
+    return cls.from_options(alpha=alpha, beta=beta, general_mean=general_mean, **options)
