@@ -122,6 +122,35 @@ def test_steering_and_directional_ablation(wire, data, masks):
         assert_summaries_close(a.summary(), b.summary())
 
 
+def test_leace_fitted_and_applied_on_the_server(wire, data, masks):
+    """LEACE: the erasers fitted from the server's site activations equal the local fit, and the erasure table
+    with them (range-gated and not) equals the local one."""
+    from nslens.leace import fit_leace
+
+    ds, prompts = data
+    ids = nslens.label_token_ids(wire[0].tokenizer, ds.label_names)
+    ms = masks[1]
+    ops_l, ops_r = both(wire, lambda m, s, r: fit_leace(m, s, prompts, ds.labels, ms, batch_size=8, remote=r))
+    for a, b in zip(ops_l, ops_r, strict=True):
+        assert torch.allclose(a.proj_left, b.proj_left, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
+    a, b = both(wire, lambda m, s, r: nslens.erasure_table(m, s, prompts, ds.labels, ids, ms, ops_l, batch_size=8,
+                                                           remote=r))
+    assert_summaries_close(a.summary(), b.summary())
+
+
+def test_generation_under_an_intervention(wire, data, masks):
+    """Greedy continuations with a range mask applied at every generated token: the server's equal the local."""
+    from nslens.generate import GenerationSettings, generate
+
+    _, prompts = data
+    iv = nslens.Intervention(masks[1][0], nslens.zero(), gated=False)
+    settings = GenerationSettings(max_new_tokens=8)
+    a, b = both(wire, lambda m, s, r: generate(m, s, prompts[:4], interventions=iv, settings=settings, batch_size=4,
+                                               remote=r))
+    assert [x.to_dict() for x in a] == [x.to_dict() for x in b]
+    assert any(x.changed for x in a)
+
+
 def test_next_token_erasure(wire, masks):
     from nslens.nexttoken import next_token_dataset, target_token_ids
 

@@ -1,0 +1,127 @@
+"""Generation under an intervention (nslens.generate) against transformers' own ``generate`` with the same edit
+as a plain torch forward hook on the raw module: token for token, greedy and sampled, and the model clean after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import encode, plain_forward
+
+import nslens
+from nslens.errors import NsLensError
+from nslens.generate import GenerationSettings, generate, generate_ids
+from nslens.intervene import edit_hidden
+from nslens.steering import full_masks, steering_operators
+
+
+@pytest.fixture(scope="module")
+def recorded(embedded, site, synth):
+    tr = synth["train"]
+    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def masks(recorded):
+    return nslens.build_range_masks(recorded.stats, method="max", fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def prompts(synth):
+    return synth["test_prompts"][:5]
+
+
+def hooked_generate(model, site, prompts, interventions, settings):
+    """The reference: the raw HF module's ``generate`` with the edit as a plain forward hook on the site's layer."""
+    hf = model._module
+    layer = hf.model.layers[site.layer]
+    ivs = [] if interventions is None else list(interventions) if isinstance(interventions, list) \
+        else [interventions]
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        for iv in ivs:
+            h = edit_hidden(h, iv)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    enc = dict(model.tokenizer(list(prompts), return_tensors="pt", padding=True))
+    handle = layer.register_forward_hook(hook)
+    try:
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        with torch.no_grad():
+            out = hf.generate(**enc, **settings.generate_kwargs(model.tokenizer))
+    finally:
+        handle.remove()
+    eos = model.tokenizer.eos_token_id
+    rows = out[:, enc["input_ids"].shape[1]:].tolist()
+    return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def interventions(name, masks, recorded):
+    if name == "range":
+        return nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+    if name == "neuron":
+        return nslens.Intervention(masks[1], nslens.ops.zero(), gated=False)
+    if name in ("steer", "range-steer"):  # difference-in-means steering (App. M), ungated and range-gated
+        full = full_masks(recorded.stats)
+        ops = steering_operators(recorded.stats, "steer", alpha=-4.0)
+        return nslens.Intervention(full[0], ops[0], gated=name == "range-steer")
+    if name == "sequence":
+        return [nslens.Intervention(masks[0], nslens.ops.dampen(0.25), gated=True),
+                nslens.Intervention(masks[2], nslens.ops.zero(), gated=False)]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["range", "neuron", "steer", "range-steer", "sequence"])
+def test_greedy_generation_equals_a_plain_hook_on_hf_generate(embedded, site, recorded, masks, prompts, name):
+    iv = interventions(name, masks, recorded)
+    settings = GenerationSettings(max_new_tokens=12)
+    got = generate_ids(embedded, site, prompts, interventions=iv, settings=settings, batch_size=2)
+    assert got == hooked_generate(embedded, site, prompts, iv, settings)
+
+
+def test_clean_generation_equals_hf_generate_and_the_edit_changes_what_is_said(embedded, site, synth, masks,
+                                                                              prompts):
+    enc = encode(embedded, prompts)
+    before = plain_forward(embedded, enc).logits
+    settings = GenerationSettings(max_new_tokens=10)
+    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=False)
+    res = generate(embedded, site, prompts, interventions=iv, settings=settings)
+    assert [r.clean_ids for r in res] == hooked_generate(embedded, site, prompts, None, settings)
+    assert any(r.changed for r in res), "zeroing half the site's neurons changed no continuation"
+    for r in res:
+        assert r.clean == embedded.tokenizer.decode(r.clean_ids, skip_special_tokens=True)
+        assert r.to_dict()["changed"] == (r.clean_ids != r.intervened_ids)
+    assert torch.equal(plain_forward(embedded, enc).logits, before), "the model is not clean after generation"
+
+
+def test_sampling_is_seeded_and_equals_hf_sampling(embedded, site, masks, prompts):
+    settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=20, top_p=0.95, seed=7)
+    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+    a = generate_ids(embedded, site, prompts, interventions=iv, settings=settings, batch_size=len(prompts))
+    b = generate_ids(embedded, site, prompts, interventions=iv, settings=settings, batch_size=len(prompts))
+    assert a == b
+    assert a == hooked_generate(embedded, site, prompts, iv, settings)
+    other = generate_ids(embedded, site, prompts, interventions=iv, batch_size=len(prompts),
+                         settings=GenerationSettings(max_new_tokens=10, do_sample=True, temperature=1.5, seed=8))
+    assert other != a
+
+
+def test_remote_local_equals_local(embedded, site, masks, prompts):
+    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+    settings = GenerationSettings(max_new_tokens=6)
+    assert generate_ids(embedded, site, prompts[:3], interventions=iv, settings=settings, remote="local") == \
+        generate_ids(embedded, site, prompts[:3], interventions=iv, settings=settings)
+
+
+@pytest.mark.parametrize("kwargs, words", [({"max_new_tokens": 0}, "max_new_tokens"),
+                                           ({"temperature": 0.0}, "temperature"),
+                                           ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_bad_settings_are_user_errors(kwargs, words):
+    with pytest.raises(NsLensError, match=words):
+        GenerationSettings(**kwargs)
+
+
+def test_no_prompts_is_a_user_error(embedded, site):
+    with pytest.raises(NsLensError, match="no prompts"):
+        generate_ids(embedded, site, [])
