@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
+from .batching import Progress
 from .data import cut_to_tokens, wikipedia_articles
 from .errors import NsLensError
 from .files import atomic_path, nslens_home
 from .models import Site, model_fingerprint, model_id
-from .record import Progress, record
+from .record import record
+from .synthetic import synthetic_corpus
 
 __all__ = ["general_mean", "general_texts"]
 
@@ -33,8 +36,6 @@ def general_texts(model: Any, n_docs: int = 200, max_tokens: int = 512) -> list[
     """The general corpus for ``model``: Wikipedia articles cut to ``max_tokens`` of its tokenizer, or the
     embedded model's plain synthetic text (offline)."""
     if model_id(model) == "embedded":
-        from .synthetic import synthetic_corpus
-
         return synthetic_corpus(n_docs, seed=2024)
     return cut_to_tokens(model.tokenizer, wikipedia_articles(n_docs), max_tokens)
 
@@ -55,8 +56,6 @@ def general_mean(model: Any, site: Site, texts: Sequence[str] | None = None, *, 
     for t in texts:
         h.update(t.encode() + b"\0")
     path = Path(cache_dir if cache_dir is not None else _cache_dir()) / f"general_mean_{h.hexdigest()[:16]}.safetensors"
-    from safetensors.numpy import load_file, save_file
-
     if path.exists():
         return torch.from_numpy(load_file(str(path))["mean"])
     rec = record(model, site, texts, np.zeros(len(texts), dtype=np.int64), ["general text"], position="all",

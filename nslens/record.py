@@ -7,21 +7,26 @@ pass stops right after the site (``tracer.stop()``): the layers above it are nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
+from .batching import Progress, batches, tokenize
 from .errors import NsLensError
+from .files import atomic_path
 from .models import Site, model_id, read_site, tokenizer_fingerprint
 from .remote import job_backend, poll_job, trace_args, with_retries
 from .stats import ConceptStats, batch_partials
 
+# Progress, batches and tokenize live in nslens.batching; they stay importable from here as before
 __all__ = ["POSITIONS", "Progress", "RecordResult", "batches", "bytes_per_batch", "record",
            "sample_per_concept", "tokenize"]
 
@@ -31,8 +36,6 @@ JOBS_IN_FLIGHT = 4
 logger = logging.getLogger(__name__)
 
 POSITIONS = ("last", "all")
-#: progress callback: (task description, done, total)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -47,10 +50,6 @@ class RecordResult:
 
     def save_samples(self, path: str | Path) -> Path:
         """Raw vectors and their labels as ``.safetensors`` (written to a temp file, then renamed)."""
-        from safetensors.numpy import save_file
-
-        from .files import atomic_path
-
         if self.samples is None or self.sample_labels is None:
             raise NsLensError("no raw samples were kept: record with keep_samples=True")
         with atomic_path(path) as tmp:
@@ -58,14 +57,6 @@ class RecordResult:
             save_file({"samples": self.samples, "labels": self.sample_labels, "index": index.astype(np.int64)}, tmp,
                       metadata={"label_names": json.dumps(self.stats.label_names), "format": "nslens.samples/1"})
         return Path(path)
-
-
-def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded batch encoding (the last column is every row's last real token)."""
-    tok = model.tokenizer
-    if tok.padding_side != "left":
-        raise NsLensError("the tokenizer must pad on the left; load the model with nslens.load_model")
-    return dict(tok(list(prompts), return_tensors="pt", padding=True))
 
 
 def sample_per_concept(labels: np.ndarray, max_samples: int, seed: int = 0) -> np.ndarray:
@@ -84,12 +75,6 @@ def sample_per_concept(labels: np.ndarray, max_samples: int, seed: int = 0) -> n
         quota[c] = min(len(idx), left // (len(groups) - n_left))
         left -= quota[c]
     return np.sort(np.concatenate([rng.choice(idx, quota[c], replace=False) for c, idx in groups.items()]))
-
-
-def batches(n: int, batch_size: int) -> list[slice]:
-    if batch_size < 1:
-        raise NsLensError(f"batch_size must be >= 1, got {batch_size}")
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def record(
@@ -223,8 +208,6 @@ def _record_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], lab: tor
 
 def _fingerprint(prompts: Sequence[str], labels: np.ndarray, site: Site, mid: str, position: str,
                  batch_size: int) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     h.update(json.dumps([mid, site.describe(), position, batch_size, len(prompts)]).encode())
     for p in prompts:

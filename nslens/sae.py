@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batching import Progress, batches, tokenize
 from .errors import NsLensError
+from .files import atomic_path, write_text
 from .models import Site, model_id, read_site
 from .ranges import RangeMask, check_tau
-from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
 
 __all__ = [
@@ -84,8 +85,6 @@ class JumpReLUSAE:
 
     def save_npz(self, path: str | Path) -> Path:
         """Gemma Scope's ``params.npz`` layout."""
-        from .files import atomic_path
-
         path = Path(path)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to it
             np.savez(f, **{k: getattr(self, k).numpy() for k in NPZ_KEYS})
@@ -119,7 +118,7 @@ def load_sae_npz(path: str | Path) -> JumpReLUSAE:
 def load_sae(release: str, sae_id: str, *, device: str = "cpu") -> JumpReLUSAE:
     """Load a JumpReLU SAE through sae-lens by release and id (e.g. ``gemma-scope-2b-pt-res``,
     ``layer_25/width_16k/average_l0_285``). Unknown releases or ids are an error listing the valid ones."""
-    try:
+    try:  # optional extra [sae]
         from sae_lens import SAE
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError as e:
@@ -298,7 +297,8 @@ def table31_markdown(t: dict[str, Any]) -> str:
 
 
 def save_sae_meta(path: Path, sae: JumpReLUSAE, t31: dict[str, Any]) -> None:
-    path.write_text(json.dumps({"sae": sae.meta, "d_in": sae.d_in, "d_sae": sae.d_sae, "table31": t31}, indent=2))
+    """The SAE's identity and sizes with its Table 31, as JSON (written atomically)."""
+    write_text(path, json.dumps({"sae": sae.meta, "d_in": sae.d_in, "d_sae": sae.d_sae, "table31": t31}, indent=2))
 
 
 def build_synthetic_sae(samples: np.ndarray, d_sae: int = 256, fire_rate: float = 0.3, seed: int = 0) -> JumpReLUSAE:
