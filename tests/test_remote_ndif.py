@@ -151,6 +151,22 @@ def test_generation_under_an_intervention(wire, data, masks):
     assert any(x.changed for x in a)
 
 
+def test_a_bundle_made_locally_runs_on_the_server(wire, data, masks, tmp_path):
+    """A bundle written from the local model loads onto the remote one (no local weights: checked by its config)
+    and generates there what the local interventions generate here."""
+    from nslens.bundle import load_bundle, save_bundle
+    from nslens.generate import GenerationSettings, generate_ids
+
+    local, remote, site_l, site_r = wire
+    _, prompts = data
+    ivs = [nslens.Intervention(masks[1][1], nslens.dampen(0.25), gated=False),
+           nslens.Intervention(masks[1][2], nslens.zero(), gated=True)]
+    b = load_bundle(save_bundle(tmp_path / "b", local, site_l, ivs), remote)
+    settings = GenerationSettings(max_new_tokens=6)
+    assert generate_ids(remote, b.site(remote), prompts[:3], interventions=b.interventions, settings=settings,
+                        remote=True) == generate_ids(local, site_l, prompts[:3], interventions=ivs, settings=settings)
+
+
 def test_next_token_erasure(wire, masks):
     from nslens.nexttoken import next_token_dataset, target_token_ids
 

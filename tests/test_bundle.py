@@ -1,0 +1,168 @@
+"""Intervention bundles (nslens.bundle): what is written reads back to the same edit (fingerprint and predictions),
+a bundle refuses another model in one line, and the lm-eval export gives stock lm-eval's ``steered`` model the
+numbers nslens's own adapter computes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import nslens
+from nslens.batching import tokenize
+from nslens.bundle import export_lm_eval_steering, load_bundle, save_bundle
+from nslens.errors import NsLensError
+from nslens.intervene import intervention_fingerprint
+from nslens.steering import full_masks, steering_operators
+
+
+@pytest.fixture(scope="module")
+def recorded(embedded, site, synth):
+    tr = synth["train"]
+    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32,
+                         keep_samples=True)
+
+
+@pytest.fixture(scope="module")
+def masks(recorded):
+    return nslens.build_range_masks(recorded.stats, method="max", fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def mixed(embedded, site, synth, recorded, masks):
+    """One intervention of every stored kind: gated zero, ungated dampen, last-position adaptive, steering and
+    LEACE (a fitted eraser with tensors)."""
+    from nslens.leace import leace_samples
+
+    leace = leace_samples(recorded.samples, recorded.sample_labels, masks)
+    steer = steering_operators(recorded.stats, "steer", alpha=-1.5)
+    return [nslens.Intervention(masks[0], nslens.zero(), gated=True),
+            nslens.Intervention(masks[1], nslens.dampen(0.25), gated=False),
+            nslens.Intervention(masks[2], nslens.adaptive_dampen(0.5), gated=True, positions="last"),
+            nslens.Intervention(full_masks(recorded.stats)[3], steer[3], gated=True),
+            nslens.Intervention(masks[1], leace[1], gated=True)]
+
+
+def predictions(model, site, prompts, ivs):
+    with torch.no_grad():
+        with model.trace(tokenize(model, prompts)):
+            nslens.apply_in_trace(model, site, ivs)
+            logits = model.output.logits[:, -1].save()
+    return logits
+
+
+def test_a_bundle_reads_back_to_the_same_edit(embedded, site, synth, mixed, tmp_path):
+    out = save_bundle(tmp_path / "b", embedded, site, mixed, concepts=synth["train"].label_names,
+                      dataset="synthetic")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "nslens.bundle/1" and manifest["site"]["layer"] == site.layer
+    assert [e["operator"]["name"] for e in manifest["interventions"]] == ["zero", "dampen", "adaptive", "steer",
+                                                                          "leace"]
+    b = load_bundle(out, embedded)
+    assert intervention_fingerprint(b.interventions) == intervention_fingerprint(mixed)
+    assert b.concepts == list(synth["train"].label_names) and b.site(embedded) == site
+    for a, c in zip(b.interventions, mixed, strict=True):
+        assert (a.gated, a.positions, a.operator.label, a.mask.concept) == (c.gated, c.positions, c.operator.label,
+                                                                          c.mask.concept)
+        assert torch.equal(a.mask.lo, c.mask.lo) and torch.equal(a.mask.neurons, c.mask.neurons)
+    prompts = synth["test_prompts"][:6]
+    clean = predictions(embedded, site, prompts, None)
+    edited = predictions(embedded, site, prompts, mixed)
+    assert not torch.equal(clean, edited)
+    assert torch.equal(predictions(embedded, site, prompts, b.interventions), edited)
+
+
+def test_another_model_is_refused_in_one_line(embedded, site, masks, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.zero()))
+    torch.manual_seed(0)
+    other_dir = tmp_path / "other"
+    LlamaForCausalLM(embedded._module.config).save_pretrained(other_dir)  # same shape, other weights
+    embedded.tokenizer.save_pretrained(other_dir)
+    other = nslens.load_model(str(other_dir))
+    with pytest.raises(NsLensError, match=r"was made for model .* differs in its weights") as e:
+        load_bundle(out, other)
+    assert "\n" not in str(e.value)
+    assert len(load_bundle(out, other, allow_other_model=True).interventions) == 1
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("no-manifest", "not an nslens bundle"), ("format", "bundle format 'nslens.bundle/9'"),
+    ("tensors", "cannot read bundle tensors"), ("missing-tensor", "incomplete"), ("edited", "does not read back"),
+])
+def test_damaged_bundles_are_one_line_errors(embedded, site, masks, tmp_path, damage, words):
+    from safetensors.torch import load_file, save_file
+
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.dampen(0.5)))
+    man = out / "manifest.json"
+    data = json.loads(man.read_text())
+    if damage == "no-manifest":
+        man.unlink()
+    elif damage == "format":
+        man.write_text(json.dumps({**data, "format": "nslens.bundle/9"}))
+    elif damage == "tensors":
+        (out / "tensors.safetensors").write_bytes(b"not safetensors")
+    else:
+        t = load_file(out / "tensors.safetensors")
+        if damage == "missing-tensor":
+            del t["iv0.mask.lo"]
+        else:
+            t["iv0.mask.hi"] = t["iv0.mask.hi"] + 1.0
+        save_file(t, out / "tensors.safetensors")
+    with pytest.raises(NsLensError, match=words):
+        load_bundle(out, embedded)
+
+
+def test_what_a_bundle_cannot_hold_is_refused(embedded, site, masks, tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from nslens.ops import Operator
+
+    @dataclass(frozen=True)
+    class Unregistered(Operator):
+        name: ClassVar[str] = "unregistered_for_bundle_test"
+
+        def __call__(self, x, mu, sigma, tau, neurons=None):
+            return x
+
+    with pytest.raises(NsLensError, match="not registered"):
+        save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], Unregistered()))
+    with pytest.raises(NsLensError, match="at least one"):
+        save_bundle(tmp_path / "b", embedded, site, [])
+
+
+def test_lm_eval_steered_model_on_the_export_gives_the_adapters_numbers(embedded, site, recorded, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from nslens.harness import local_tasks_dir, side_effects, task_metrics
+
+    tasks = ["nslens_synth_mc", "nslens_synth_cont"]
+    inc = local_tasks_dir(tmp_path / "tasks", n_mc=16, n_ppl=4)
+    ops = steering_operators(recorded.stats, "steer", alpha=-2.0)
+    fm = full_masks(recorded.stats)
+    ivs = [nslens.Intervention(fm[0], ops[0], gated=False), nslens.Intervention(fm[2], ops[2], gated=False)]
+    ours = side_effects(embedded, site, {"steer": ivs}, tasks=tasks, include_path=inc)
+    pt = export_lm_eval_steering(save_bundle(tmp_path / "b", embedded, site, ivs), tmp_path / "steer.pt")
+
+    from lm_eval.tasks import TaskManager
+
+    res = lm_eval.simple_evaluate(
+        model="steered", model_args={"pretrained": embedded._module.config._name_or_path, "steer_path": str(pt),
+                                     "device": "cpu", "batch_size": 8, "softmax_dtype": "float32"},
+        tasks=tasks, task_manager=TaskManager(include_path=str(inc), include_defaults=False), log_samples=False,
+        bootstrap_iters=0, verbosity="ERROR")
+    theirs = task_metrics(res, tasks)
+    mine = ours["steer"]
+    assert mine != ours["clean"], "steering by -2 changed no metric"
+    for task in tasks:
+        for metric, value in theirs[task].items():
+            assert np.isclose(mine[task][metric], value, rtol=1e-6, atol=1e-9), (task, metric)
+
+
+def test_export_refuses_what_lm_eval_cannot_express(embedded, site, masks, tmp_path):
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.zero()))
+    with pytest.raises(NsLensError, match="cannot be exported"):
+        export_lm_eval_steering(out, tmp_path / "x.pt")
