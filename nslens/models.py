@@ -7,6 +7,7 @@ a bitsandbytes-quantized or a remote (NDIF) model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,15 @@ from typing import Any
 import torch
 
 from .errors import NsLensError
+from .registry import Registry
 
 __all__ = [
+    "FAMILY_REGISTRY",
+    "ModelFamily",
     "QUANTIZE_MODES",
+    "family_of",
+    "get_family",
+    "register_family",
     "check_layer",
     "local_n_layers",
     "SUPPORTED_FAMILIES",
@@ -34,17 +41,97 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: model_type -> dotted path of the decoder-layer list. Each layer's output is the residual stream after it.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "gpt2": "transformer.h",
-}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where one decoder-only family (a transformers ``model_type``) keeps its parts: dotted paths from the
+    nnsight model, which are also the paths in the Hugging Face ``...ForCausalLM`` it wraps.
+
+    ``layers`` is the decoder-layer list (each layer's output is the residual stream after it: the site);
+    ``embedding`` the token embedding (NeurGrad asks its output for gradients), ``final_norm`` and ``head`` the
+    logit lens (LPI); ``mlp`` is the MLP's path inside a layer and ``pre_mlp_norm`` the norm whose input is the
+    residual stream entering it. A gated MLP (``gated_mlp``: act_fn(gate) * up, then down_proj) has the NEG paper's
+    neuron kinds (``mlp_down``/``mlp_up``/``mlp_act`` name its parts); ``norm_offset`` is 1 where the final RMSNorm
+    scales by 1 + weight (Gemma) and 0 where by weight."""
+
+    model_type: str
+    layers: str = "model.layers"
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    mlp: str = "mlp"
+    pre_mlp_norm: str = "post_attention_layernorm"
+    gated_mlp: bool = True
+    mlp_down: str = "down_proj"
+    mlp_up: str = "up_proj"
+    mlp_act: str = "act_fn"
+    norm_offset: float = 0.0
+
+    def part(self, model: Any, path: str) -> Any:
+        """The submodule at dotted ``path`` (integers index lists) of ``model``: an nnsight Envoy inside a trace,
+        or the Hugging Face module itself."""
+        obj = model
+        for piece in path.split("."):
+            obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
+        return obj
+
+    def layer_path(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def mlp_path(self, layer: int) -> str:
+        return f"{self.layers}.{layer}.{self.mlp}"
+
+
+FAMILY_REGISTRY: Registry[ModelFamily] = Registry("model family")
+
+
+def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
+    """Make models of ``family.model_type`` loadable and traceable (sites, NeurGrad, LPI)."""
+    if not isinstance(family, ModelFamily):
+        raise NsLensError(f"register_family needs a ModelFamily, got {family!r}")
+    FAMILY_REGISTRY.register(family.model_type, family, replace=replace)
+    return family
+
+
+def get_family(model_type: str) -> ModelFamily:
+    """The layout of ``model_type`` (an error listing the supported families otherwise)."""
+    if model_type not in FAMILY_REGISTRY:
+        raise NsLensError(f"unknown model family {model_type!r}; supported: {', '.join(sorted(FAMILY_REGISTRY))}")
+    return FAMILY_REGISTRY.get(model_type)
+
+
+for _family in (ModelFamily("llama"), ModelFamily("mistral"), ModelFamily("qwen2"), ModelFamily("qwen3"),
+                ModelFamily("gemma", norm_offset=1.0),
+                ModelFamily("gemma2", pre_mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
+                ModelFamily("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
+                ModelFamily("gpt2", layers="transformer.h", embedding="transformer.wte", final_norm="transformer.ln_f",
+                            pre_mlp_norm="ln_2", gated_mlp=False, mlp_down="c_proj", mlp_up="c_fc",
+                            mlp_act="act")):
+    register_family(_family)
+
+
+class _FamilyLayers(Mapping[str, str]):
+    """model_type -> dotted path of the decoder-layer list, read from ``FAMILY_REGISTRY`` at each use."""
+
+    def __getitem__(self, model_type: str) -> str:
+        if model_type not in FAMILY_REGISTRY:
+            raise KeyError(model_type)
+        return FAMILY_REGISTRY.get(model_type).layers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FAMILY_REGISTRY.names())
+
+    def __len__(self) -> int:
+        return len(FAMILY_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: model_type -> dotted path of the decoder-layer list (derived from ``FAMILY_REGISTRY``). Each layer's output is
+#: the residual stream after it.
+SUPPORTED_FAMILIES: Mapping[str, str] = _FamilyLayers()
 QUANTIZE_MODES = ("nf4", "int8")
 
 
@@ -117,10 +204,7 @@ def model_family(model: Any) -> str:
     """The model_type, checked against the supported layouts."""
     cfg = _hf_config(model)
     family = getattr(cfg, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
-        raise NsLensError(
-            f"unknown model family {family!r}; supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
-        )
+    get_family(family)
     return family
 
 
@@ -165,7 +249,7 @@ def resolve_site(model: Any, layer: int = -1) -> Site:
     n_layers = _n_layers(cfg)
     d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     idx = check_layer(layer, n_layers)
-    return Site(layer=idx, path=f"{SUPPORTED_FAMILIES[family]}.{idx}", n_layers=n_layers, d_model=d_model,
+    return Site(layer=idx, path=get_family(family).layer_path(idx), n_layers=n_layers, d_model=d_model,
                 family=family)
 
 
@@ -175,6 +259,11 @@ def site_module(model: Any, site: Site) -> Any:
     for part in site.path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
+
+
+def family_of(site: Site) -> ModelFamily:
+    """The layout of the site's model family."""
+    return get_family(site.family)
 
 
 def read_site(model: Any, site: Site) -> torch.Tensor:

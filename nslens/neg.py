@@ -6,13 +6,10 @@ estimates it with NeurGrad = (d p / d a) x sign(a): the shift is taken *in the d
 p(a + v sign(a)) - p(a) is regressed on v through the origin; the slope is the NEG and Pearson r measures
 linearity (|r| >= 0.95 counts as linear). For small shifts the two agree to first order.
 
-NeurGrad runs inside one nnsight trace per batch with one backward: the model's weights stay frozen (gradients are
-requested on the embedding output, never on parameters), each prompt is repeated once per target token so that one
-backward gives every (prompt, target) gradient, and only the last position's gradient leaves the trace.
-
-Neuron sites: MLP intermediate neurons of a Llama-family decoder layer -- ``product`` (default: act_fn(gate) * up,
-the input of down_proj, i.e. the value that weights down_proj's columns), ``up_proj`` (the authors' hook) and
-``act_fn`` -- or the ``residual`` stream (the layer output, nslens' usual site).
+Neuron sites (``nslens.neurons``): MLP intermediate neurons of a gated decoder layer -- ``product`` (default:
+act_fn(gate) * up, the input of down_proj), ``up_proj`` (the authors' hook) and ``act_fn`` -- or the ``residual``
+stream. NeurGrad, CG and IG are computed in ``nslens.neurgrad`` (and importable from here); this module measures
+the ground truth and the LPI baseline and compares them.
 
 The paper's Table 2 compares NeurGrad with three estimators, all here: the plain computational gradient
 (``neurgrad(..., signed=False)``, CG), integrated gradients (``integrated_gradients``, IG, one trace and one
@@ -24,222 +21,45 @@ from all feed-forward layers (``resolve_neuron_sites``; one layer stays possible
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .erasure import predict
 from .errors import NsLensError
-from .models import Site, model_family, read_site, resolve_site, site_module, write_site
+from .models import family_of, site_module
+from .neurgrad import (
+    IG_GRIDS,
+    ig_alphas,
+    integrated_gradients,
+    last_token_grads,
+    neurgrad,
+    neurgrad_concept_scores,
+)
+from .neurons import (
+    NEURON_KINDS,
+    NeuronSite,
+    at_least_f32,
+    neuron_module,
+    read_neurons,
+    resolve_neuron_site,
+    resolve_neuron_sites,
+    write_neurons,
+)
 from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
 
+# NeurGrad and the neuron sites live in nslens.neurgrad and nslens.neurons; they stay importable from here
 __all__ = ["DEFAULT_SHIFTS", "IG_GRIDS", "LPI_NORMS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "ig_alphas",
            "integrated_gradients", "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores",
            "resolve_neuron_site", "resolve_neuron_sites"]
 
-logger = logging.getLogger(__name__)
 
-NEURON_KINDS = ("product", "up_proj", "act_fn", "residual")
 #: the NEG paper's grid: shifts of -2 to +2 in steps of 0.2 (0 itself changes nothing and is left out)
 DEFAULT_SHIFTS = tuple(round(0.2 * i, 1) for i in range(-10, 11) if i != 0)
-_EMBED = {"gpt2": "transformer.wte"}
-
-
-@dataclass(frozen=True)
-class NeuronSite:
-    """Which neurons: ``kind`` at decoder layer ``site.layer``; ``width`` neurons."""
-
-    site: Site
-    kind: str
-    width: int
-
-
-def resolve_neuron_site(model: Any, layer: int = -1, kind: str = "product") -> NeuronSite:
-    if kind not in NEURON_KINDS:
-        raise NsLensError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
-    site = resolve_site(model, layer)
-    if kind == "residual":
-        return NeuronSite(site, kind, site.d_model)
-    if model_family(model) == "gpt2":
-        raise NsLensError("MLP neuron kinds need a gated (Llama-family) MLP; use kind='residual' for GPT-2")
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return NeuronSite(site, kind, int(cfg.intermediate_size))
-
-
-def resolve_neuron_sites(model: Any, kind: str = "product", layers: Sequence[int] | None = None) -> list[NeuronSite]:
-    """The neuron sites of every decoder layer (the paper samples neurons from all feed-forward layers), or of
-    ``layers``."""
-    n = resolve_site(model, -1).n_layers
-    return [resolve_neuron_site(model, layer, kind) for layer in (range(n) if layers is None else layers)]
-
-
-def _mlp_envoy(model: Any, ns: NeuronSite) -> Any:
-    mlp = site_module(model, ns.site).mlp
-    return {"product": mlp.down_proj, "up_proj": mlp.up_proj, "act_fn": mlp.act_fn}[ns.kind]
-
-
-def _read_neurons(model: Any, ns: NeuronSite) -> torch.Tensor:
-    if ns.kind == "residual":
-        return read_site(model, ns.site)
-    env = _mlp_envoy(model, ns)
-    return env.input if ns.kind == "product" else env.output
-
-
-def _write_neurons(model: Any, ns: NeuronSite, value: torch.Tensor) -> None:
-    if ns.kind == "residual":
-        write_site(model, ns.site, value)
-        return
-    env = _mlp_envoy(model, ns)
-    if ns.kind == "product":
-        env.input = value
-    else:
-        env.output = value
-
-
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision models, unchanged for float32/float64 (a float64 model keeps its precision)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _embedding(model: Any) -> Any:
-    path = _EMBED.get(model_family(model), "model.embed_tokens")
-    obj = model
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-@contextlib.contextmanager
-def _frozen(model: Any) -> Iterator[None]:
-    """No parameter gradients (memory, and no .grad left on the model); flags restored afterwards."""
-    params = list(model._module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-def _target_matrix(targets: Any, options: Any, n: int) -> torch.Tensor:
-    """``[N, K]`` token ids from exactly one of: per-prompt ``targets`` ([N] or [N, K]) or shared ``options`` [K]."""
-    if (targets is None) == (options is None):
-        raise NsLensError("give exactly one of targets (per prompt: [N] or [N, K]) and options (shared: [K])")
-    if options is not None:
-        o = torch.as_tensor(np.asarray(options), dtype=torch.int64)
-        if o.ndim != 1:
-            raise NsLensError(f"options must be a 1-D list of token ids, got shape {tuple(o.shape)}")
-        return o[None, :].expand(n, -1)
-    t = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-    t = t[:, None] if t.ndim == 1 else t
-    if t.ndim != 2 or t.shape[0] != n:
-        raise NsLensError(f"targets must be [N] or [N, K] with N = {n} prompts, got shape {tuple(t.shape)}")
-    return t
-
-
-def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *, options: Any = None,
-             batch_size: int = 8, log_prob: bool = False, remote: bool | str = False,
-             progress: Progress | None = None, signed: bool = True) -> np.ndarray:
-    """NeurGrad ``[prompts, targets, neurons]`` at the last token: d p(target) / d a x sign(a).
-
-    ``targets``: token ids per prompt, ``[N]`` or ``[N, K]``; or ``options``: ``[K]`` ids shared by every prompt.
-    ``log_prob=True`` differentiates log p instead of p. ``signed=False`` gives the plain computational gradient
-    d p / d a (the paper's CG baseline).
-    """
-    g, a = _last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), None,
-                             batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
-                             desc="neurgrad")
-    g = g[:, :, 0]
-    return (g * torch.sign(a)[:, None, :] if signed else g).numpy().astype(np.float64)
-
-
-IG_GRIDS = ("linspace", "right")
-
-
-def ig_alphas(steps: int, grid: str = "linspace") -> torch.Tensor:
-    """The scaling factors of integrated gradients: ``linspace`` (default) is the grid of the NEG authors'
-    ``scaled_input`` (xzhao-tkl/NEG, the knowledge-neurons code it comes from): ``torch.linspace(0, 1, steps)``,
-    both ends included; ``right`` is the right Riemann sum k / steps, k = 1 .. steps."""
-    if grid not in IG_GRIDS:
-        raise NsLensError(f"unknown IG grid {grid!r}; choose one of {', '.join(IG_GRIDS)}")
-    if grid == "linspace":
-        if steps < 2:
-            raise NsLensError(f"steps must be >= 2 on the linspace grid (it holds both 0 and 1), got {steps}")
-        return torch.linspace(0, 1, steps, dtype=torch.float64)
-    if steps < 1:
-        raise NsLensError(f"steps must be >= 1, got {steps}")
-    return torch.arange(1, steps + 1, dtype=torch.float64) / steps
-
-
-def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = None, *,
-                         options: Any = None, steps: int = 20, grid: str = "linspace", batch_size: int = 4,
-                         log_prob: bool = False, remote: bool | str = False,
-                         progress: Progress | None = None) -> np.ndarray:
-    """Integrated gradients of p(target) for every neuron at the last token, ``[prompts, targets, neurons]``
-    (the paper's IG baseline; Dai et al.'s knowledge-neuron attribution): a_j / m x sum over the m = ``steps``
-    alphas of d p / d x_j at x = alpha a, the layer's last-token activations scaled together. The alphas
-    (``ig_alphas``) are the authors' ``linspace(0, 1, m)`` by default, or the right Riemann sum (``grid="right"``).
-    One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled by its alpha.
-    """
-    alphas = ig_alphas(steps, grid)
-    g, a = _last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), alphas,
-                             batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
-                             desc="integrated gradients")
-    return (g.mean(2) * a[:, None, :]).numpy().astype(np.float64)
-
-
-def _last_token_grads(model: Any, ns: NeuronSite, prompts: Sequence[str], t: torch.Tensor,
-                      alphas: torch.Tensor | None, *, batch_size: int, log_prob: bool, remote: bool | str,
-                      progress: Progress | None, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """d p(target) / d x at the last token, ``[N, K, S, neurons]``, with x = alpha a for each of the S ``alphas``
-    (x = a, S = 1, when None), and the last-token activations a ``[N, neurons]``. One trace and one backward per
-    batch: each prompt is tiled once per (target, alpha); the model's weights stay frozen."""
-    k, s = t.shape[1], 1 if alphas is None else len(alphas)
-    grads, acts = [], []
-    parts = batches(len(prompts), batch_size)
-    with _frozen(model) if not remote or remote == "local" else contextlib.nullcontext():
-        for i, sl in enumerate(parts):
-            n = len(t[sl])
-            enc = tokenize(model, prompts[sl])
-            tiled = {key: v.repeat_interleave(k * s, dim=0) for key, v in enc.items()}  # rows: prompt, target, alpha
-            tg = t[sl].repeat_interleave(s, dim=1).reshape(-1)
-            al = None if alphas is None else alphas.repeat(n * k)
-            g, a = maybe_retry(remote, lambda tiled=tiled, tg=tg, al=al: _grad_batch(model, ns, tiled, tg, al,
-                                                                                   log_prob, remote),
-                               what=f"{desc} batch {i}")
-            grads.append(g.reshape(n, k, s, ns.width))
-            acts.append(a.reshape(n, k * s, ns.width)[:, 0])
-            if progress is not None:
-                progress(desc, i + 1, len(parts))
-    return torch.cat(grads), torch.cat(acts)
-
-
-def _grad_batch(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tg: torch.Tensor,
-                alphas: torch.Tensor | None, log_prob: bool, remote: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        with model.trace(enc, **trace_args(model, remote)):
-            _embedding(model).output.requires_grad_(True)
-            a = _read_neurons(model, ns)
-            x = a
-            if alphas is not None:  # x = alpha a at the last token; the gradient is read at x (alpha = 0 included)
-                x = a[:, -1, :] * alphas.to(a.device, a.dtype)[:, None]
-                _write_neurons(model, ns, torch.cat([a[:, :-1], x[:, None, :]], dim=1))
-            logits = _at_least_f32(model.output.logits[:, -1, :])
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, tg.to(logits.device)[:, None])[:, 0]
-            objective = lp if log_prob else lp.exp()
-            with objective.sum().backward():
-                g = x.grad if alphas is not None else x.grad[:, -1, :]
-                g = _at_least_f32(g).cpu().save()
-            act = _at_least_f32(a[:, -1, :].detach()).cpu().save()
-    return g, act
 
 
 LPI_NORMS = ("final", "recompute")
@@ -247,10 +67,11 @@ LPI_NORMS = ("final", "recompute")
 LPI_EPS = 1e-6
 
 
-def _norm_gain(norm: Any) -> torch.Tensor:
-    """The final RMSNorm's elementwise gain: its weight (Llama, Mistral, Qwen), 1 + weight for Gemma's norm."""
-    w = _at_least_f32(norm.weight.detach())
-    return 1.0 + w if "Gemma" in type(norm).__name__ else w
+def _norm_gain(norm: Any, offset: float) -> torch.Tensor:
+    """The final RMSNorm's elementwise gain: its weight (Llama, Mistral, Qwen), 1 + weight for Gemma's norm (the
+    family's ``norm_offset``)."""
+    w = at_least_f32(norm.weight.detach())
+    return offset + w if offset else w
 
 
 def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int], *,
@@ -275,27 +96,28 @@ def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[
     if next(model._module.parameters()).device.type == "meta":
         raise NsLensError("LPI unembeds locally: it needs local weights (not a remote model)")
     neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
-    layer = site_module(model, ns.site)
-    pre_mlp = layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.pre_feedforward_layernorm
+    fam = family_of(ns.site)
+    pre_mlp = fam.part(site_module(model, ns.site), fam.pre_mlp_norm)
     enc = tokenize(model, [prompt])
     hf = model._module
     with torch.no_grad():
         with model.trace(enc):
             h = pre_mlp.input[0, -1].save()
-            a = _mlp_envoy(model, ns).input[0, -1].save()
-            final = model.model.norm.input[0, -1].save()
-        w = hf.model.layers[ns.site.layer].mlp.down_proj.weight  # [d, width]
-        contrib = _at_least_f32(a[neurons])[:, None] * _at_least_f32(w[:, neurons].T)  # [n, d]
-        h = _at_least_f32(h)
+            a = neuron_module(model, ns).input[0, -1].save()
+            final = fam.part(model, fam.final_norm).input[0, -1].save()
+        w = fam.part(hf, f"{fam.mlp_path(ns.site.layer)}.{fam.mlp_down}").weight  # [d, width]
+        contrib = at_least_f32(a[neurons])[:, None] * at_least_f32(w[:, neurons].T)  # [n, d]
+        h = at_least_f32(h)
         x = torch.cat([h[None], h[None] + contrib])
+        final_norm = fam.part(hf, fam.final_norm)
         if norm == "final":
-            final = _at_least_f32(final)
+            final = at_least_f32(final)
             scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + LPI_EPS)
-            normed = x * scale * _norm_gain(hf.model.norm)
+            normed = x * scale * _norm_gain(final_norm, fam.norm_offset)
         else:
-            normed = hf.model.norm(x.to(w.dtype))
-        head = hf.lm_head
-        lp = torch.log_softmax(_at_least_f32(head(normed.to(head.weight.dtype))), dim=-1)[:, target]
+            normed = final_norm(x.to(w.dtype))
+        head = fam.part(hf, fam.head)
+        lp = torch.log_softmax(at_least_f32(head(normed.to(head.weight.dtype))), dim=-1)[:, target]
     return (lp[1:] - lp[0]).double().cpu().numpy()
 
 
@@ -337,11 +159,11 @@ def _shifted_probs(model: Any, ns: NeuronSite, enc: dict[str, torch.Tensor], tar
     def run() -> torch.Tensor:
         with torch.no_grad():
             with model.trace(tiled, **trace_args(model, remote)):
-                a = _read_neurons(model, ns)
+                a = read_neurons(model, ns)
                 shift = delta.to(a.device, a.dtype) * torch.sign(a[:, -1, :])
                 edited = torch.cat([a[:, :-1], (a[:, -1, :] + shift)[:, None, :]], dim=1)
-                _write_neurons(model, ns, edited)
-                lp = torch.log_softmax(_at_least_f32(model.output.logits[:, -1, :]), dim=-1)[:, target]
+                write_neurons(model, ns, edited)
+                lp = torch.log_softmax(at_least_f32(model.output.logits[:, -1, :]), dim=-1)[:, target]
                 out = (lp if log_prob else lp.exp()).cpu().save()
         return out
 
@@ -401,8 +223,6 @@ class LinearityReport:
 
 def _answered_correctly(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Sequence[int],
                         remote: bool | str) -> np.ndarray:
-    from .erasure import predict
-
     return predict(model, ns.site, prompts, np.asarray(targets), batch_size=8, remote=remote).correct
 
 
@@ -443,7 +263,7 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
     tg = np.asarray(targets)
     for li in used:
         # one backward gives both: NeurGrad = CG x sign(a)
-        g, a = _last_token_grads(model, sites[li], prompts, torch.as_tensor(tg, dtype=torch.int64)[:, None], None,
+        g, a = last_token_grads(model, sites[li], prompts, torch.as_tensor(tg, dtype=torch.int64)[:, None], None,
                                  batch_size=8, log_prob=log_prob, remote=remote, progress=None, desc="neurgrad")
         cg = g[:, 0, 0]
         est["neurgrad"][li] = (cg * torch.sign(a)).numpy().astype(np.float64)
@@ -469,20 +289,3 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
     cat = lambda k: np.concatenate(cols[k]) if cols[k] else None  # noqa: E731
     return LinearityReport(cat("slope"), cat("r"), cat("neurgrad"), cat("cg"), cat("ig"), cat("lpi"),
                            cat("layers"), prompts_used=len(prompts), prompts_offered=offered)
-
-
-def neurgrad_concept_scores(model: Any, site: Site, prompts: Sequence[str], labels: np.ndarray,
-                            label_token_ids: Sequence[int] | None, *, gold_token_ids: Any = None,
-                            n_concepts: int | None = None, batch_size: int = 8, remote: bool | str = False,
-                            progress: Progress | None = None) -> np.ndarray:
-    """The ``neurgrad`` saliency ranking at a residual site: per concept, mean |NeurGrad| of the gold token's
-    probability over the concept's samples, ``[C, d_model]``. The gold token is the concept's label token or the
-    sample's own (``gold_token_ids``, next-token concepts; then ``n_concepts`` says how many there are)."""
-    from .erasure import sample_gold
-
-    ns = NeuronSite(site, "residual", site.d_model)
-    labels = np.asarray(labels, dtype=np.int64)
-    n = n_concepts if n_concepts is not None else len(label_token_ids or [])
-    gold = sample_gold(labels, label_token_ids, gold_token_ids, n_concepts=n)
-    g = np.abs(neurgrad(model, ns, prompts, gold, batch_size=batch_size, remote=remote, progress=progress)[:, 0])
-    return np.stack([g[labels == c].mean(0) for c in range(n)])

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import NsLensError
+from .neurons import read_neurons
+from .record import batches, tokenize
+from .remote import maybe_retry, trace_args
 
 __all__ = ["ActProbe", "MagnProbe", "PolarProbe", "ProbeResults", "evaluate_probes", "probe_features",
            "split_queries", "tree_probe"]
@@ -135,18 +139,12 @@ def probe_features(model: Any, ns: Any, prompts: Sequence[str], option_ids: Sequ
                    remote: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
     """The baselines' inputs, one trace per batch: the probability of each option's answer token at the last
     position ``[queries, options]`` (LM-Prob) and the neurons' last-token activations ``[queries, neurons]`` (Act)."""
-    import torch
-
-    from .neg import _read_neurons
-    from .record import batches, tokenize
-    from .remote import maybe_retry, trace_args
-
     ids = torch.as_tensor(list(option_ids), dtype=torch.int64)
     probs, acts = [], []
 
     def run(enc: dict) -> dict:
         with torch.no_grad(), model.trace(enc, **trace_args(model, remote)):
-            a = _read_neurons(model, ns)[:, -1, :].float().cpu().save()
+            a = read_neurons(model, ns)[:, -1, :].float().cpu().save()
             p = torch.softmax(model.output.logits[:, -1, :].float(), -1)[:, ids].cpu().save()
         return {"p": p, "a": a}
 

@@ -5,26 +5,30 @@
   whole dataset; a ranking *per concept* needs the terms involving c, so we use
   r_c = sum_{c' != c} |q(c) - q(c')| with q the concept mean.
 - ``neurgrad`` (NEG paper): mean |NeurGrad| of the gold label's probability over the concept's samples; it needs
-  the model, so it is computed by ``nslens.neg.neurgrad_concept_scores`` and passed in as ``scores``.
+  the model: ``get_ranking("neurgrad").scores_from_model(model, site, ...)`` (``nslens.neurgrad``), passed to
+  ``build_range_masks`` as ``scores``.
 - ``probe``: a linear classifier with elastic-net regularisation (scikit-learn, standardised inputs) on the raw
   vectors; neuron j's score for concept c is |W[c, j]| (for two concepts, the single weight row serves both).
 
-Every method returns scores ``[C, d]``; higher is more salient.
+Every method returns scores ``[C, d]``; higher is more salient. Each is a ``Ranking`` class in
+``RANKING_REGISTRY`` (flags ``needs_model``, ``needs_samples``); ``register_ranking`` adds one of one's own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .errors import NsLensError
+from .registry import Names, Registry
 from .stats import ConceptStats
 
-__all__ = ["RANKING_METHODS", "rank", "rank_max", "rank_probe", "rank_probeless", "select_top"]
-
-RANKING_METHODS = ("max", "probeless", "probe", "neurgrad")
-
+__all__ = ["RANKING_METHODS", "RANKING_REGISTRY", "MaxRanking", "ProbeRanking", "ProbelessRanking", "Ranking",
+           "check_fraction", "get_ranking", "rank", "rank_max", "rank_probe", "rank_probeless", "register_ranking",
+           "select_top"]
 
 def rank_max(stats: ConceptStats) -> np.ndarray:
     return stats.abs_mean()
@@ -62,21 +66,112 @@ def rank_probe(samples: np.ndarray, labels: np.ndarray, n_concepts: int, *, l1_r
     return w
 
 
-def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,
-         labels: np.ndarray | None = None, **kwargs: Any) -> np.ndarray:
-    """Scores ``[C, d]`` by ``method`` (one of ``RANKING_METHODS``)."""
-    if method == "max":
+# --------------------------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A saliency ranking: scores ``[C, d]`` per concept and neuron, higher is more salient.
+
+    A subclass is a frozen dataclass (its fields are its parameters) that sets ``name`` and implements ``scores``
+    from a recording's statistics (and raw samples where ``needs_samples``), or, where ``needs_model``,
+    ``scores_from_model`` from the model and the training prompts. ``rank`` and ``build_range_masks`` call
+    ``scores``; a run calls ``scores_from_model`` for a ranking that needs the model."""
+
+    name: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = False
+    """Scores come from the model (gradients), not from the statistics alone: ``scores_from_model``."""
+    needs_samples: ClassVar[bool] = False
+    """Scores need the recording's raw samples (``record(..., keep_samples=True)``), not only its statistics."""
+
+    def scores(self, stats: ConceptStats, samples: np.ndarray | None = None,
+               labels: np.ndarray | None = None) -> np.ndarray:
+        if self.needs_model:
+            raise NsLensError(f"the {self.name} ranking needs the model: compute it with "
+                              f"get_ranking({self.name!r}).scores_from_model(model, site, ...) and pass scores= "
+                              "(the pipeline does this)")
+        raise NotImplementedError(f"{type(self).__name__} does not implement scores")
+
+    def scores_from_model(self, model: Any, site: Any, prompts: Sequence[str], labels: np.ndarray,
+                          label_token_ids: Sequence[int] | None, *, gold_token_ids: Any = None,
+                          n_concepts: int | None = None, batch_size: int = 8, remote: bool | str = False,
+                          progress: Any = None) -> np.ndarray:
+        """Scores from the model over the training ``prompts`` (their concept ``labels``, the concepts' label
+        tokens or each sample's gold token), for a ranking that ``needs_model``."""
+        raise NsLensError(f"the {self.name} ranking is computed from a recording's statistics: use "
+                          f"get_ranking({self.name!r}).scores(stats, samples, labels)")
+
+
+@dataclass(frozen=True)
+class MaxRanking(Ranking):
+    """``max``: mean |h| over the concept's samples (high negative activations count too; Voita et al. 2023)."""
+
+    name: ClassVar[str] = "max"
+
+    def scores(self, stats: ConceptStats, samples: np.ndarray | None = None,
+               labels: np.ndarray | None = None) -> np.ndarray:
         return rank_max(stats)
-    if method == "probeless":
+
+
+@dataclass(frozen=True)
+class ProbelessRanking(Ranking):
+    """``probeless`` (Antverg & Belinkov 2022), per concept: r_c = sum_{c' != c} |q(c) - q(c')|, q the mean."""
+
+    name: ClassVar[str] = "probeless"
+
+    def scores(self, stats: ConceptStats, samples: np.ndarray | None = None,
+               labels: np.ndarray | None = None) -> np.ndarray:
         return rank_probeless(stats)
-    if method == "probe":
+
+
+@dataclass(frozen=True)
+class ProbeRanking(Ranking):
+    """``probe``: |W[c, j]| of an elastic-net logistic-regression probe on the standardised raw samples."""
+
+    name: ClassVar[str] = "probe"
+    needs_samples: ClassVar[bool] = True
+    l1_ratio: float = 0.5
+    C: float = 1.0
+    seed: int = 0
+    max_iter: int = 300
+
+    def scores(self, stats: ConceptStats, samples: np.ndarray | None = None,
+               labels: np.ndarray | None = None) -> np.ndarray:
         if samples is None or labels is None:
             raise NsLensError("the probe ranking needs raw samples: record with keep_samples=True")
-        return rank_probe(samples, labels, stats.n_concepts, **kwargs)
-    if method == "neurgrad":
-        raise NsLensError("the neurgrad ranking needs the model: compute it with "
-                         "nslens.neg.neurgrad_concept_scores and pass scores= (the pipeline does this)")
-    raise NsLensError(f"unknown ranking method {method!r}; choose one of {', '.join(RANKING_METHODS)}")
+        return rank_probe(samples, labels, stats.n_concepts, l1_ratio=self.l1_ratio, C=self.C, seed=self.seed,
+                          max_iter=self.max_iter)
+
+
+RANKING_REGISTRY: Registry[type[Ranking]] = Registry("ranking method")
+
+
+def register_ranking(cls: type[Ranking], *, replace: bool = False) -> type[Ranking]:
+    """Make ``cls`` (a ``Ranking`` subclass with a ``name``) usable by name: ``rank``, ``build_range_masks``, a run
+    config's ``method``, the CLI's ``--method``. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Ranking)) or not cls.name:
+        raise NsLensError(f"register_ranking needs a Ranking subclass with a name, got {cls!r}")
+    RANKING_REGISTRY.register(cls.name, cls, replace=replace)
+    return cls
+
+
+def get_ranking(name: str, **params: Any) -> Ranking:
+    """The ranking registered as ``name``, built with ``params`` (e.g. the probe's ``l1_ratio``)."""
+    return RANKING_REGISTRY.get(name)(**params)
+
+
+for _cls in (MaxRanking, ProbelessRanking, ProbeRanking):
+    register_ranking(_cls)
+RANKING_REGISTRY.register("neurgrad", "nslens.neurgrad:NeurGradRanking")  # needs the model code, above this module
+
+#: the registered ranking names, read at each use
+RANKING_METHODS: Names = RANKING_REGISTRY.view()
+
+
+def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,
+         labels: np.ndarray | None = None, **kwargs: Any) -> np.ndarray:
+    """Scores ``[C, d]`` by ``method`` (one of ``RANKING_METHODS``; ``kwargs`` are the ranking's parameters)."""
+    return get_ranking(method, **kwargs).scores(stats, samples, labels)
 
 
 def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
