@@ -24,7 +24,7 @@ import torch
 from .errors import NsLensError
 from .intervene import Intervention, apply_in_trace
 from .models import Site
-from .record import batches, tokenize
+from .batching import batches, tokenize
 from .remote import maybe_retry, trace_args
 
 __all__ = ["Continuation", "GenerationSettings", "generate", "generate_ids"]
