@@ -13,15 +13,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .concepts import ConceptDataset, FewShotPrompter
 from .errors import NsLensError
+from .fortunes import check_fortunes_spec, fortunes_dataset
+from .nexttoken import next_token_dataset, parse_spec
+from .registry import Registry
+from .synthetic import synthetic_concepts
 
 __all__ = [
+    "DATASET_SOURCES",
     "HF_DATASETS",
+    "DatasetSource",
+    "dataset_source",
+    "register_dataset_source",
     "WIKIPEDIA_DATA_FILES",
     "ConceptDataset",
     "FewShotPrompter",
@@ -158,52 +166,152 @@ def load_local_dataset(
     )
 
 
-def check_dataset_spec(spec: str) -> None:
-    """Fail early (before any model loads) on a dataset that ``load_dataset`` could not load."""
-    if spec == "synthetic" or spec in HF_DATASETS:
-        return
-    if spec.startswith("next:"):
-        from .nexttoken import parse_spec
+# --------------------------------------------------------------------------------------------- dataset sources
 
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One kind of dataset spec (the string after ``--dataset`` or a config's ``dataset``): ``synthetic``, a paper
+    dataset name, ``next:...``, ``fortunes:...``, a file path, or one of one's own.
+
+    A subclass sets ``name`` and ``usage`` (how the spec is written, for the "choose ..." message) and implements
+    ``matches`` (is this spec mine?), ``load`` and, where a spec can be checked without loading (before any model
+    loads), ``check``. ``load_dataset`` asks the registered sources in order; the first that matches loads."""
+
+    name: ClassVar[str] = ""
+    usage: ClassVar[str] = ""
+
+    def matches(self, spec: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} does not implement matches")
+
+    def check(self, spec: str) -> None:
+        """Fail early on a spec ``load`` could not load; the base accepts any spec it matches."""
+
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        raise NotImplementedError(f"{type(self).__name__} does not implement load")
+
+
+@dataclass(frozen=True)
+class SyntheticSource(DatasetSource):
+    """``synthetic``: the embedded model's 4-concept task (``nslens.synthetic``), offline."""
+
+    name: ClassVar[str] = "synthetic"
+    usage: ClassVar[str] = "'synthetic'"
+
+    def matches(self, spec: str) -> bool:
+        return spec == "synthetic"
+
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        return synthetic_concepts(**kwargs)
+
+
+@dataclass(frozen=True)
+class HubSource(DatasetSource):
+    """A paper dataset by its short name (``HF_DATASETS``: ag_news, dbpedia_14, ...), through HF ``datasets``."""
+
+    name: ClassVar[str] = "hub"
+
+    @property
+    def usage(self) -> str:  # type: ignore[override]
+        return f"one of {', '.join(sorted(HF_DATASETS))}"
+
+    def matches(self, spec: str) -> bool:
+        return spec in HF_DATASETS
+
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        return load_hf_dataset(spec, **kwargs)
+
+
+@dataclass(frozen=True)
+class NextTokenSource(DatasetSource):
+    """``next:<family>[:<source>]``: next-token concepts (``nslens.nexttoken``)."""
+
+    name: ClassVar[str] = "next"
+    usage: ClassVar[str] = "next:<family>[:<source>]"
+
+    def matches(self, spec: str) -> bool:
+        return spec.startswith("next:")
+
+    def check(self, spec: str) -> None:
         parse_spec(spec)
-        return
-    if spec == "fortunes" or spec.startswith("fortunes:"):
-        from .fortunes import check_fortunes_spec
 
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        return next_token_dataset(spec, **kwargs)
+
+
+@dataclass(frozen=True)
+class FortunesSource(DatasetSource):
+    """``fortunes[:<category>,...]``: Debian's fortunes categories as concepts (``nslens.fortunes``)."""
+
+    name: ClassVar[str] = "fortunes"
+    usage: ClassVar[str] = "fortunes[:<category>,...] (Debian's fortunes)"
+
+    def matches(self, spec: str) -> bool:
+        return spec == "fortunes" or spec.startswith("fortunes:")
+
+    def check(self, spec: str) -> None:
         check_fortunes_spec(spec)
-        return
-    if spec.endswith((".csv", ".jsonl", ".json")):
+
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        return fortunes_dataset(spec, **kwargs)
+
+
+@dataclass(frozen=True)
+class FileSource(DatasetSource):
+    """A local ``.csv``/``.jsonl`` file with a text and a label column (``load_local_dataset``)."""
+
+    name: ClassVar[str] = "file"
+    usage: ClassVar[str] = "a .csv/.jsonl path"
+
+    def matches(self, spec: str) -> bool:
+        return spec.endswith((".csv", ".jsonl", ".json"))
+
+    def check(self, spec: str) -> None:
         if not Path(spec).exists():
             raise NsLensError(f"dataset file not found: {spec}")
-        return
-    raise NsLensError(f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-                     "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path")
+
+    def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        return load_local_dataset(spec, **kwargs)
+
+
+DATASET_SOURCES: Registry[type[DatasetSource]] = Registry("dataset source")
+
+
+def register_dataset_source(cls: type[DatasetSource], *, replace: bool = False) -> type[DatasetSource]:
+    """Make ``load_dataset`` (and ``--dataset``, a config's ``dataset``) accept the specs ``cls`` matches; asked
+    after the sources registered before it. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, DatasetSource)) or not cls.name:
+        raise NsLensError(f"register_dataset_source needs a DatasetSource subclass with a name, got {cls!r}")
+    DATASET_SOURCES.register(cls.name, cls, replace=replace)
+    return cls
+
+
+for _cls in (SyntheticSource, HubSource, NextTokenSource, FortunesSource, FileSource):
+    register_dataset_source(_cls)
+
+
+def dataset_source(spec: str) -> DatasetSource:
+    """The registered source that reads ``spec`` (the first that matches), or an error listing how specs are
+    written."""
+    for name in DATASET_SOURCES.names():
+        source = DATASET_SOURCES.get(name)()
+        if isinstance(spec, str) and source.matches(spec):
+            return source
+    usages = [DATASET_SOURCES.get(name)().usage for name in DATASET_SOURCES.names()]
+    listed = ", ".join(usages[:-1]) + f", or {usages[-1]}" if len(usages) > 1 else usages[0]
+    raise NsLensError(f"unknown dataset {spec!r}; choose {listed}")
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Fail early (before any model loads) on a dataset that ``load_dataset`` could not load."""
+    dataset_source(spec).check(spec)
 
 
 def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
     """One entry point: ``synthetic``, a paper dataset name, ``next:<family>[:<source>]`` (next-token concepts,
-    ``nslens.nexttoken``), ``fortunes[:<category>,...]`` (Debian's fortunes categories, ``nslens.fortunes``), or a
-    local file path."""
-    if spec == "synthetic":
-        from .synthetic import synthetic_concepts
-
-        return synthetic_concepts(**kwargs)
-    if spec.startswith("next:"):
-        from .nexttoken import next_token_dataset
-
-        return next_token_dataset(spec, **kwargs)
-    if spec == "fortunes" or spec.startswith("fortunes:"):
-        from .fortunes import fortunes_dataset
-
-        return fortunes_dataset(spec, **kwargs)
-    if spec.endswith((".csv", ".jsonl", ".json")):
-        return load_local_dataset(spec, **kwargs)
-    if spec in HF_DATASETS:
-        return load_hf_dataset(spec, **kwargs)
-    raise NsLensError(
-        f"unknown dataset {spec!r}; choose 'synthetic', one of {', '.join(sorted(HF_DATASETS))}, "
-        "next:<family>[:<source>], fortunes[:<category>,...] (Debian's fortunes), or a .csv/.jsonl path"
-    )
+    ``nslens.nexttoken``), ``fortunes[:<category>,...]`` (Debian's fortunes categories, ``nslens.fortunes``), a
+    local file path, or a spec of a registered source of one's own (``register_dataset_source``)."""
+    return dataset_source(spec).load(spec, **kwargs)
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "Label:") -> list[int]:
