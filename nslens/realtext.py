@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NsLensError
+from .files import nslens_home
 from .fortunes import CLEANING, heldout_texts
+from .lmtasks import token_ppl_task
+from .models import tokenizer_fingerprint
 
 __all__ = ["FORTUNES_PPL_TASK", "fortunes_documents", "fortunes_ppl_task_dir"]
 
@@ -45,10 +48,6 @@ def fortunes_ppl_task_dir(tokenizer: Any, *, items_per_doc: int = 12, max_tokens
     ``fortunes_documents`` (the first ``n_docs`` of them, default all, about 100), each cut to ``max_tokens``
     tokens of ``tokenizer``. Written once per tokenizer and setting under ``$NSLENS_HOME/lm_eval_tasks``; the
     task's YAML is written last, so a half-written folder is written again."""
-    from .files import nslens_home
-    from .harness import token_ppl_task
-    from .models import tokenizer_fingerprint
-
     key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), items_per_doc, max_tokens, n_docs,
                                      CLEANING]).encode()).hexdigest()[:12]
     base = Path(root) if root is not None else nslens_home() / "lm_eval_tasks" / f"{FORTUNES_PPL_TASK}-{key}"

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import nslens
-from nslens.harness import NsLensLM, local_tasks_dir, side_effect_table, side_effects, task_metrics
+from nslens.effects import task_metrics
+from nslens.harness import side_effect_table, side_effects
+from nslens.lmadapter import NsLensLM
+from nslens.lmtasks import local_tasks_dir
 from nslens.ranges import RangeMask
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -260,6 +263,35 @@ def test_missing_lm_eval_names_the_extra(embedded, site, monkeypatch):
         side_effects(embedded, site, {}, tasks=TASKS)
 
 
+def test_results_and_tables_load_without_lm_eval():
+    """``nslens.effects`` (what a report reads) imports neither lm-eval nor the adapter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import nslens.effects; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'lm_eval' or m == 'nslens.lmadapter']; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_the_old_home_still_names_everything_it_did():
+    """``nslens.harness`` re-exports the adapter, the tasks and the result types while importers move."""
+    import nslens.effects as effects
+    import nslens.harness as harness
+    import nslens.lmadapter as lmadapter
+    import nslens.lmtasks as lmtasks
+
+    moved = {effects: ["METRIC_KEYS", "SideEffectTable", "SideEffects", "main_metric", "task_metrics"],
+             lmadapter: ["NsLensLM", "quiet_lm_eval", "traced_logits"],
+             lmtasks: ["DEFAULT_TASKS", "LOCAL_TASKS", "TASKS_DIR", "WIKIPEDIA_PPL_TASK", "local_tasks_dir",
+                       "token_ppl_task", "wikipedia_ppl_task_dir"]}
+    for home, names in moved.items():
+        for name in names:
+            assert getattr(harness, name) is getattr(home, name), name
+            assert name in harness.__all__
+
+
 def test_group_metrics_are_read(embedded):
     res = {"results": {"mmlu_x": {"acc,none": 0.5}}, "groups": {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
     assert task_metrics(res, ["mmlu", "mmlu_x"]) == {"mmlu": {"acc": 0.25}, "mmlu_x": {"acc": 0.5}}
@@ -278,7 +310,7 @@ def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from nslens.data import wikipedia_articles
-    from nslens.harness import WIKIPEDIA_PPL_TASK, wikipedia_ppl_task_dir
+    from nslens.lmtasks import WIKIPEDIA_PPL_TASK, wikipedia_ppl_task_dir
     from nslens.synthetic import synthetic_corpus
 
     articles = [" ".join(synthetic_corpus(6, seed=s)) for s in range(5)]
