@@ -6,6 +6,7 @@ stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` ru
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
@@ -44,8 +45,6 @@ def __getattr__(name: str):
     module = _HOME.get(name)
     if module is None:
         raise AttributeError(f"module 'nslens' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

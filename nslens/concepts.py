@@ -102,7 +102,7 @@ class ConceptDataset:
 
     def split(self, test_size: float = 0.2, seed: int = 0) -> tuple[ConceptDataset, ConceptDataset]:
         """Seeded stratified train/test split (scikit-learn)."""
-        from sklearn.model_selection import train_test_split
+        from sklearn.model_selection import train_test_split  # heavy (about 1 s): only the split needs it
 
         if not 0.0 < test_size < 1.0:
             raise NsLensError(f"test_size must be in (0, 1), got {test_size}")

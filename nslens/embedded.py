@@ -40,6 +40,8 @@ import numpy as np
 
 from .concepts import FewShotPrompter
 from .errors import NsLensError
+from .files import nslens_home
+from .nexttoken import next_token_dataset, target_token_ids
 from .synthetic import (
     EMBEDDED_VERSION,
     SYNTHETIC_LABELS,
@@ -76,8 +78,6 @@ def embedded_seed() -> int:
 def embedded_model_dir(seed: int | None = None) -> Path:
     """Where the embedded model is cached: ``$NSLENS_HOME/embedded-<version>`` (default ``~/.cache/nslens``), with
     ``-seed<N>`` for a training seed other than 0."""
-    from .files import nslens_home
-
     seed = embedded_seed() if seed is None else seed
     return nslens_home() / (f"embedded-{EMBEDDED_VERSION}" + (f"-seed{seed}" if seed else ""))
 
@@ -134,7 +134,7 @@ def build_embedded_model(
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
+    import fcntl  # POSIX only
 
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -178,7 +178,7 @@ def _train_in_child(tmp: Path, steps: int, seed: int, check: bool, progress: Cal
 def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain: int = 12):
     """``batch`` few-shot prompts ending in their label, plus ``n_plain`` rows of running synthetic text after an
     end-of-text token (how lm-eval's perplexity tasks present a document)."""
-    import torch
+    import torch  # heavy: only the training child and the check use it; the parent only locates the cache
 
     prompts, labels = [], []
     for line in synthetic_corpus(n_plain, seed=rng.randrange(2**31)):
@@ -201,7 +201,7 @@ def _training_batch(rng: random.Random, tok, batch: int, k_max: int = 1, n_plain
 
 
 def _train(steps: int, seed: int, progress: Callable[[int, int], None]):  # -> (LlamaForCausalLM, tokenizer)
-    import torch
+    import torch  # heavy, as above (the training child)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(TRAIN_THREADS)
@@ -239,7 +239,7 @@ def _train(steps: int, seed: int, progress: Callable[[int, int], None]):  # -> (
 
 def _greedy_correct(model: Any, tok: Any, prompts: list[str], gold: np.ndarray) -> np.ndarray:
     """Plain-torch greedy next token at the last position (left padding, positions from each row's first token)."""
-    import torch
+    import torch  # heavy, as above (the check)
 
     out = []
     for i in range(0, len(prompts), 64):
@@ -254,8 +254,6 @@ def check_embedded(model: Any, tok: Any) -> dict[str, dict[str, float]]:
     """Clean accuracy per concept on held-out data: the few-shot classification task (the pipeline's prompt,
     one demonstration per class) and each next-token family on held-out synthetic text. ``model`` is the raw HF
     model, ``tok`` its tokenizer (padding on the left)."""
-    from .nexttoken import next_token_dataset, target_token_ids
-
     tok.padding_side = "left"
     ds = synthetic_concepts(2 * _CHECK_PER_CONCEPT, seed=_CHECK_SEED)
     demos, queries = ds.split(0.5, seed=0)
@@ -288,7 +286,7 @@ def _child(out: Path, steps: int, seed: int, check: bool) -> int:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy, as above (the training child)
 
     hf_logging.disable_progress_bar()  # the parent reports progress; no tqdm bars of the child's own
     model, tok = _train(steps, seed, lambda d, t: emit({"step": d, "total": t}))
@@ -300,7 +298,7 @@ def _child(out: Path, steps: int, seed: int, check: bool) -> int:
         return 3
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    import torch
+    import torch  # heavy, as above (the training child)
 
     (out / "nslens_embedded.json").write_text(json.dumps(
         {"version": EMBEDDED_VERSION, "steps": steps, "seed": seed, "labels": SYNTHETIC_LABELS,

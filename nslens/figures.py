@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
 from .ranges import RangeMask
 
 __all__ = ["plot_activation_patterns", "plot_common_neurons", "plot_overlap_heatmap", "plot_sweep"]
 
 
 def _plt():
+    """pyplot on the headless Agg backend (imported here: matplotlib is heavy, and the backend must be chosen
+    before pyplot loads)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,8 +25,6 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .files import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -48,7 +49,7 @@ def plot_overlap_heatmap(matrix: np.ndarray, names: Sequence[str], path: str | P
 
 
 def _kde(ax, x: np.ndarray, label: str) -> None:
-    from scipy.stats import gaussian_kde
+    from scipy.stats import gaussian_kde  # heavy: loaded by the one figure that needs it
 
     if len(x) < 2 or np.std(x) == 0:
         ax.axvline(float(np.mean(x)), label=label)

@@ -193,7 +193,7 @@ def _rows(task: str, split: str, path: str | Path | None, file_split: str) -> li
             raise NsLensError(f"MCEval8K demonstrations come from the train split: {f} not found (pass the task's "
                              "folder, or zero_shot=True)")
         return _read_json(f)
-    import datasets
+    import datasets  # heavy: only a load from the Hub needs it
 
     try:
         return list(datasets.load_dataset(MCEVAL_REPO, task, split=split))

@@ -14,6 +14,9 @@ Every trace nslens runs goes through ``trace_args(model, remote)``:
 
 The key comes from ``NDIF_API_KEY`` or nnsight's own config (``nnsight.CONFIG.set_default_api_key``). It is never
 printed, logged or written into run directories: errors say *that* it is missing, never what it is.
+
+nnsight (seconds to import) and its remote stack (httpx, websocket) are imported inside the functions that use
+them: every tracing module imports this one, and a local run never needs the remote stack.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ class RemoteTimeout(NsLensError):
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    import httpx
-    import websocket
+    import httpx  # heavy: see the module docstring
+    import websocket  # heavy: see the module docstring
 
     return (*TRANSIENT_ERRORS, httpx.TransportError, websocket.WebSocketConnectionClosedException,
             websocket.WebSocketTimeoutException, websocket.WebSocketAddressException)
@@ -58,8 +61,8 @@ def _is_transient_remote_error(e: BaseException) -> bool:
     """A failure that a retry can fix although its type does not say so: nnsight wraps a dropped connection
     while submitting in its ``RemoteError`` (the cause is the transport error); a gateway answering 502-504
     while the API restarts; a model worker that died (Ray restarts it)."""
-    import httpx
-    from nnsight.intervention.backends.remote import RemoteError
+    import httpx  # heavy: see the module docstring
+    from nnsight.intervention.backends.remote import RemoteError  # heavy: see the module docstring
 
     if isinstance(e, httpx.HTTPStatusError):
         return e.response.status_code in (502, 503, 504)
@@ -80,7 +83,7 @@ _TRANSIENT_SERVER_MARKERS = ("ActorDiedError", "RayActorError", "ActorUnavailabl
 
 def ship_code() -> None:
     """Register nslens with nnsight for pickling by value (idempotent; see the module docstring)."""
-    import nnsight
+    import nnsight  # heavy: see the module docstring
 
     nnsight.register("nslens")
 
@@ -188,7 +191,7 @@ def poll_job(model: Any, job_id: str, *, what: str = "NDIF job", sleep: Callable
 
 
 def _backend(model: Any, timeout: float, **kwargs: Any) -> Any:
-    from nnsight.intervention.backends.display import StatusDisplay
+    from nnsight.intervention.backends.display import StatusDisplay  # heavy: see the module docstring
 
     backend = _backend_class()(model.to_model_key(), api_key=api_key(), env=model._remoteable_get_env(),
                                timeout=timeout, **kwargs)
@@ -200,8 +203,8 @@ def _backend(model: Any, timeout: float, **kwargs: Any) -> Any:
 def _backend_class() -> type:
     """``TimedRemoteBackend``, defined on first use so that importing nslens does not import nnsight's remote
     stack (websocket, httpx)."""
-    from nnsight.intervention.backends.remote import RemoteBackend
-    from nnsight.schema.request import RequestModel
+    from nnsight.intervention.backends.remote import RemoteBackend  # heavy: see the module docstring
+    from nnsight.schema.request import RequestModel  # heavy: see the module docstring
 
     class TimedRemoteBackend(RemoteBackend):
         """nnsight's blocking backend, its request (serialise, connect, submit, wait, download) bounded by
@@ -230,7 +233,7 @@ def api_key() -> str | None:
     key = os.environ.get("NDIF_API_KEY")
     if key:
         return key
-    from nnsight import CONFIG
+    from nnsight import CONFIG  # heavy: see the module docstring
 
     return CONFIG.API.APIKEY or None
 
@@ -266,7 +269,7 @@ def _repo_from_key(key: str) -> str | None:
 
 def is_public_host() -> bool:
     """Whether nnsight points at the public NDIF service (``NDIF_HOST`` unset or that URL)."""
-    from nnsight import CONFIG
+    from nnsight import CONFIG  # heavy: see the module docstring
 
     return CONFIG.API.HOST.rstrip("/") == PUBLIC_HOST
 
@@ -278,8 +281,8 @@ def check_remote(repo_id: str, *, timeout: float = 5.0, read_timeout: float = 90
     ``timeout`` bounds the connection; ``read_timeout`` the answer, which an ndif server computes on a cache miss
     by asking its Ray controller (bounded there by ``NDIF_STATUS_TIMEOUT_S``, default 60 s): on a busy machine that
     takes well over 5 s, so a short read timeout called a healthy server unreachable."""
-    from nnsight import CONFIG
-    from nnsight.ndif import _get
+    from nnsight import CONFIG  # heavy: see the module docstring
+    from nnsight.ndif import _get  # heavy: see the module docstring
 
     host = CONFIG.API.HOST.rstrip("/")
     if not api_key() and is_public_host():
@@ -352,7 +355,7 @@ def with_retries(fn: Callable[[], T], *, attempts: int | None = None, base_delay
     ``retry_settings()``), logging a progress line before each retry. A job that failed on the server for any
     other reason (nnsight's ``RemoteError``) is one ``NsLensError`` line at once, with the API key redacted;
     other errors propagate unchanged."""
-    from nnsight.intervention.backends.remote import RemoteError
+    from nnsight.intervention.backends.remote import RemoteError  # heavy: see the module docstring
 
     default_attempts, default_delay = retry_settings()
     attempts = default_attempts if attempts is None else attempts

@@ -51,7 +51,7 @@ def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
 
 def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[Chunk], readout: Callable,
             args: tuple, logits_to_keep: int, clean_readout: bool, in_session: bool) -> tuple[Any, list]:
-    import nnsight
+    import nnsight  # heavy (seconds): the modules that import this one load without it
 
     clean = None  # assigned before the trace: a local first set in a stopped trace is not handed back
     with model.trace(enc) as tracer:

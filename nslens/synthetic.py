@@ -24,6 +24,8 @@ import random
 import re
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 
 from .concepts import ConceptDataset
 from .errors import NsLensError
@@ -217,12 +219,11 @@ def _vocabulary() -> list[str]:
 
 def build_tokenizer():  # -> PreTrainedTokenizerFast
     """A word-level tokenizer over the synthetic vocabulary (newline and punctuation are tokens)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only building a tokenizer needs it
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + _vocabulary())}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[A-Za-z0-9_']+|[^\sA-Za-z0-9_']"), behavior="removed",
                                             invert=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
