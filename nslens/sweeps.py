@@ -1,7 +1,9 @@
 """Sweeps (paper Fig. 4, Tables 10-11, 17): masking fraction, tau and layer against erasure.
 
-Fraction and tau sweeps reuse one recording: only the masks change, and every table goes through the fast erasure
-path. The layer sweep records once per layer.
+Fraction and tau sweeps reuse one recording and one ranking: only the masks change, and every table goes through the
+fast erasure path. The layer sweep records, and ranks, once per layer. Any registered ranking works
+(``nslens.rank.get_ranking``); one that needs the model or raw samples is passed to the fraction and tau sweeps as
+its ``scores``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .errors import NsLensError
 from .models import resolve_site
 from .ops import Operator
 from .ranges import build_range_masks
+from .rank import get_ranking
 from .record import Progress, record
 from .stats import ConceptStats
 
@@ -76,38 +79,64 @@ def _mask_sweep(param: str, values: Sequence[float], model: Any, site: Any, stat
     return Sweep(param, vals, out, {**meta, "operator": operator.label})
 
 
+def _ranked(method: str, scores: np.ndarray | None, stats: ConceptStats) -> np.ndarray | None:
+    """The scores the sweep's masks are built from: ``scores`` when given (the run's own ranking, which depends on
+    neither fraction nor tau), else ``method`` from the statistics (a ranking that needs the model or raw samples
+    needs ``scores``)."""
+    if scores is not None:
+        return scores
+    ranking = get_ranking(method)
+    if ranking.needs_model or ranking.needs_samples:
+        raise NsLensError(f"the {method} ranking needs {'the model' if ranking.needs_model else 'raw samples'}: "
+                          "pass its scores= (computed once, reused for every value of the sweep)")
+    return ranking.scores(stats)
+
+
 def fraction_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
                    label_ids: Sequence[int] | None, operator: Operator, *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                    method: str = "max", tau: float = 2.5, progress: Progress | None = None,
-                   **kwargs: Any) -> Sweep:
-    """Neuron vs range masking as the masked share of neurons grows (one recording, masks rebuilt)."""
+                   scores: np.ndarray | None = None, **kwargs: Any) -> Sweep:
+    """Neuron vs range masking as the masked share of neurons grows (one recording, masks rebuilt from one
+    ranking: ``method``'s, or the given ``scores`` of it)."""
     return _mask_sweep("fraction", fractions, model, site, stats, prompts, labels, label_ids, operator,
-                       {"method": method, "tau": tau}, progress, {"method": method, "tau": tau}, **kwargs)
+                       {"method": method, "tau": tau, "scores": _ranked(method, scores, stats)}, progress,
+                       {"method": method, "tau": tau}, **kwargs)
 
 
 def tau_sweep(model: Any, site: Any, stats: ConceptStats, prompts: Sequence[str], labels: np.ndarray,
               label_ids: Sequence[int] | None, operator: Operator, *, taus: Sequence[float] = DEFAULT_TAUS,
               method: str = "max", fraction: float = 0.3, progress: Progress | None = None,
-              **kwargs: Any) -> Sweep:
-    """Neuron vs range masking as the range widens (neuron masking does not depend on tau: a constant reference)."""
+              scores: np.ndarray | None = None, **kwargs: Any) -> Sweep:
+    """Neuron vs range masking as the range widens (neuron masking does not depend on tau: a constant reference);
+    ``scores`` as in ``fraction_sweep``."""
     return _mask_sweep("tau", taus, model, site, stats, prompts, labels, label_ids, operator,
-                       {"method": method, "fraction": fraction}, progress, {"method": method, "fraction": fraction},
-                       **kwargs)
+                       {"method": method, "fraction": fraction, "scores": _ranked(method, scores, stats)}, progress,
+                       {"method": method, "fraction": fraction}, **kwargs)
 
 
 def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarray, label_names: Sequence[str],
                 test_prompts: Sequence[str], test_labels: np.ndarray, label_ids: Sequence[int] | None,
                 operator: Operator, *, layers: Sequence[int] | None = None, method: str = "max", fraction: float = 0.3,
                 tau: float = 2.5, batch_size: int = 16, remote: bool | str = False, progress: Progress | None = None,
-                gold_token_ids: Any = None) -> Sweep:
-    """Neuron vs range masking at every layer (default: all); one recording per layer."""
+                gold_token_ids: Any = None, train_gold_token_ids: Any = None) -> Sweep:
+    """Neuron vs range masking at every layer (default: all); one recording per layer, ranked at that layer by
+    ``method``: from its statistics, its raw samples (``needs_samples``) or the model (``needs_model``, over the
+    training prompts with their concepts' label tokens or ``train_gold_token_ids``)."""
+    ranking = get_ranking(method)
     n_layers = resolve_site(model, 0).n_layers
     values = list(range(n_layers)) if layers is None else [int(v) for v in layers]
     out = []
     for i, layer in enumerate(values):
         site = resolve_site(model, layer)
-        rec = record(model, site, train_prompts, train_labels, label_names, batch_size=batch_size, remote=remote)
-        masks = build_range_masks(rec.stats, method=method, fraction=fraction, tau=tau)
+        rec = record(model, site, train_prompts, train_labels, label_names, batch_size=batch_size, remote=remote,
+                     **({"keep_samples": True} if ranking.needs_samples else {}))
+        if ranking.needs_model:
+            scores = ranking.scores_from_model(model, site, train_prompts, np.asarray(train_labels), label_ids,
+                                               gold_token_ids=train_gold_token_ids, n_concepts=len(label_names),
+                                               batch_size=batch_size, remote=remote)
+        else:
+            scores = ranking.scores(rec.stats, rec.samples, rec.sample_labels)
+        masks = build_range_masks(rec.stats, method=method, fraction=fraction, tau=tau, scores=scores)
         out.append(erasure_table(model, site, test_prompts, test_labels, label_ids, masks, operator,
                                  gold_token_ids=gold_token_ids, batch_size=batch_size, remote=remote).summary())
         if progress is not None:
