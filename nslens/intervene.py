@@ -17,12 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import NsLensError
 from .models import Site, read_site, write_site
 from .ops import Operator
 from .ranges import RangeMask
+from .sae import NPZ_KEYS
 
 __all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "edit_hidden",
            "intervention_fingerprint"]
@@ -125,8 +127,6 @@ def applied(model: Any, site: Site, interventions: Intervention | Sequence[Inter
 def _hash_into(h: Any, value: Any) -> None:
     """Feed ``value`` into the hash ``h``, unambiguously: tensors and arrays by dtype, shape and bytes, dataclasses
     by class name and every field, containers element by element, scalars by type and repr."""
-    import numpy as np
-
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
@@ -170,7 +170,5 @@ def intervention_fingerprint(interventions: Intervention | Sequence[Intervention
         _hash_into(h, [iv.gated, iv.positions, iv.tau, m.meta.get("basis", "neurons"),
                        m.neurons, m.lo, m.hi, m.mu, m.sigma, iv.operator])
         if iv.sae is not None:
-            from .sae import NPZ_KEYS
-
             _hash_into(h, [getattr(iv.sae, k) for k in NPZ_KEYS])
     return h.hexdigest()[:24]

@@ -34,9 +34,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .batching import batches, tokenize
 from .errors import NsLensError
+from .models import read_site
 from .ops import Operator
 from .ranges import RangeMask
+from .remote import maybe_retry, trace_args
 
 __all__ = ["FIT_POSITIONS", "Leace", "check_leace_config", "fit_leace", "leace_fitter", "leace_operators", "leace_samples",
            "run_leace"]
@@ -189,9 +192,6 @@ def fit_leace(model: Any, site: Any, prompts: Sequence[str], labels: Sequence[in
     ``position`` (``last``: each prompt's last token, the recording protocol; ``all``: every real token, labelled
     with its prompt's concept); they update the shared ``LeaceFitter`` outside the trace, so no sample cap applies
     and memory is O(d^2)."""
-    from .record import batches, tokenize
-    from .remote import maybe_retry
-
     _require_package()
     if position not in FIT_POSITIONS:
         raise NsLensError(f"unknown position {position!r}; choose one of {', '.join(FIT_POSITIONS)}")
@@ -222,9 +222,6 @@ def fit_leace(model: Any, site: Any, prompts: Sequence[str], labels: Sequence[in
 def _site_activations(model: Any, site: Any, enc: dict[str, torch.Tensor], position: str,
                       remote: bool | str) -> torch.Tensor:
     """The site's value at the last position ``[B, d]`` or at every position ``[B, S, d]`` (float32)."""
-    from .models import read_site
-    from .remote import trace_args
-
     with torch.no_grad():
         with model.trace(enc, **trace_args(model, remote)) as tracer:
             h = read_site(model, site)

@@ -6,6 +6,8 @@ a bitsandbytes-quantized or a remote (NDIF) model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -14,8 +16,11 @@ from typing import Any
 
 import torch
 
+from .embedded import build_embedded_model, embedded_model_dir
 from .errors import NsLensError
+from .gguf import GGUF_ALIASES, find_gguf, gguf_checkpoint, gguf_n_layers
 from .registry import Registry
+from .remote import check_remote, is_public_host
 
 __all__ = [
     "FAMILY_REGISTRY",
@@ -183,11 +188,7 @@ def local_n_layers(name: str) -> int | None:
     from transformers import AutoConfig
 
     if name == "embedded":
-        from .embedded import embedded_model_dir
-
         name = str(embedded_model_dir())
-    from .gguf import gguf_n_layers
-
     try:
         n = gguf_n_layers(name)
     except ValueError:  # a missing package or a bad file: load_model says so
@@ -217,8 +218,6 @@ def model_id(model: Any) -> str:
 def model_fingerprint(model: Any) -> str:
     """What cached per-model results depend on: the model id, its config and a checksum of (a sample of) its
     weights where they are local, so a retrained model with the same id never reads another's cache."""
-    import hashlib
-
     h = hashlib.sha256(model_id(model).encode())
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
@@ -232,9 +231,6 @@ def model_fingerprint(model: Any) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash of the tokenizer's vocabulary: masks made with one tokenizer do not fit another's label tokens."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
@@ -356,8 +352,6 @@ def load_model(
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-    from .gguf import GGUF_ALIASES, find_gguf, gguf_checkpoint
-
     torch_dtype = _resolve_dtype(dtype)
     if isinstance(name_or_path, PreTrainedModel):
         if tokenizer is None:
@@ -370,8 +364,6 @@ def load_model(
 
     name = str(name_or_path)
     if name == "embedded":
-        from .embedded import build_embedded_model
-
         name = str(build_embedded_model())
         label = "embedded"
     else:
@@ -384,8 +376,6 @@ def load_model(
             name = str(gguf_checkpoint(gguf_file, families=SUPPORTED_FAMILIES))
     is_local = Path(name).exists()
     if remote:
-        from .remote import check_remote, is_public_host
-
         if is_local and is_public_host():
             raise NsLensError(f"remote=True needs a hub model id (e.g. meta-llama/Llama-3.1-70B), not the local path "
                              f"{name!r} (a self-hosted NDIF set with NDIF_HOST may serve checkpoint paths)")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batching import Progress, batches, tokenize
 from .erasure import predict
 from .errors import NsLensError
 from .models import family_of, site_module
@@ -49,7 +50,6 @@ from .neurons import (
     resolve_neuron_sites,
     write_neurons,
 )
-from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
 
 # NeurGrad and the neuron sites live in nslens.neurgrad and nslens.neurons; they stay importable from here

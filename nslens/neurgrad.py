@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .batching import Progress, batches, tokenize
 from .erasure import sample_gold
 from .errors import NsLensError
 from .models import Site, family_of
 from .neurons import NeuronSite, at_least_f32, read_neurons, write_neurons
 from .rank import Ranking
-from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
 
 __all__ = ["IG_GRIDS", "NeurGradRanking", "ig_alphas", "integrated_gradients", "last_token_grads", "neurgrad",

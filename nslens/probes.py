@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batching import batches, tokenize
 from .errors import NsLensError
 from .neurons import read_neurons
-from .record import batches, tokenize
 from .remote import maybe_retry, trace_args
 
 __all__ = ["ActProbe", "MagnProbe", "PolarProbe", "ProbeResults", "evaluate_probes", "probe_features",
