@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+import nslens
 from nslens.data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset, load_local_dataset
 
 
@@ -67,3 +68,48 @@ def test_bad_datasets(tmp_path):
         ConceptDataset(["x", "y", "z"], [0, 0, 1], ["a", "b"]).check_concepts(2)
     with pytest.raises(ValueError, match="labels must lie in"):
         ConceptDataset(["x"], [3], ["a", "b"])
+
+
+def test_a_registered_dataset_source_is_asked_after_the_built_ins():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from nslens.data import (
+        DATASET_SOURCES,
+        DatasetSource,
+        check_dataset_spec,
+        load_dataset,
+        register_dataset_source,
+    )
+
+    assert DATASET_SOURCES.names() == ("synthetic", "hub", "next", "fortunes", "file")
+
+    @dataclass(frozen=True)
+    class Numbers(DatasetSource):
+        name: ClassVar[str] = "numbers"
+        usage: ClassVar[str] = "numbers:<n>"
+
+        def matches(self, spec):
+            return spec.startswith("numbers:")
+
+        def check(self, spec):
+            if not spec[8:].isdigit():
+                raise nslens.NsLensError(f"numbers:<n> needs a number, got {spec!r}")
+
+        def load(self, spec, **kwargs):
+            n = int(spec[8:])
+            return nslens.ConceptDataset([f"{i}" for i in range(2 * n)], [i % 2 for i in range(2 * n)],
+                                         ["even", "odd"])
+
+    register_dataset_source(Numbers)
+    try:
+        ds = load_dataset("numbers:3")
+        assert ds.texts == ["0", "1", "2", "3", "4", "5"] and ds.labels.tolist() == [0, 1, 0, 1, 0, 1]
+        with pytest.raises(ValueError, match="needs a number, got 'numbers:x'"):
+            check_dataset_spec("numbers:x")
+        with pytest.raises(ValueError, match=r"\(Debian's fortunes\), a \.csv/\.jsonl path, or numbers:<n>$"):
+            load_dataset("nope")
+    finally:
+        DATASET_SOURCES.unregister("numbers")
+    with pytest.raises(ValueError, match=r"fortunes\[:<category>,\.\.\.\] \(Debian's fortunes\), or a \.csv"):
+        load_dataset("numbers:3")

@@ -107,3 +107,46 @@ def test_default_site_is_the_last_decoder_block(embedded):
     from nslens.pipeline import RunConfig
 
     assert RunConfig().layer == -1 and RunConfig().only_correct is True and RunConfig().cacc_average == "class"
+
+
+def test_a_registered_family_is_traced_like_the_built_ins(embedded):
+    """Adding a family is one ModelFamily: GPT-NeoX (not built in) then loads, and its site reads the layer output."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from nslens.models import FAMILY_REGISTRY, ModelFamily, get_family, register_family
+
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=64)).eval()
+    register_family(ModelFamily("gpt_neox", layers="gpt_neox.layers", embedding="gpt_neox.embed_in",
+                                final_norm="gpt_neox.final_layer_norm", gated_mlp=False))
+    try:
+        assert "gpt_neox" in SUPPORTED_FAMILIES and SUPPORTED_FAMILIES["gpt_neox"] == "gpt_neox.layers"
+        model = nslens.load_model(hf, tokenizer=embedded.tokenizer)
+        site = resolve_site(model, 0)
+        assert site.path == "gpt_neox.layers.0" and site.family == "gpt_neox"
+        fam = get_family("gpt_neox")
+        assert fam.part(hf, fam.embedding) is hf.get_input_embeddings()
+        assert fam.part(hf, fam.head) is hf.get_output_embeddings()
+        assert isinstance(fam.part(hf, fam.final_norm), torch.nn.LayerNorm)
+        enc = encode(model, ["the game and the team"])
+        with torch.no_grad():
+            with model.trace(enc):
+                h = read_site(model, site).save()
+        assert torch.equal(h, plain_forward(model, enc).hidden_states[1])
+    finally:
+        FAMILY_REGISTRY.unregister("gpt_neox")
+    assert "gpt_neox" not in SUPPORTED_FAMILIES
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_family_paths_name_the_models_modules(family):
+    from nslens.models import get_family
+
+    hf, fam = tiny(family), get_family(family)
+    assert fam.part(hf, fam.embedding) is hf.get_input_embeddings()
+    assert fam.part(hf, fam.head) is hf.get_output_embeddings()
+    assert fam.part(hf, fam.layer_path(1)) is hf.get_submodule(fam.layer_path(1)) is fam.part(hf, fam.layers)[1]
+    assert fam.part(hf, fam.mlp_path(1)) is hf.get_submodule(fam.layer_path(1)).mlp
+    assert isinstance(fam.part(hf, fam.final_norm), torch.nn.Module)
+    assert isinstance(fam.part(hf, f"{fam.layer_path(1)}.{fam.pre_mlp_norm}"), torch.nn.Module)

@@ -20,6 +20,7 @@ from nslens.neg import (
     resolve_neuron_site,
     resolve_neuron_sites,
 )
+from nslens.rank import get_ranking
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,10 @@ def test_neurgrad_ranking_in_the_pipeline(embedded, site, synth, tmp_path):
     ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
     scores = neurgrad_concept_scores(embedded, site, synth["train_prompts"][:24], tr.labels[:24], ids)
     assert scores.shape == (4, 64) and (scores >= 0).all()
+    ranking = get_ranking("neurgrad")  # the registry's object reaches the same computation
+    assert ranking.needs_model and not ranking.needs_samples
+    np.testing.assert_array_equal(ranking.scores_from_model(embedded, site, synth["train_prompts"][:24],
+                                                            tr.labels[:24], ids), scores)
     run = run_pipeline(RunConfig(method="neurgrad", fraction=0.5, n_per_class=16, batch_size=32, analyses=False),
                        tmp_path / "run", model=embedded)
     masks = nslens.load_masks(run / "ranges")

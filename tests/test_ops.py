@@ -54,3 +54,73 @@ def test_bad_operators():
         dampen(1.5)
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
         adaptive_dampen(-0.1)
+
+
+def test_each_operator_is_one_registered_class_with_the_same_labels_and_descriptions():
+    """Labels and descriptions are what tables, reports and run JSON print: written out here, as before the
+    operators became classes."""
+    import pickle
+
+    from nslens.ops import (
+        OPERATOR_REGISTRY,
+        OPERATORS,
+        VECTOR_OPERATORS,
+        Ablate,
+        Adaptive,
+        Dampen,
+        MeanConcept,
+        MeanReplace,
+        Steer,
+        Zero,
+        ablate_direction,
+        get_operator,
+        steer,
+    )
+
+    v = torch.tensor([3.0, 4.0])
+    cases = [
+        (zero(), Zero, "zero", {"name": "zero"}),
+        (dampen(0.25), Dampen, "dampen(a=0.25)", {"name": "dampen", "alpha": 0.25}),
+        (mean_replace(site_values=v), MeanReplace, "mean", {"name": "mean", "values": "general-text mean"}),
+        (mean_replace(v), MeanReplace, "mean", {"name": "mean", "values": "given"}),
+        (mean_replace(), MeanConcept, "mean(mu)", {"name": "mean_concept", "values": "mu"}),
+        (adaptive_dampen(0.5), Adaptive, "adaptive(b=0.5)", {"name": "adaptive", "beta": 0.5}),
+        (steer(v, -2), Steer, "steer(a=-2)", {"name": "steer", "alpha": -2.0}),
+        (ablate_direction(v), Ablate, "ablate", {"name": "ablate"}),
+    ]
+    for op, cls, label, described in cases:
+        assert type(op) is cls and get_operator(cls.name) is cls and op.name == cls.name
+        assert op.label == label and op.describe() == described
+        back = pickle.loads(pickle.dumps(op))
+        assert type(back) is cls and back.label == label and back.describe() == described
+    assert torch.equal(ablate_direction(v).site_values, torch.tensor([0.6, 0.8]))  # the unit direction
+    assert list(OPERATORS) == ["zero", "dampen", "mean", "mean_concept", "adaptive", "leace"]
+    assert OPERATORS == ("zero", "dampen", "mean", "mean_concept", "adaptive", "leace")
+    assert tuple(VECTOR_OPERATORS) == ("steer", "ablate") and "leace" in OPERATOR_REGISTRY
+    assert make_operator("dampen", alpha=0.5) == dampen(0.5) and make_operator("adaptive", beta=0.25).beta == 0.25
+    with pytest.raises(ValueError, match="unknown operator 'steer'; choose one of zero, dampen"):
+        make_operator("steer")  # built from a steering vector, not by name
+    with pytest.raises(ValueError, match="leace is fitted per concept"):
+        make_operator("leace")
+
+
+def test_operators_are_frozen_and_check_their_own_parameters():
+    import dataclasses
+
+    from nslens.ops import Dampen, MeanReplace, Operator
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dampen(0.5).alpha = 0.9
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 2"):
+        Dampen(2)
+    with pytest.raises(ValueError, match="needs values .* or site_values"):
+        MeanReplace()
+    with pytest.raises(TypeError):  # a subclass must be frozen too: operators ship by value and are hashed
+
+        @dataclasses.dataclass
+        class Loose(Operator):
+            name = "loose"
+    with pytest.raises(ValueError, match="the steering vector has NaN/inf values"):
+        from nslens.ops import steer
+
+        steer(torch.tensor([1.0, float("nan")]))

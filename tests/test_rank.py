@@ -78,3 +78,22 @@ def test_probe_uses_the_current_elastic_net_api_with_the_same_result():
             ref = LogisticRegression(penalty="elasticnet", solver="saga", l1_ratio=0.5, C=1.0, max_iter=200,
                                      random_state=0).fit(StandardScaler().fit_transform(x), y)
         np.testing.assert_allclose(w, np.abs(ref.coef_), rtol=1e-10)
+
+
+def test_rankings_are_registered_classes_with_their_flags(rng):
+    from nslens.rank import RANKING_METHODS, MaxRanking, ProbeRanking, get_ranking
+
+    assert tuple(RANKING_METHODS) == ("max", "probeless", "probe", "neurgrad")
+    assert isinstance(get_ranking("max"), MaxRanking) and not get_ranking("max").needs_samples
+    probe = get_ranking("probe", max_iter=200, seed=1)
+    assert isinstance(probe, ProbeRanking) and probe.needs_samples and not probe.needs_model
+    x, y, _ = planted(rng, n=90)
+    st = ConceptStats.from_samples(x, y, ["a", "b", "c"])
+    np.testing.assert_array_equal(probe.scores(st, x, y), rank_probe(x, y, 3, max_iter=200, seed=1))
+    np.testing.assert_array_equal(rank("probe", st, x, y, max_iter=200, seed=1), probe.scores(st, x, y))
+    neurgrad = get_ranking("neurgrad")
+    assert neurgrad.needs_model and type(neurgrad).__module__ == "nslens.neurgrad"
+    with pytest.raises(ValueError, match="needs the model: compute it with get_ranking"):
+        neurgrad.scores(st)
+    with pytest.raises(ValueError, match="computed from a recording's statistics"):
+        get_ranking("max").scores_from_model(None, None, [], y, None)

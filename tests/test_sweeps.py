@@ -36,3 +36,18 @@ def test_layer_sweep_records_each_layer(embedded, synth):
     sw = layer_sweep(embedded, synth["train_prompts"][:40], tr.labels[:40], tr.label_names,
                      synth["test_prompts"][:24], te.labels[:24], ids, nslens.zero(), layers=[0, 3], batch_size=32)
     assert sw.values == [0.0, 3.0] and len(sw.summaries) == 2
+
+
+def test_a_sweep_takes_the_runs_own_scores(embedded, site, setup):
+    """A ranking that needs raw samples or the model is computed once and passed as scores= (they depend on neither
+    fraction nor tau); without them the sweep says so instead of silently ranking by max."""
+    rec, test = setup
+    scores = -nslens.rank("max", rec.stats)  # any [C, d] scores: the least active neurons first
+    sw = fraction_sweep(embedded, site, rec.stats, *test, fractions=[0.25], method="probe", scores=scores,
+                        batch_size=32)
+    masks = nslens.build_range_masks(rec.stats, fraction=0.25, scores=scores)
+    assert sw.summaries[0] == erasure_table(embedded, site, *test[:3], masks, test[3], batch_size=32).summary()
+    assert sw.meta["method"] == "probe"
+    for method, needs in (("probe", "raw samples"), ("neurgrad", "the model")):
+        with pytest.raises(ValueError, match=f"the {method} ranking needs {needs}: pass its scores="):
+            tau_sweep(embedded, site, rec.stats, *test, taus=[1.0], method=method)
