@@ -121,6 +121,7 @@ def _erasure_tables(run: Path) -> list[dict[str, Any]] | None:
                        "steering": tab.meta.get("steering"), "columns": columns, "signed_from": len(METRICS),
                        "rows": [[r[0], *map(float, r[1:])] for r in rows[:-1]],
                        "footer": [rows[-1][0], *map(float, rows[-1][1:])]})
+    tables.sort(key=lambda t: t["steering"] is not None)  # the operators first, as in the report
     return tables or None
 
 
