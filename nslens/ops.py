@@ -290,10 +290,19 @@ class Steer(Operator):
         _check_site_width(self, mask, sae)
 
 
+def _unit(vector: Any) -> torch.Tensor:
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    norm = float(v.norm())
+    if not norm > 0 or not torch.isfinite(v).all():
+        raise NsLensError("directional ablation needs a finite, non-zero direction")
+    return v / norm
+
+
 @dataclass(frozen=True)
 class Ablate(Operator):
     """phi(x) = x - (x . r_hat) r_hat: directional ablation (Arditi et al.; App. M.1) of ``vector``'s unit
-    direction (normalised here), restricted to the selected neurons."""
+    direction, restricted to the selected neurons. A vector that is not of unit length is normalised here; one that
+    is (within float32 rounding) is kept bit for bit, so an operator rebuilt from its own fields is the same."""
 
     name: ClassVar[str] = "ablate"
     build: ClassVar[str] = "vector"
@@ -301,10 +310,9 @@ class Ablate(Operator):
 
     def __post_init__(self) -> None:
         v = torch.as_tensor(self.vector, dtype=torch.float32).flatten()
-        norm = float(v.norm())
-        if not norm > 0 or not torch.isfinite(v).all():
-            raise NsLensError("directional ablation needs a finite, non-zero direction")
-        object.__setattr__(self, "vector", v / norm)
+        if not torch.isfinite(v).all() or abs(float(v.norm()) - 1.0) > 1e-6:
+            v = _unit(v)
+        object.__setattr__(self, "vector", v)
 
     @property
     def site_values(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -381,7 +389,7 @@ def steer(vector: torch.Tensor, alpha: float = -2.0) -> Operator:
 
 def ablate_direction(vector: torch.Tensor) -> Operator:
     """Project out the unit direction of ``vector`` (one value per neuron of the site): directional ablation."""
-    return Ablate(vector)
+    return Ablate(_unit(vector))
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:

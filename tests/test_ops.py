@@ -59,6 +59,7 @@ def test_bad_operators():
 def test_each_operator_is_one_registered_class_with_the_same_labels_and_descriptions():
     """Labels and descriptions are what tables, reports and run JSON print: written out here, as before the
     operators became classes."""
+    import dataclasses
     import pickle
 
     from nslens.ops import (
@@ -93,6 +94,10 @@ def test_each_operator_is_one_registered_class_with_the_same_labels_and_descript
         assert op.label == label and op.describe() == described
         back = pickle.loads(pickle.dumps(op))
         assert type(back) is cls and back.label == label and back.describe() == described
+        params = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
+        again = cls(**params)  # rebuilt from its own fields (a bundle does this): the same operator, bit for bit
+        assert all(torch.equal(getattr(again, k), v) if isinstance(v, torch.Tensor) else getattr(again, k) == v
+                   for k, v in params.items())
     assert torch.equal(ablate_direction(v).site_values, torch.tensor([0.6, 0.8]))  # the unit direction
     assert list(OPERATORS) == ["zero", "dampen", "mean", "mean_concept", "adaptive", "leace"]
     assert OPERATORS == ("zero", "dampen", "mean", "mean_concept", "adaptive", "leace")
