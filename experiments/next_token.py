@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import nslens
-from nslens.pipeline import RunConfig, run_pipeline
+from nslens.config import RunConfig, SideEffectsConfig
+from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="next:pronouns", layer=-1, method="probeless", fraction=0.2, tau=2.5,
-    operators=["zero"], n_per_class=500, test_size=0.2, only_correct=True, side_effects=True,
-    side_effect_tasks=["nslens_wikipedia_ppl"], analyses=False, dtype="bfloat16",
+    operators=["zero"], n_per_class=500, test_size=0.2, only_correct=True,
+    side_effects=SideEffectsConfig(enabled=True, tasks=["nslens_wikipedia_ppl"]), analyses=False, dtype="bfloat16",
 )
 #: family -> the paper's table
 TABLES = {"pronouns": "Table 19", "pronoun_pairs": "Table 19", "punctuation": "Table 20", "delimiters": "Table 21",
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-table18", action="store_true", help="skip the max-ranking run on pronouns (Table 18)")
     args = ap.parse_args(argv)
     source = default_dataset(args.model, args.dataset, "wikitext")
-    base = replace(CONFIG, model=args.model, remote=args.remote, only_correct=not args.all_samples,
-                   side_effect_limit=args.lm_eval_limit, batch_size=args.batch_size,
+    base = CONFIG.replace(model=args.model, remote=args.remote, only_correct=not args.all_samples,
+                          side_effects={"limit": args.lm_eval_limit}, batch_size=args.batch_size,
                    dtype=None if args.model == "embedded" else CONFIG.dtype,
                    n_per_class=args.limit or CONFIG.n_per_class)
     model = nslens.load_model(args.model, dtype=base.dtype, remote=args.remote)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     summaries = {}
     for family, method in runs:
         name = family if method == "probeless" else f"{family}_{method}"
-        cfg = replace(base, dataset=f"next:{family}:{source}", method=method)
+        cfg = base.replace(dataset=f"next:{family}:{source}", method=method)
         with progress() as cb:
             out = run_pipeline(cfg, args.out / name, model=model, overwrite=True, progress=cb)
         if family == "pronouns":

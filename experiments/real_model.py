@@ -243,9 +243,10 @@ def report(res: dict) -> str:
 def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any = print) -> dict:
     """Everything, into ``out``; ``model``: the loaded model (else loaded from ``rc.model``)."""
     import nslens
+    from nslens.config import RunConfig, SideEffectsConfig, SteeringConfig, SweepConfig
     from nslens.files import write_text
     from nslens.fortunes import fortune_categories, read_items
-    from nslens.pipeline import RunConfig, run_pipeline
+    from nslens.pipeline import run_pipeline
     from nslens.protocols import protocol_settings
     from nslens.realtext import fortunes_ppl_task_dir
 
@@ -264,11 +265,12 @@ def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any =
     common = {"model": rc.model, "method": "max", "fraction": rc.fraction, "tau": rc.tau, "only_correct": False,
               "batch_size": rc.batch_size, "seed": rc.seed}
     runs = {
-        "topics": RunConfig(dataset=rc.topics, n_per_class=rc.topics_per_class, **settings, side_effects=True,
-                            side_effect_tasks=["nslens_fortunes_ppl"], lm_eval_include=str(ppl_dir), **common),
+        "topics": RunConfig(dataset=rc.topics, n_per_class=rc.topics_per_class, **settings,
+                            side_effects=SideEffectsConfig(enabled=True, tasks=["nslens_fortunes_ppl"],
+                                                           include=str(ppl_dir)), **common),
         "next": RunConfig(dataset=f"next:{rc.next_family}:{text_file}", n_per_class=rc.next_per_class,
-                          max_words=rc.next_max_words, steering=list(rc.steering), sweeps=["layer"],
-                          sweep_layers=list(rc.sweep_layers), **common),
+                          max_words=rc.next_max_words, steering=SteeringConfig(runs=list(rc.steering)),
+                          sweeps=SweepConfig(params=["layer"], layers=list(rc.sweep_layers)), **common),
     }
     for name, cfg in runs.items():
         t0 = time.perf_counter()
@@ -301,7 +303,7 @@ def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any =
     for q in rc.quantize:
         log(f"[quantized] {q}")
         t0 = time.perf_counter()
-        cfg = replace(runs["next"], quantize=q, steering=[], sweeps=[], analyses=False)
+        cfg = runs["next"].replace(quantize=q, steering={"runs": []}, sweeps={"params": []}, analyses=False)
         with progress() as cb:
             rd = run_pipeline(cfg, out / f"next_{q}", overwrite=True, progress=cb)
         tab = json.loads((rd / "summary.json").read_text())["erasure"]["zero"]

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from nslens.pipeline import RunConfig, run_pipeline
+from nslens.config import RunConfig, SaeConfig, SideEffectsConfig
+from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_sample_args, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="google/gemma-2-2b", dataset="dbpedia_14", layer=25, operators=["zero"], n_per_class=1000,
-    only_correct=True, max_correct_per_class=2000, sae_release="gemma-scope-2b-pt-res",
-    sae_id="layer_25/width_16k/average_l0_285", sae_ranges_over="firing", side_effects=True, analyses=False,
+    only_correct=True, max_correct_per_class=2000, 
+    sae=SaeConfig(release="gemma-scope-2b-pt-res", id="layer_25/width_16k/average_l0_285", ranges_over="firing"),
+    side_effects=SideEffectsConfig(enabled=True), analyses=False,
     dtype="bfloat16",
 )
 SAE_IDS = ["layer_25/width_16k/average_l0_285", "layer_25/width_65k/average_l0_197"]
@@ -45,11 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         rec = nslens.record(model, site, prompts, ds.labels, ds.label_names, batch_size=32, keep_samples=True)
         args.out.mkdir(parents=True, exist_ok=True)
         path = build_synthetic_sae(rec.samples).save_npz(args.out / "synthetic_sae.npz")
-        runs = {"synthetic": replace(RunConfig(), sae_path=str(path), n_per_class=args.limit or 24, batch_size=32,
-                                     side_effects=True, side_effect_limit=args.lm_eval_limit or 8, analyses=False,
-                                     only_correct=not args.all_samples)}
+        runs = {"synthetic": RunConfig(
+            sae=SaeConfig(path=str(path)), n_per_class=args.limit or 24, batch_size=32,
+            side_effects=SideEffectsConfig(enabled=True, limit=args.lm_eval_limit or 8), analyses=False,
+            only_correct=not args.all_samples)}
     else:
-        runs = {sid.split("/")[1]: replace(CONFIG, sae_id=sid, side_effect_limit=args.lm_eval_limit,
+        runs = {sid.split("/")[1]: CONFIG.replace(sae={"id": sid}, side_effects={"limit": args.lm_eval_limit},
                                            n_per_class=args.limit or CONFIG.n_per_class,
                                            only_correct=not args.all_samples) for sid in SAE_IDS}
     for name, cfg in runs.items():

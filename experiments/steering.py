@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import nslens
-from nslens.pipeline import RunConfig, run_pipeline
+from nslens.config import RunConfig, SideEffectsConfig, SteeringConfig
+from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=14, operators=["zero"], n_per_class=3000,
-    only_correct=True, max_correct_per_class=2000, steering=["steer", "ablate", "arm"], steer_alpha=-2.0,
-    steer_tau=1.0, side_effects=True, analyses=False, dtype="bfloat16",
+    only_correct=True, max_correct_per_class=2000, steering=SteeringConfig(runs=["steer", "ablate", "arm"], alpha=-2.0, tau=1.0),
+    side_effects=SideEffectsConfig(enabled=True), analyses=False, dtype="bfloat16",
 )
 
 
@@ -30,15 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     args = run_parser(__doc__, CONFIG, "runs/steering", lm_eval=True).parse_args(argv)
     model = nslens.load_model(args.model, dtype=None if args.model == "embedded" else CONFIG.dtype, remote=args.remote)
     layer = nslens.resolve_site(model).n_layers // 2  # the middle block (14 of Llama-3.2-3B's 28)
-    base = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
+    base = CONFIG.replace(model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
                    layer=layer, remote=args.remote, only_correct=not args.all_samples,
-                   side_effect_limit=args.lm_eval_limit, batch_size=args.batch_size,
+                   side_effects={"limit": args.lm_eval_limit}, batch_size=args.batch_size,
                    dtype=None if args.model == "embedded" else CONFIG.dtype,
                    n_per_class=args.limit or CONFIG.n_per_class)
     rows = ["| vectors | run | ΔAcc | ΔCAcc | ΔCConf | ΔPPL | ΔMMLU |", "|---|---|---|---|---|---|---|"]
     for source, tables in (("mean", "Tables 28 and 30"), ("last", "Table 29")):
         with progress() as cb:
-            out = run_pipeline(replace(base, steer_source=source), args.out / source, model=model, overwrite=True,
+            out = run_pipeline(base.replace(steering={"source": source}), args.out / source, model=model, overwrite=True,
                                progress=cb)
         summary = json.loads((out / "summary.json").read_text())
         for name, column, label in (("steer", "neuron", "steering"), ("steer", "range", "range-gated steering"),

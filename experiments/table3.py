@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from nslens.pipeline import RunConfig, run_pipeline
+from nslens.config import RunConfig
+from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_sample_args, progress, run, run_dir  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     summary = {}
     for ds in args.datasets:
-        cfg = replace(CONFIG, model=args.model, dataset=ds, remote=args.remote, batch_size=args.batch_size,
+        cfg = CONFIG.replace(model=args.model, dataset=ds, remote=args.remote, batch_size=args.batch_size,
                       dtype=None if args.model == "embedded" else CONFIG.dtype, only_correct=not args.all_samples,
                       n_per_class=args.limit or CONFIG.n_per_class)
         with progress() as cb:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from nslens.pipeline import RunConfig, run_pipeline
+from nslens.config import RunConfig, SideEffectsConfig
+from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_dataset, progress, run, run_parser  # noqa: E402
@@ -22,7 +22,8 @@ from _common import default_dataset, progress, run, run_parser  # noqa: E402
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
     operators=["zero", "dampen", "mean", "adaptive"], n_per_class=3000, only_correct=True,
-    max_correct_per_class=2000, side_effects=True, side_effect_tasks=["mmlu", "nslens_wikipedia_ppl"], dtype="bfloat16",
+    max_correct_per_class=2000, side_effects=SideEffectsConfig(enabled=True, tasks=["mmlu", "nslens_wikipedia_ppl"]),
+    dtype="bfloat16",
 )
 
 
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = run_parser(__doc__, CONFIG, "runs/table4", lm_eval=True)
     ap.add_argument("--operators", nargs="+", default=CONFIG.operators)
     args = ap.parse_args(argv)
-    cfg = replace(CONFIG, model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
-                  operators=args.operators, remote=args.remote, side_effect_limit=args.lm_eval_limit,
+    cfg = CONFIG.replace(model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
+                  operators=args.operators, remote=args.remote, side_effects={"limit": args.lm_eval_limit},
                   batch_size=args.batch_size, dtype=None if args.model == "embedded" else CONFIG.dtype,
                   only_correct=not args.all_samples, n_per_class=args.limit or CONFIG.n_per_class)
     with progress() as cb:

@@ -1,7 +1,8 @@
 """nslens: range-based neuron interpretation and intervention in LLMs, on nnsight.
 
 The module list reads as the data flow: models (load, site) -> data, nexttoken (concepts, prompts) -> record ->
-stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` runs it end to end, ``cli`` wraps it.
+stats -> rank -> ranges -> ops / intervene -> erasure -> report; ``pipeline`` runs it end to end (``config`` says
+what, ``run`` owns the directory), ``cli`` wraps it.
 """
 
 __version__ = "0.1.0"
@@ -13,15 +14,18 @@ import types  # noqa: E402
 # Public names, imported on first use (PEP 562): ``import nslens`` and ``nslens --help`` stay fast (torch, nnsight
 # and transformers load when a name that needs them is first touched).
 _EXPORTS = {
+    "config": ("RunConfig",),
     "data": ("ConceptDataset", "FewShotPrompter", "label_token_ids", "load_dataset"),
     "erasure": ("ErasureTable", "erasure_table", "predict"),
     "errors": ("NsLensError",),
     "intervene": ("Intervention", "applied", "apply_in_trace", "edit_hidden"),
     "models": ("Site", "load_model", "read_site", "resolve_site", "write_site"),
+    "pipeline": ("run_pipeline",),
     "ops": ("Operator", "adaptive_dampen", "dampen", "make_operator", "mean_replace", "zero"),
     "ranges": ("RangeMask", "build_range_masks", "load_masks"),
     "rank": ("rank", "select_top"),
     "record": ("RecordResult", "record"),
+    "run": ("RunResult",),
     "stats": ("ConceptStats",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -64,6 +68,8 @@ __all__ = [
     "Operator",
     "RangeMask",
     "RecordResult",
+    "RunConfig",
+    "RunResult",
     "Site",
     "__version__",
     "adaptive_dampen",
@@ -84,6 +90,7 @@ __all__ = [
     "read_site",
     "record",
     "resolve_site",
+    "run_pipeline",
     "select_top",
     "write_site",
     "zero",

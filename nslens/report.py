@@ -8,7 +8,7 @@ from pathlib import Path
 from .erasure import ErasureTable
 from .errors import NsLensError
 
-__all__ = ["write_report"]
+__all__ = ["section", "write_report"]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -34,36 +34,11 @@ def write_report(run_dir: str | Path) -> Path:
         "the last row is the 10 % trimmed mean across concepts. Neuron masking changes every value of the selected neurons, range "
         "masking only values inside [mu - tau*sigma, mu + tau*sigma].", "",
     ]
-    steering = []
-    for path in sorted(run.glob("erasure_*.json")):
-        tab = ErasureTable.from_json(path.read_text())
-        if tab.meta.get("steering"):
-            steering.append(tab)
-            continue
-        lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
-    if steering:
-        lines += ["## Steering baselines (paper App. M, Tables 28-30)", "",
-                  f"Full-vector masks with ranges mu -/+ tau sigma, tau = {steering[0].meta.get('steer_tau')}; "
-                  f"steering vectors from the {steering[0].meta.get('steer_source')}-token statistics. `steer`: "
-                  "neuron columns = difference-in-means steering, range columns = range-gated steering. `ablate`: "
-                  "directional ablation (neuron columns). `arm`: range columns = range masking of the full vector.",
-                  ""]
-        for tab in steering:
-            lines += [f"### `{tab.meta['steering']}` ({tab.operator})", "", tab.to_markdown()]
-    side = sorted(run.glob("side_effects_*.json"))
-    if side:
-        from .harness import SideEffectTable
-
-        lines += ["## Side effects (lm-eval)", "",
-                  "Each concept's mask applied at every position while lm-eval scores the model; deltas vs the "
-                  "clean model (paper Table 4). PPL is token perplexity where the task has it (the paper's PPL, "
-                  "task `nslens_wikipedia_ppl`), else word perplexity.", ""]
-        for path in side:
-            tab = SideEffectTable.from_json(path.read_text())
-            name = path.stem.removeprefix("side_effects_")
-            title = f"Operator `{tab.operator}`" if name in (tab.operator, tab.operator.split("(")[0]) \
-                else f"`{name}` ({tab.operator})"
-            lines += [f"### {title}", "", tab.to_markdown()]
+    for tab in _erasure_tables(run):
+        if not tab.meta.get("steering"):  # steering runs have their own section
+            lines += [f"### Operator `{tab.operator}`", "", tab.to_markdown()]
+    lines += _steering_sections(run)
+    lines += _side_effect_sections(run)
     lines += _sae_sections(run)
     lines += _analysis_sections(run)
     lines += _sweep_sections(run)
@@ -75,6 +50,55 @@ def write_report(run_dir: str | Path) -> Path:
     from .files import write_text
 
     return write_text(run / "report.md", "\n".join(lines))
+
+
+def section(run_dir: str | Path, name: str) -> str:
+    """One part of a run's report as Markdown, from the run directory (empty when the run has none): ``sae``,
+    ``steering``, ``side_effects``, ``analyses``, ``sweeps`` or ``neg``. The CLI prints these."""
+    builders = {"sae": _sae_sections, "steering": _steering_sections, "side_effects": _side_effect_sections,
+                "analyses": _analysis_sections, "sweeps": _sweep_sections, "neg": _neg_sections}
+    if name not in builders:
+        raise NsLensError(f"unknown report section {name!r}; choose one of {', '.join(builders)}")
+    return "\n".join(builders[name](Path(run_dir)))
+
+
+def _erasure_tables(run: Path) -> list[ErasureTable]:
+    return [ErasureTable.from_json(path.read_text()) for path in sorted(run.glob("erasure_*.json"))]
+
+
+def _steering_sections(run: Path) -> list[str]:
+    steering = [tab for tab in _erasure_tables(run) if tab.meta.get("steering")]
+    if not steering:
+        return []
+    lines = ["## Steering baselines (paper App. M, Tables 28-30)", "",
+             f"Full-vector masks with ranges mu -/+ tau sigma, tau = {steering[0].meta.get('steer_tau')}; "
+             f"steering vectors from the {steering[0].meta.get('steer_source')}-token statistics. `steer`: "
+             "neuron columns = difference-in-means steering, range columns = range-gated steering. `ablate`: "
+             "directional ablation (neuron columns). `arm`: range columns = range masking of the full vector.",
+             ""]
+    for tab in steering:
+        lines += [f"### `{tab.meta['steering']}` ({tab.operator})", "", tab.to_markdown()]
+    return lines
+
+
+def _side_effect_sections(run: Path) -> list[str]:
+    side = sorted(run.glob("side_effects_*.json"))
+    if not side:
+        return []
+    # lm-eval (an optional extra) loads only for a run that measured side effects
+    from .harness import SideEffectTable
+
+    lines = ["## Side effects (lm-eval)", "",
+             "Each concept's mask applied at every position while lm-eval scores the model; deltas vs the "
+             "clean model (paper Table 4). PPL is token perplexity where the task has it (the paper's PPL, "
+             "task `nslens_wikipedia_ppl`), else word perplexity.", ""]
+    for path in side:
+        tab = SideEffectTable.from_json(path.read_text())
+        name = path.stem.removeprefix("side_effects_")
+        title = f"Operator `{tab.operator}`" if name in (tab.operator, tab.operator.split("(")[0]) \
+            else f"`{name}` ({tab.operator})"
+        lines += [f"### {title}", "", tab.to_markdown()]
+    return lines
 
 
 def _analysis_sections(run: Path) -> list[str]:

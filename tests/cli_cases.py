@@ -9,6 +9,7 @@ from __future__ import annotations
 #: files the cases refer to (written into the working directory before a case runs)
 FIXTURES = {
     "bad.jsonl": '{"text": "a", "label": "x"}\n\n{"text": bad}\n',
+    "bad.toml": "fraction = 0.5\n[steering]\nstrength = 1\n",
 }
 LATIN1 = ("latin1.csv", "text,label\ncaf\u00e9,x\n".encode("latin-1"))
 
@@ -25,6 +26,10 @@ CASES: list[tuple[list[str], int, str]] = [
     (["erase", "--ranges", "nowhere"], 1, "no range masks"),
     (["erase", "--ranges", "nowhere", "--operator", "clamp"], 1, "unknown operator 'clamp'"),
     (["run", "missing.toml"], 1, "config file not found"),
+    (["run", "bad.toml"], 1, "unknown keys ['strength'] in [steering]; valid keys: runs, alpha, source, tau"),
+    (["steer", "--source", "mean"], 2, "No such option: --source"),
+    (["probe", "--limit", "5"], 2, "No such option: --limit"),
+    (["sweep", "bad.toml", "--param", "tau", "--values", "1,x"], 1, "--values must be comma-separated numbers"),
     (["record", "--out", "x.safetensors", "--model", "no-such-model"], 1, "neither a local directory"),
     (["record", "--out", "x.safetensors", "--model", "org/no-such-model"], 1,
      "could not load the model 'org/no-such-model'"),

@@ -122,11 +122,11 @@ def test_side_effects_command(embedded, tmp_path):
     r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "16", "--batch-size", "32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path).returncode == 0
-    r = nslens("side-effects", "--ranges", "ranges", "--limit", "0", cwd=tmp_path)
+    r = nslens("side-effects", "--ranges", "ranges", "--lm-eval-limit", "0", cwd=tmp_path)
     assert r.returncode == 1 and "limit must be > 0" in r.stderr and "Traceback" not in r.stderr
     r = nslens("side-effects", "--ranges", "ranges", "--tasks", "nslens_synth_m", cwd=tmp_path)
     assert r.returncode == 1 and "unknown lm-eval task 'nslens_synth_m'" in r.stderr
-    r = nslens("side-effects", "--ranges", "ranges", "--limit", "8", "--out", "se", cwd=tmp_path)
+    r = nslens("side-effects", "--ranges", "ranges", "--lm-eval-limit", "8", "--out", "se", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "trimmed mean (10%)" in r.stdout and (tmp_path / "se.json").exists()
 
@@ -253,3 +253,105 @@ def test_a_bug_is_an_internal_error_not_a_user_error(monkeypatch, tmp_path, caps
         main(["analyze", str(tmp_path)])
     err = capsys.readouterr().err
     assert ex.value.code == 1 and err.strip() == "error: run directory has no samples.safetensors"
+
+
+#: (command, flag) pairs whose default is the command's own, not the configuration's
+OWN_DEFAULTS = {("steer", "--layer"), ("steer", "--steering"), ("sae", "--side-effects"), ("steer", "--side-effects"),
+                ("demo", "--side-effects"), ("demo", "--fraction"), ("demo", "--operators"),
+                ("nexttoken", "--n-per-class"), ("sweep", "--param")}
+
+
+def test_every_flag_sets_one_config_field_and_means_it_on_every_command():
+    """The vocabulary: every option of every command is a configuration flag (one field of RunConfig, of one of
+    its sections or of NegConfig) or a command option (an input or output); a flag has the same names, Python
+    name and default on every command (the defaults are the fields' own), and no two flags set one field."""
+    import dataclasses
+    import typing
+
+    import typer.main
+
+    from nslens.cli import app
+    from nslens.cli.options import COMMAND_OPTIONS, FLAGS, to_field_type
+    from nslens.config import SECTIONS, RunConfig
+    from nslens.negstudy import NegConfig
+
+    def owner_field(target):
+        owner, _, name = target.rpartition(".")
+        cls = NegConfig if owner == "neg" else SECTIONS[owner] if owner else RunConfig
+        return cls, {f.name: f for f in dataclasses.fields(cls)}[name]
+
+    targets = [f.target for f in FLAGS.values()]
+    assert len(set(targets)) == len(targets), "two flags set one field"
+    names = [n for f in FLAGS.values() for part in f.names for n in part.split("/")]
+    assert len(set(names)) == len(names), "one name for two flags"
+    for f in FLAGS.values():
+        cls, fld = owner_field(f.target)
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+        assert to_field_type(f.default, typing.get_type_hints(cls)[fld.name]) == default, f.flag
+    group = typer.main.get_command(app)
+    python_names = {}
+    for command, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.param_type_name != "option":
+                continue
+            flag = next(o for o in p.opts if o.startswith("--"))
+            assert (flag in FLAGS) != (flag in COMMAND_OPTIONS), f"nslens {command} {flag}: in neither table"
+            if flag not in FLAGS:
+                continue
+            spec = FLAGS[flag]
+            assert {o for o in [*p.opts, *p.secondary_opts] if o.startswith("--")} == \
+                {n for part in spec.names for n in part.split("/") if n.startswith("--")}, (command, flag)
+            assert python_names.setdefault(flag, p.name) == p.name, (command, flag)
+            if (command, flag) not in OWN_DEFAULTS:
+                assert p.default == spec.default, (command, flag, p.default)
+    # every command that loads a model takes the model, remote, dtype and quantize options
+    for command in ("record", "erase", "side-effects", "sae", "steer", "neg", "probe"):
+        opts = {o for p in group.commands[command].params for o in p.opts}
+        assert {"--model", "--remote", "--dtype", "--quantize", "--layer", "--seed"} <= opts, command
+
+
+@pytest.mark.parametrize("argv,function,expect", [
+    (["erase", "--ranges", "r", "--operators", "zero,dampen", "--alpha", "0.3", "--beta", "0.7", "--batch-size", "8",
+      "--dtype", "float16", "--seed", "3", "--positions", "last"], "nslens.workflows.erase_with_masks",
+     {"operators": ["zero", "dampen"], "alpha": 0.3, "beta": 0.7, "batch_size": 8, "dtype": "float16", "seed": 3,
+      "positions": "last"}),
+    (["side-effects", "--ranges", "r", "--operator", "adaptive", "--lm-eval-limit", "5", "--tasks", "a,b",
+      "--include", "inc"], "nslens.workflows.side_effects_with_masks",
+     {"operators": ["adaptive"], "side_effects.limit": 5.0, "side_effects.tasks": ["a", "b"],
+      "side_effects.include": "inc", "batch_size": 16}),
+    (["steer", "--steering", "steer", "--steer-alpha", "-1", "--steer-source", "mean", "--steer-tau", "2",
+      "--limit", "4", "--no-side-effects", "--layer", "2"], "nslens.workflows.steering_run",
+     {"steering.runs": ["steer"], "steering.alpha": -1.0, "steering.source": "mean", "steering.tau": 2.0,
+      "side_effects.limit": 4.0, "side_effects.enabled": False, "layer": 2, "operators": ["zero"],
+      "analyses": False}),
+    (["sae", "--sae-release", "r", "--sae-id", "i", "--ranges-over", "all", "--n", "8"], "nslens.pipeline.run_pipeline",
+     {"sae.release": "r", "sae.id": "i", "sae.ranges_over": "all", "n_per_class": 8, "side_effects.enabled": True}),
+    (["neg", "--kind", "up_proj", "--prompts", "3", "--one-layer", "--label-words", "a,b,c,d", "--layer", "1"],
+     "nslens.negstudy.neg_linearity",
+     {"neg.kind": "up_proj", "neg.prompts": 3, "neg.all_layers": False, "label_words": ["a", "b", "c", "d"],
+      "layer": 1}),
+    (["probe", "--mceval", "agnews", "--queries", "7", "--batch-size", "4", "--remote", "--model", "org/m"],
+     "nslens.negstudy.skill_probes",
+     {"neg.mceval": "agnews", "neg.queries": 7, "batch_size": 4, "remote": True, "model": "org/m"}),
+])
+def test_a_flag_reaches_its_field(monkeypatch, argv, function, expect):
+    """What a command hands its library function: each flag's value in the field the table names."""
+    import importlib
+
+    from nslens.cli import main
+
+    got = {}
+
+    def capture(cfg, *args, **kwargs):
+        got["cfg"], got["neg"] = cfg, next((a for a in args if type(a).__name__ == "NegConfig"), None)
+        raise SystemExit(0)
+
+    module, name = function.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, capture)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    for target, value in expect.items():
+        owner, _, field = target.rpartition(".")
+        obj = got["neg"] if owner == "neg" else getattr(got["cfg"], owner) if owner else got["cfg"]
+        assert getattr(obj, field) == value, target

@@ -1,4 +1,5 @@
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -57,11 +58,11 @@ def test_only_correct_leaving_a_concept_empty_is_one_line_with_the_counts(embedd
     """Planted: the embedded model never answers 'fossil' after 'Label:' (it was trained on the four topic
     labels), so politics keeps no correct sample. The error comes after the train split's filter (the test
     split's pass never runs) and names every concept's count before and after, its accuracy and what to try."""
-    import nslens.pipeline as pl
+    import nslens.prepare as prep
 
     calls = []
-    real = pl.predict
-    monkeypatch.setattr(pl, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prep.predict
+    monkeypatch.setattr(prep, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = small_cfg(only_correct=True, label_words=["sports", "science", "business", "fossil"])
     with pytest.raises(ValueError) as e:
         run_pipeline(cfg, tmp_path / "r", model=embedded)
@@ -160,12 +161,12 @@ def test_sweeps_experiment_smoke(embedded, tmp_path):
 
 def test_a_failed_optional_step_keeps_the_run(embedded, tmp_path, monkeypatch):
     """An analysis that fails after erasure leaves the erasure tables, the masks and a report naming the failure."""
-    import nslens.analysis
+    import nslens.pipeline as pl
 
     def broken(*a, **k):
         raise RuntimeError("figure backend exploded")
 
-    monkeypatch.setattr(nslens.analysis, "write_analyses", broken)
+    monkeypatch.setattr(pl, "write_analyses", broken)
     run = run_pipeline(small_cfg(), tmp_path / "run", model=embedded)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
@@ -206,7 +207,7 @@ def test_config_values_are_type_checked(tmp_path, text, message):
     with pytest.raises(ValueError, match="c.toml is not UTF-8 text"):
         RunConfig.from_file(p)
     cfg = RunConfig.from_dict({"tau": 2, "fraction": 0.5, "sweep_layers": None, "label_words": ["a", "b"]})
-    assert cfg.tau == 2 and cfg.sweep_layers is None
+    assert cfg.tau == 2 and cfg.sweeps.layers is None
 
 
 def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
@@ -265,3 +266,112 @@ def test_stale_temporary_files_of_a_killed_run_are_cleaned_up(embedded, tmp_path
     (run / "extra.txt").write_text("a user's file")
     with pytest.raises(ValueError, match="exists and is not empty \\(pass --overwrite"):
         run_pipeline(small_cfg(analyses=False), run, model=embedded)
+
+
+OLD_FLAT = """fraction = 0.5
+steering = ["steer", "arm"]
+steer_alpha = -1.0
+steer_source = "mean"
+steer_tau = 2.0
+sweeps = ["tau"]
+sweep_fractions = [0.5]
+sweep_taus = [1.0, 2.5]
+sweep_layers = [1]
+side_effects = true
+side_effect_tasks = ["nslens_wikipedia_ppl"]
+side_effect_limit = 8
+lm_eval_include = "tasks"
+"""
+NEW_SECTIONS = """fraction = 0.5
+[steering]
+runs = ["steer", "arm"]
+alpha = -1.0
+source = "mean"
+tau = 2.0
+[sweeps]
+params = ["tau"]
+fractions = [0.5]
+taus = [1.0, 2.5]
+layers = [1]
+[side_effects]
+enabled = true
+tasks = ["nslens_wikipedia_ppl"]
+limit = 8
+include = "tasks"
+"""
+
+
+def test_flat_keys_of_earlier_configs_still_read_with_a_notice_naming_the_new_key(tmp_path, caplog):
+    """An earlier flat config maps to the same config as its sectioned form (and to the sections built by hand),
+    with one deprecation line per flat key; the sectioned form reads silently. Python keyword arguments map the
+    same way, with a DeprecationWarning each."""
+    import logging
+
+    from nslens.config import SaeConfig, SideEffectsConfig, SteeringConfig, SweepConfig
+
+    expect = RunConfig(fraction=0.5, steering=SteeringConfig(runs=["steer", "arm"], alpha=-1.0, source="mean", tau=2.0),
+                       sweeps=SweepConfig(params=["tau"], fractions=[0.5], taus=[1.0, 2.5], layers=[1]),
+                       side_effects=SideEffectsConfig(enabled=True, tasks=["nslens_wikipedia_ppl"], limit=8,
+                                                      include="tasks"))
+    (tmp_path / "old.toml").write_text(OLD_FLAT)
+    (tmp_path / "new.toml").write_text(NEW_SECTIONS)
+    with caplog.at_level(logging.WARNING, logger="nslens.config"):
+        old = RunConfig.from_file(tmp_path / "old.toml")
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == OLD_FLAT.count("\n") - 1
+    assert "config key 'steer_alpha' is deprecated: write it as alpha under [steering]" in notices
+    assert "config key 'side_effects' is deprecated: write it as enabled under [side_effects]" in notices
+    assert "config key 'lm_eval_include' is deprecated: write it as include under [side_effects]" in notices
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nslens.config"):
+        new = RunConfig.from_file(tmp_path / "new.toml")
+    assert not caplog.records
+    assert old == new == expect
+    with pytest.warns(DeprecationWarning, match=r"RunConfig\(steer_tau=\.\.\.\) is deprecated: pass "
+                                                r"steering=SteeringConfig\(tau=\.\.\.\)"):
+        kw = RunConfig(fraction=0.5, steering=["steer", "arm"], steer_alpha=-1.0, steer_source="mean", steer_tau=2.0,
+                       sweeps=["tau"], sweep_fractions=[0.5], sweep_taus=[1.0, 2.5], sweep_layers=[1],
+                       side_effects=True, side_effect_tasks=["nslens_wikipedia_ppl"], side_effect_limit=8,
+                       lm_eval_include="tasks")
+    assert kw == expect
+    sae = RunConfig.from_dict({"sae_release": "r", "sae_id": "i", "sae_top": 0.3, "sae_ranges_over": "all"})
+    assert sae.sae == SaeConfig(release="r", id="i", top=0.3, ranges_over="all") and sae.sae.enabled
+    # a section's copy changes only what it is told, and never the original
+    changed = expect.replace(side_effects={"limit": 4})
+    assert changed.side_effects.limit == 4 and changed.side_effects.enabled and expect.side_effects.limit == 8
+    # the configs the project ships use sections only
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nslens.config"):
+        for f in (ROOT / "experiments" / "configs").glob("*.toml"):
+            RunConfig.from_file(f)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[steering]\nstrength = 1\n", "unknown keys ['strength'] in [steering]; valid keys: runs, alpha, source, tau"),
+    ("[sweeps]\ntaus = [1, true]\n", "config key 'sweeps.taus' must be a list of numbers, got [1, True]"),
+    ("[steering]\nsource = \"first\"\n", "unknown steer_source 'first'; choose last or mean"),
+    ("[side_effects]\nlimit = 0\n", "lm-eval limit must be > 0, got 0"),
+    ("sae = 3\n", "config key 'sae' must be a table ([sae]), got 3"),
+    ("[sae]\npath = \"a.npz\"\nrelease = \"r\"\nid = \"i\"\n", "give either sae_path or sae_release + sae_id"),
+])
+def test_config_sections_are_checked_by_their_own_validate(tmp_path, text, message):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.from_file(p)
+
+
+def test_run_result_says_what_ran(embedded, tmp_path):
+    """The result of a run: its path (standing in for the directory's Path), status, steps with their times, and
+    the tables, read back as objects equal to the files the run wrote."""
+    res = run_pipeline(small_cfg(analyses=False), tmp_path / "run", model=embedded)
+    assert res.path == tmp_path / "run" and (res / "report.md") == res.report and res.report.exists()
+    assert res.status == "complete" and res.failed_steps == {} and res.tables == ["zero"]
+    assert list(res.steps) == ["data", "masks", "erasure", "report"]
+    assert all(s.status == "done" and s.seconds >= 0 for s in res.steps.values())
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["steps"]["erasure"]["status"] == "done" and summary["steps"]["report"]["required"] is False
+    assert res.erasure("zero").to_json() == (res / "erasure_zero.json").read_text()
+    assert res.side_effects("zero") is None and res.config["fraction"] == 0.5
+    assert sorted(p.name for p in res.iterdir()) == sorted(p.name for p in (tmp_path / "run").iterdir())

@@ -1,0 +1,5 @@
+"""``python -m nslens.cli``."""
+
+from . import main
+
+main()
