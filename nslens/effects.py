@@ -19,11 +19,13 @@ from .files import write_text
 __all__ = ["METRIC_KEYS", "SideEffectTable", "SideEffects", "main_metric", "task_metrics"]
 
 #: the metrics nslens reports from lm-eval's results
-METRIC_KEYS = ("acc", "perplexity", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+METRIC_KEYS = ("acc", "perplexity", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+               "exact_match")
 
 
 def task_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for the metrics nslens reports (acc, perplexities, bits per byte)."""
+    """``{task: {metric: value}}`` for the metrics nslens reports (acc, perplexities, bits per byte, a generative
+    task's exact match)."""
     out: dict[str, dict[str, float]] = {}
     for t in tasks:
         r = results["results"].get(t) or results.get("groups", {}).get(t, {})  # groups such as mmlu
@@ -61,11 +63,11 @@ class SideEffects(dict):
 
 def main_metric(metrics: Mapping[str, float]) -> str:
     """The column a task contributes to the Table-4 view: token perplexity (the paper's PPL) where the task has
-    it, else word perplexity, else perplexity, else accuracy."""
+    it, else word perplexity, else perplexity, else accuracy (exact match for a generative task)."""
     for k in ("token_perplexity", "word_perplexity", "perplexity"):
         if k in metrics:
             return k
-    return "acc"
+    return "exact_match" if "exact_match" in metrics and "acc" not in metrics else "acc"
 
 
 @dataclass

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from .batching import batches, tokenize
 from .errors import NsLensError
 from .intervene import Intervention, apply_in_trace
 from .models import Site
-from .batching import batches, tokenize
 from .remote import maybe_retry, trace_args
 
-__all__ = ["Continuation", "GenerationSettings", "generate", "generate_ids"]
+__all__ = ["Continuation", "GenerationSettings", "generate", "generate_ids", "traced_generate"]
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,11 @@ class Continuation:
         return {**asdict(self), "changed": self.changed}
 
 
-def _generate_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], interventions: Any,
-                    kwargs: dict[str, Any], remote: bool | str) -> torch.Tensor:
-    """One batch's generated ids (prompt + new tokens) with ``interventions`` at every forward of the decode loop.
+def traced_generate(model: Any, site: Site | None, enc: dict[str, torch.Tensor], interventions: Any,
+                    kwargs: dict[str, Any], remote: bool | str = False) -> torch.Tensor:
+    """One batch's generated ids (prompt + new tokens) with ``interventions`` at every forward of the decode loop
+    (``kwargs`` go to transformers' ``generate``). Also what lm-eval's generative requests run through
+    (``nslens.lmadapter``).
 
     The open-ended ``tracer.all()`` loop edits the prompt's forward and then each new token's; it ends when
     generation does, leaving its last request (a step after the final token) parked by design, and nothing after
@@ -123,7 +125,7 @@ def generate_ids(model: Any, site: Site, prompts: Sequence[str], *,
         enc = tokenize(model, prompts[sl])
         if settings.do_sample:
             torch.manual_seed(settings.seed + sl.start)
-        ids = maybe_retry(remote, lambda enc=enc: _generate_batch(model, site, enc, interventions, kwargs, remote),
+        ids = maybe_retry(remote, lambda enc=enc: traced_generate(model, site, enc, interventions, kwargs, remote),
                           what="generate")
         new = ids[:, enc["input_ids"].shape[1]:].tolist()
         for row in new:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import NsLensError
+from .generate import traced_generate
 from .intervene import Intervention, apply_in_trace
 from .lmtasks import require_lm_eval
 from .loglik import LoglikSweep
@@ -38,7 +39,7 @@ def _lm_class() -> type:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import Collator
-    from lm_eval.models.utils_hf import pad_and_concat
+    from lm_eval.models.utils_hf import pad_and_concat, stop_sequences_criteria
     from lm_eval.utils import get_rolling_token_windows
 
     class NsLensLM(HFLM):
@@ -86,9 +87,37 @@ def _lm_class() -> type:
             """Full logits through a trace (only lm-eval's batch-size detection still asks for them)."""
             return traced_logits(self.nn_model, self.site, self.interventions, inps, self.remote)
 
-        def _model_generate(self, *args: Any, **kwargs: Any) -> Any:
-            raise NsLensError("generative lm-eval tasks are not supported by nslens side effects; "
-                             "use loglikelihood, multiple_choice or loglikelihood_rolling tasks")
+        def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                            **generation_kwargs: Any) -> torch.Tensor:
+            """lm-eval's generative requests (``generate_until``): HFLM's own generation settings, run through one
+            ``model.generate`` trace with the intervention at every forward of the decode loop
+            (``nslens.generate.traced_generate``), so every generated token comes from the edited model.
+
+            On a real remote server lm-eval's stop-sequence criteria (lm-eval code the server lacks) are left out:
+            generation then runs to ``max_length`` or the end-of-sequence token, and ``generate_until`` cuts the
+            text at the first stop sequence itself, so the answers are the same."""
+            generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+            do_sample = generation_kwargs.get("do_sample")
+            if (temp := generation_kwargs.get("temperature")) == 0.0 and do_sample is None:
+                generation_kwargs["do_sample"] = do_sample = False
+            if do_sample is False and temp == 0.0:
+                generation_kwargs.pop("temperature", None)
+            attention_mask = generation_kwargs.pop("attention_mask", None)
+            enc = {"input_ids": context}
+            if attention_mask is not None:
+                enc["attention_mask"] = attention_mask
+            kwargs = {"max_length": max_length, "pad_token_id": self.tokenizer.pad_token_id, "use_cache": True,
+                      **generation_kwargs}
+            if self.remote is not True:
+                kwargs["stopping_criteria"] = stop_sequences_criteria(self.tokenizer, stop, context.shape[1],
+                                                                      context.shape[0])
+            out = traced_generate(self.nn_model, self.site, enc, self.interventions, kwargs, self.remote)
+            self._advance(int(context.shape[0]))
+            return out
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            self._expect(len(requests))
+            return super().generate_until(requests, disable_tqdm=True)
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             self._expect(len(requests))

@@ -73,6 +73,8 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
 
     - ``nslens_synth_mc``: an MMLU-format multiple-choice task (``question``, ``subject``, ``choices``,
       ``answer``): which topic is the text about; the choices are the four label words.
+    - ``nslens_synth_gen``: a generative (``generate_until``) task: the same kind of question, answered by up to
+      four generated tokens cut at the first newline; metric exact_match of the first word against the label.
     - ``nslens_synth_cont``: a ``loglikelihood`` task whose continuations are several tokens long (the last two
       words of a sentence given the rest); metrics perplexity and acc (is-greedy).
     - ``nslens_synth_ppl``: a ``loglikelihood_rolling`` perplexity task over held-out synthetic text, with the
@@ -84,7 +86,7 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
     """
     base = Path(root) if root is not None else nslens_home() / f"lm_eval_tasks-{EMBEDDED_VERSION}"
     marker = base / "done"
-    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-2"
+    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-3"
     if marker.exists() and marker.read_text().strip() == stamp:
         return base
     base.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,12 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
             c = rng.randrange(len(SYNTHETIC_LABELS))
             f.write(json.dumps({"question": f"Text: {synthetic_text(c, rng)}\nLabel:", "subject": "synthetic",
                                 "choices": list(SYNTHETIC_LABELS), "answer": c}) + "\n")
+    gen_rng = random.Random(5678)  # its own generator: the other tasks' data stay what they were
+    with open(base / "gen.jsonl", "w") as f:
+        for _ in range(n_mc):
+            c = gen_rng.randrange(len(SYNTHETIC_LABELS))
+            f.write(json.dumps({"question": f"Text: {synthetic_text(c, gen_rng)}\nLabel:",
+                                "answer": SYNTHETIC_LABELS[c]}) + "\n")
     with open(base / "cont.jsonl", "w") as f:
         for _ in range(n_mc):
             words = synthetic_text(rng.choice([None, 0, 1, 2, 3]), rng).split()
@@ -107,6 +115,12 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
                      'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
                      "doc_to_target: answer\n"
                      "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    _write_yaml_task(base, "nslens_synth_gen", "gen.jsonl",
+                     'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+                     'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
+                     "filter_list:\n  - name: first_word\n    filter:\n      - function: regex\n"
+                     '        regex_pattern: "([a-z]+)"\n      - function: take_first\n'
+                     "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     _write_yaml_task(base, "nslens_synth_cont", "cont.jsonl",
                      'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
                      "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"

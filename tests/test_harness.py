@@ -333,10 +333,33 @@ def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
         wikipedia_articles(2, data_files="/nowhere/w.parquet")
 
 
-def test_generative_tasks_are_refused_not_run_unintervened(embedded, site, masks):
-    lm = NsLensLM(embedded, site, nslens.Intervention(masks[0], nslens.zero()))
-    with pytest.raises(ValueError, match="generative lm-eval tasks are not supported"):
-        lm._model_generate(torch.zeros(1, 3, dtype=torch.long), max_length=5, stop=[])
+def test_generative_task_under_an_intervention_equals_stock_hflm_with_a_plain_hook(embedded, site, masks, tm,
+                                                                                    inc):
+    """generate_until through the adapter: the intervention at every generated token (neuron masking, so it acts
+    on every forward) gives stock HFLM-with-a-hook's generations, response for response; the clean adapter gives
+    stock HFLM's; the edit changes some answers. side_effects reports the task's exact match."""
+    task = ["nslens_synth_gen"]
+    mask = masks[0]
+
+    def responses(lm):
+        res = lm_eval.simple_evaluate(model=lm, tasks=task, task_manager=tm, log_samples=True, bootstrap_iters=0,
+                                      verbosity="ERROR")
+        return [s["resps"] for s in res["samples"][task[0]]], task_metrics(res, task)[task[0]]
+
+    handle = embedded._module.model.layers[site.layer].register_forward_hook(hooked(mask, gated=False))
+    try:
+        ref, ref_m = responses(stock(embedded))
+    finally:
+        handle.remove()
+    iv = nslens.Intervention(mask, nslens.zero(), gated=False)
+    ours, ours_m = responses(NsLensLM(embedded, site, iv, batch_size=8))
+    assert ours == ref and ours_m == ref_m
+    clean, clean_m = responses(NsLensLM(embedded, batch_size=8))
+    assert clean == responses(stock(embedded))[0]
+    assert clean != ours
+    res = side_effects(embedded, site, {"neuron": iv}, tasks=task, include_path=inc)
+    assert res["clean"][task[0]]["exact_match"] == clean_m["exact_match"]
+    assert res["neuron"][task[0]]["exact_match"] == ours_m["exact_match"]
 
 
 def test_several_operators_share_one_sweep(embedded, site, masks, inc):
