@@ -1,30 +1,91 @@
-"""The CLI: a clear one-line error and exit code 1 on bad input (no traceback), real runs on the embedded model."""
+"""The CLI: a clear one-line error and exit code 1 on bad input (no traceback), real runs on the embedded model.
 
+Most commands run in this process (``nslens(...)``: ``main`` with stdout and stderr captured, neither a terminal);
+a few run as a real child process (``nslens_process(...)``) for what needs one: output without a terminal, a real
+SIGINT, and the exit codes and one error line of a real process."""
+
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 from cli_cases import CASES, FIXTURES, LATIN1, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nslens(*args, cwd=None):
-    env = {**os.environ, "COLUMNS": "200"}
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def nslens_process(*args, cwd=None, env=None):
+    """``python -m nslens.cli`` in a child process (stdout and stderr are pipes, not terminals)."""
+    env = {**(os.environ if env is None else env), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "nslens.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("args,code,message", CASES, ids=[" ".join(c[0]) or "(none)" for c in CASES])
-def test_bad_input_is_one_error_line_with_its_exit_code(embedded, tmp_path, args, code, message):
-    """Usage errors: the usage line and one error line, exit 2; other bad input: one error line, exit 1. The line
-    is unwrapped (no terminal here) and nothing is written."""
+def nslens(*args, cwd=None):
+    """``nslens.cli.main`` in this process, in ``cwd``, with stdout and stderr captured (not terminals, as in a
+    pipe); the state a command can touch (environment, working directory, logging, transformers' verbosity,
+    torch's threads and random state, numpy's random state, the consoles' widths) is put back afterwards, so
+    nothing leaks into later tests."""
+    import torch
+    import transformers
+
+    import nslens.cli as cli
+
+    hf_logging = transformers.utils.logging
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    threads, torch_rng, np_rng = torch.get_num_threads(), torch.random.get_rng_state(), np.random.get_state()
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLUMNS", "200")
+        mp.setattr(cli.console, "width", 200)  # what COLUMNS=200 gives a fresh process's consoles
+        mp.setattr(cli.out_console, "width", 140)
+        if cwd is not None:
+            mp.chdir(cwd)
+        env = dict(os.environ)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    cli.main([str(a) for a in args])
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            for key in set(os.environ) - set(env):
+                del os.environ[key]
+            os.environ.update(env)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            torch.set_num_threads(threads)
+            torch.random.set_rng_state(torch_rng)
+            np.random.set_state(np_rng)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def write_case_files(folder):
     for name, text in FIXTURES.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / LATIN1[0]).write_bytes(LATIN1[1])
-    r = nslens(*args, cwd=tmp_path)
+        (folder / name).write_text(text)
+    (folder / LATIN1[0]).write_bytes(LATIN1[1])
+
+
+def assert_bad_input(r, code, message, folder):
+    """Usage errors: the usage line and one error line, exit 2; other bad input: one error line, exit 1. The line
+    is unwrapped (no terminal) and nothing is written."""
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -32,7 +93,28 @@ def test_bad_input_is_one_error_line_with_its_exit_code(embedded, tmp_path, args
     if code == 2:
         lines = r.stderr.strip().splitlines()
         assert lines[-2].startswith("Usage: nslens") and lines[-1] == errors[0]
-    assert not (tmp_path / "x.safetensors").exists()
+    assert not (folder / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,code,message", CASES, ids=[" ".join(c[0]) or "(none)" for c in CASES])
+def test_bad_input_is_one_error_line_with_its_exit_code(embedded, tmp_path, args, code, message):
+    """Every case of the table (in this process): nothing on stderr but the usage line (exit 2) and the error
+    line."""
+    write_case_files(tmp_path)
+    r = nslens(*args, cwd=tmp_path)
+    assert_bad_input(r, code, message, tmp_path)
+    assert len(r.stderr.splitlines()) == (2 if code == 2 else 1), r.stderr
+
+
+#: a usage error and a user error that gets as far as loading the model, each in a real process
+IN_A_PROCESS = [c for c in CASES if c[0] in (["recrd"], ["record", "--out", "x.safetensors", "--layer", "9"])]
+
+
+@pytest.mark.parametrize("args,code,message", IN_A_PROCESS, ids=[" ".join(c[0]) for c in IN_A_PROCESS])
+def test_bad_input_in_a_real_process(embedded, tmp_path, args, code, message):
+    assert len(IN_A_PROCESS) == 2
+    write_case_files(tmp_path)
+    assert_bad_input(nslens_process(*args, cwd=tmp_path), code, message, tmp_path)
 
 
 def test_docs_bad_input_table_is_generated_from_the_cases():
@@ -71,14 +153,24 @@ def test_ctrl_c_exits_130_saying_what_and_how_to_resume(monkeypatch, capsys, tmp
     assert "finished artifacts stay in the run directory" in capsys.readouterr().err
 
 
-def test_record_ranges_erase_roundtrip(embedded, tmp_path):
-    r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "24", "--batch-size", "32", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def recorded(embedded, tmp_path_factory):
+    """One recording by a real process (its progress without a terminal is checked), shared by the commands that
+    read statistics."""
+    folder = tmp_path_factory.mktemp("recorded")
+    r = nslens_process("record", "--out", "stats.safetensors", "--n-per-class", "24", "--batch-size", "32",
+                       cwd=folder)
     assert r.returncode == 0, r.stderr
+    return folder / "stats.safetensors", r
+
+
+def test_record_ranges_erase_roundtrip(recorded, tmp_path):
+    stats, r = recorded
     # no terminal: progress is a plain line per stage, not a bar frame
     assert any(line.startswith("record: ") and line.endswith(" s)") for line in r.stderr.splitlines()), r.stderr
-    r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", "--tau", "0", cwd=tmp_path)
+    r = nslens("ranges", stats, "--out", "ranges", "--fraction", "0.5", "--tau", "0", cwd=tmp_path)
     assert r.returncode == 1 and "tau must be a positive number" in r.stderr
-    r = nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path)
+    r = nslens("ranges", stats, "--out", "ranges", "--fraction", "0.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "ranges").glob("*.safetensors"))) == 4
     r = nslens("erase", "--ranges", "ranges", "--n-per-class", "24", "--batch-size", "32", "--out", "tab",
@@ -118,27 +210,27 @@ def test_run_from_config(embedded, tmp_path):
     assert (tmp_path / "run" / "report.md").exists() and "Concept erasure" in r.stdout
 
 
-def test_side_effects_command(embedded, tmp_path):
-    r = nslens("record", "--out", "stats.safetensors", "--n-per-class", "16", "--batch-size", "32", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert nslens("ranges", "stats.safetensors", "--out", "ranges", "--fraction", "0.5", cwd=tmp_path).returncode == 0
+def test_side_effects_command(recorded, tmp_path):
+    stats, _ = recorded
+    assert nslens("ranges", stats, "--out", "ranges", "--fraction", "0.5", cwd=tmp_path).returncode == 0
     r = nslens("side-effects", "--ranges", "ranges", "--lm-eval-limit", "0", cwd=tmp_path)
     assert r.returncode == 1 and "limit must be > 0" in r.stderr and "Traceback" not in r.stderr
     r = nslens("side-effects", "--ranges", "ranges", "--tasks", "nslens_synth_m", cwd=tmp_path)
     assert r.returncode == 1 and "unknown lm-eval task 'nslens_synth_m'" in r.stderr
-    r = nslens("side-effects", "--ranges", "ranges", "--lm-eval-limit", "8", "--out", "se", cwd=tmp_path)
+    r = nslens("side-effects", "--ranges", "ranges", "--lm-eval-limit", "4", "--out", "se", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "trimmed mean (10%)" in r.stdout and (tmp_path / "se.json").exists()
 
 
-def test_remote_bad_input(tmp_path):
-    env_free = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
-    r = subprocess.run([sys.executable, "-m", "nslens.cli", "record", "--out", "x.safetensors", "--remote",
-                        "--model", str(tmp_path)], capture_output=True, text=True, env=env_free, cwd=tmp_path)
+def test_remote_bad_input(tmp_path, monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    r = nslens("record", "--out", "x.safetensors", "--remote", "--model", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 1 and "remote=True needs a hub model id" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "nslens.cli", "record", "--out", "x.safetensors", "--remote",
-                        "--model", "meta-llama/Llama-3.1-70B"], capture_output=True, text=True,
-                       env={**env_free, "HOME": str(tmp_path)}, cwd=tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)  # no key in nnsight's config either
+    r = nslens("record", "--out", "x.safetensors", "--remote", "--model", "meta-llama/Llama-3.1-70B", cwd=tmp_path)
     assert r.returncode == 1 and "need an NDIF API key" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -185,9 +277,12 @@ def test_real_sigint_during_record(embedded, tmp_path):
 
 
 def test_unwritable_out_fails_before_any_work_and_a_failed_final_write_keeps_the_checkpoint(embedded, tmp_path,
-                                                                                              monkeypatch, capsys):
-    import nslens.cli as cli
+                                                                                              monkeypatch):
+    from nslens import workflows
     from nslens.stats import ConceptStats
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -196,14 +291,13 @@ def test_unwritable_out_fails_before_any_work_and_a_failed_final_write_keeps_the
         if os.access(locked, os.W_OK):  # root ignores permissions: a regular file as the folder then
             locked = tmp_path / "file"
             locked.write_text("x")
-        r = nslens("record", "--out", str(locked / "s.safetensors"), cwd=tmp_path)
-        assert r.returncode == 1 and f"cannot write {locked / 's.safetensors'}" in r.stderr
-        assert "Loading weights" not in r.stderr  # refused before the model loads
+        with monkeypatch.context() as mp:
+            mp.setattr(workflows, "load_model", no_loading)  # refused before the model loads
+            r = nslens("record", "--out", str(locked / "s.safetensors"), cwd=tmp_path)
+        assert r.returncode == 1 and f"cannot write {locked / 's.safetensors'}" in r.stderr, r.stderr
     finally:
         (tmp_path / "locked").chmod(0o700)
     # the final write fails after recording: the checkpoint (all the progress) must survive
-    monkeypatch.chdir(tmp_path)
-
     save = ConceptStats.save
 
     def disk_full(self, path):  # checkpoints still save; the final output does not
@@ -212,10 +306,9 @@ def test_unwritable_out_fails_before_any_work_and_a_failed_final_write_keeps_the
         return save(self, path)
 
     monkeypatch.setattr(ConceptStats, "save", disk_full)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["record", "--out", "s.safetensors", "--n-per-class", "12", "--batch-size", "8", "--checkpoint",
-                  "ck.safetensors", "--all-samples"])
-    assert e.value.code == 1 and "No space left on device" in capsys.readouterr().err
+    r = nslens("record", "--out", "s.safetensors", "--n-per-class", "12", "--batch-size", "8", "--checkpoint",
+               "ck.safetensors", "--all-samples", cwd=tmp_path)
+    assert r.returncode == 1 and "No space left on device" in r.stderr
     assert (tmp_path / "ck.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
 
 
