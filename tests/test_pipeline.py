@@ -134,7 +134,7 @@ def test_run_with_side_effects_table4(embedded, tmp_path, monkeypatch):
         model=HFLM(pretrained=embedded._module, tokenizer=embedded.tokenizer, batch_size=cfg.batch_size,
                    device="cpu"),  # the run's batches: padding, and so float rounding, depends on them
         tasks=list(LOCAL_TASKS), limit=12, num_fewshot=0, log_samples=False, bootstrap_iters=0,
-        task_manager=TaskManager(include_path=str(local_tasks_dir())), verbosity="ERROR")
+        task_manager=TaskManager(include_path=str(local_tasks_dir()), include_defaults=False), verbosity="ERROR")
     assert tab.clean == task_metrics(stock, LOCAL_TASKS)
     assert all(row["nslens_synth_token_ppl"]["token_perplexity"] != 0 for row in tab.neuron + tab.range)
     report = (run / "report.md").read_text()
@@ -227,34 +227,46 @@ def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
             run_pipeline(RunConfig(**kw), tmp_path / "run")
 
 
-def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path):
+def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path, monkeypatch, capsys):
     """One-line errors with exit codes, --limit 0 refused, an absolute dataset path never becomes the run
-    directory, and the README's smoke command for the sweeps runs as written (embedded implies synthetic)."""
+    directory, and the README's smoke command for the sweeps runs as written (embedded implies synthetic). The
+    scripts run as ``__main__`` in this process, except one in a real process (progress without a terminal)."""
     import subprocess
     import sys
 
-    def script(name, *args):
-        return subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=600)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # each script puts experiments/ on it
 
-    r = script("table4.py", "--model", "embedded", "--limit", "0")
-    assert r.returncode == 2 and "--limit: expected a positive integer, got 0" in r.stderr
-    r = script("table3.py", "--model", "embedded", "--datasets", "nope")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nope'")
-    assert "Traceback" not in r.stderr
+    def script(name, *args):
+        """``python experiments/<name> args`` as __main__ here: (exit code, stderr)."""
+        monkeypatch.setattr(sys, "argv", [str(ROOT / "experiments" / name), *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "experiments" / name), run_name="__main__")
+            raise SystemExit(0)
+        return e.value.code, capsys.readouterr().err
+
+    code, err = script("table4.py", "--model", "embedded", "--limit", "0")
+    assert code == 2 and "--limit: expected a positive integer, got 0" in err
+    code, err = script("table3.py", "--model", "embedded", "--datasets", "nope")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: unknown dataset 'nope'")
+    assert "Traceback" not in err
     from nslens.synthetic import synthetic_concepts
 
     ds = synthetic_concepts(10, seed=5)
     data = tmp_path / "data" / "topics.csv"
     data.parent.mkdir()
     data.write_text("text,label\n" + "".join(f"{t},{ds.label_names[y]}\n" for t, y in zip(ds.texts, ds.labels)))
-    r = script("table3.py", "--model", "embedded", "--datasets", str(data), "--limit", "8", "--all-samples",
-               "--out", str(tmp_path / "t3"))
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "table3.py"), "--model", "embedded",
+                        "--datasets", str(data), "--limit", "8", "--all-samples", "--out", str(tmp_path / "t3")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert data.read_text().startswith("text,label") and (tmp_path / "t3" / "topics" / "summary.json").exists()
     assert "record: " in r.stderr  # progress lines without a terminal
-    r = script("sweeps.py", "--model", "embedded", "--limit", "24", "--sweeps", "tau", "--out", str(tmp_path / "sw"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, err = script("sweeps.py", "--model", "embedded", "--limit", "24", "--sweeps", "tau", "--out",
+                       str(tmp_path / "sw"))
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "sw" / "figures" / "sweep_tau.png").exists()
 
 
 def test_stale_temporary_files_of_a_killed_run_are_cleaned_up(embedded, tmp_path):
