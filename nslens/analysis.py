@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NsLensError
+from .figures import plot_activation_patterns, plot_common_neurons, plot_overlap_heatmap
 from .files import write_text
 from .ranges import RangeMask
 from .rank import select_top
@@ -147,8 +148,6 @@ def write_analyses(run_dir: str | Path, samples: np.ndarray, labels: np.ndarray,
                    label_names: Sequence[str], masks: Sequence[RangeMask], scores: np.ndarray, *,
                    overlap_fraction: float = 0.3, k_bounds: int = 3) -> dict[str, Any]:
     """Compute every analysis for a run and write ``analysis.json`` and ``figures/*.png`` into ``run_dir``."""
-    from .figures import plot_activation_patterns, plot_common_neurons, plot_overlap_heatmap
-
     run = Path(run_dir)
     figs = run / "figures"
     names = list(label_names)

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import __version__
 from .errors import NsLensError
@@ -130,7 +132,6 @@ def save_bundle(path: str | Path, model: Any, site: Site,
         "concepts": list(concepts) if concepts is not None else [iv.mask.concept for iv in ivs],
         "interventions": entries, "intervention_fingerprint": intervention_fingerprint(ivs),
     }
-    from safetensors.torch import save_file
 
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -143,8 +144,6 @@ def save_bundle(path: str | Path, model: Any, site: Site,
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     if not (path / MANIFEST).is_file():
         raise NsLensError(f"not an nslens bundle: {path / MANIFEST} not found")
     try:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import NsLensError
+from .files import write_text
 from .intervene import Intervention, apply_in_trace
 from .models import Site
 from .ops import Operator
@@ -260,8 +261,6 @@ class ErasureTable:
 
     def write(self, stem: str | Path) -> None:
         """``<stem>.md``, ``<stem>.csv`` and ``<stem>.json``, each written atomically."""
-        from .files import write_text
-
         for ext, text in (("md", self.to_markdown()), ("csv", self.to_csv()), ("json", self.to_json())):
             write_text(f"{stem}.{ext}", text)
 

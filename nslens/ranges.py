@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import __version__
 from .errors import NsLensError
 from .files import atomic_path, write_text
+from .models import model_id, tokenizer_fingerprint
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
@@ -69,6 +71,8 @@ class RangeMask:
     # ------------------------------------------------------------------------------------------- io
 
     def save(self, path: str | Path) -> Path:
+        # safetensors inside the method: RangeMask travels by value with remote traces, and its reader type in
+        # this module's globals does not survive that serialisation
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -85,7 +89,7 @@ class RangeMask:
     @classmethod
     def load(cls, path: str | Path, *, expect: dict[str, Any] | None = None) -> RangeMask:
         """Load a mask; ``expect`` (e.g. ``site.describe()``) must agree on d_model, n_layers and layer."""
-        from safetensors import safe_open
+        from safetensors import safe_open  # inside the method: see save
 
         path = Path(path)
         if not path.exists():
@@ -144,8 +148,6 @@ def build_range_masks(
     elif np.shape(scores) != stats.mean.shape:
         raise NsLensError(f"scores have shape {np.shape(scores)}, expected {stats.mean.shape}")
     sigma_all = stats.std()
-    from . import __version__
-
     masks = []
     for c, name in enumerate(stats.label_names):
         idx = select_top(scores[c], fraction)
@@ -180,8 +182,6 @@ def check_masks_fit(masks: Sequence[RangeMask], *, label_names: Sequence[str] | 
     """Refuse masks whose metadata says they were made for other concepts (names or order), another model,
     tokenizer or dataset, so that no result is ever printed under the wrong name. ``allow_other_model`` lets a
     fine-tuned copy of the model use them (the model id check only)."""
-    from .models import model_id, tokenizer_fingerprint
-
     if not masks:
         raise NsLensError(f"{source}: no masks")
     concepts = [m.concept for m in masks]

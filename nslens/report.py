@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .erasure import ErasureTable
+from .effects import SideEffectTable
+from .erasure import METRICS, ErasureTable
 from .errors import NsLensError
+from .files import write_text
+from .sae import table31_markdown
+from .sweeps import Sweep
 
 __all__ = ["section", "write_report"]
 
@@ -47,7 +51,6 @@ def write_report(run_dir: str | Path) -> Path:
     if failed or summary.get("status", "complete") != "complete":
         lines += ["## Run status", "", f"Status: {summary.get('status', 'complete')}.", ""]
         lines += [f"- step `{step}` failed: {msg}" for step, msg in failed.items()] + [""]
-    from .files import write_text
 
     return write_text(run / "report.md", "\n".join(lines))
 
@@ -85,8 +88,6 @@ def _side_effect_sections(run: Path) -> list[str]:
     side = sorted(run.glob("side_effects_*.json"))
     if not side:
         return []
-    # lm-eval (an optional extra) loads only for a run that measured side effects
-    from .harness import SideEffectTable
 
     lines = ["## Side effects (lm-eval)", "",
              "Each concept's mask applied at every position while lm-eval scores the model; deltas vs the "
@@ -142,8 +143,6 @@ def _analysis_sections(run: Path) -> list[str]:
 
 
 def _sweep_sections(run: Path) -> list[str]:
-    from .sweeps import Sweep
-
     files = sorted(run.glob("sweep_*.json"))
     if not files:
         return []
@@ -159,8 +158,6 @@ def _sae_sections(run: Path) -> list[str]:
     path = run / "sae.json"
     if not path.exists():
         return []
-    from .erasure import METRICS
-    from .sae import table31_markdown
 
     meta = json.loads(path.read_text())
     src = meta["sae"].get("release", "") + " " + meta["sae"].get("sae_id", meta["sae"].get("source", ""))

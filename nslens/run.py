@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .effects import SideEffectTable
 from .erasure import ErasureTable
 from .errors import NsLensError
 from .files import write_text
@@ -152,7 +153,6 @@ class RunResult:
         path = self.path / f"side_effects_{name}.json"
         if not path.exists():
             return None
-        from .harness import SideEffectTable  # lm-eval loads only when a side-effect table is asked for
 
         return SideEffectTable.from_json(path.read_text())
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import NsLensError
+from .files import atomic_path
 
 __all__ = ["ConceptStats", "batch_partials"]
 
@@ -123,9 +124,9 @@ class ConceptStats:
 
     def save(self, path: str | Path) -> Path:
         """``.safetensors`` with the arrays and JSON metadata; written to a temp file, then renamed."""
+        # safetensors inside the method: ConceptStats travels by value with remote traces, and its reader type in
+        # this module's globals does not survive that serialisation
         from safetensors.numpy import save_file
-
-        from .files import atomic_path
 
         path = Path(path)
         meta = {"label_names": json.dumps(self.label_names), "meta": json.dumps(self.meta, default=str),
@@ -137,7 +138,7 @@ class ConceptStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptStats:
-        from safetensors import safe_open
+        from safetensors import safe_open  # inside the method: see save
 
         path = Path(path)
         if not path.exists():

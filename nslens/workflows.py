@@ -4,16 +4,24 @@ Each takes a validated ``RunConfig`` (or what it needs) and returns what the com
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .bundle import Bundle, load_bundle, save_bundle
 from .config import SWEEP_PARAMS, RunConfig, check_layers
 from .embedded import build_embedded_model, embedded_model_dir
-from .erasure import ErasureTable, erasure_table
+from .erasure import ErasureTable, erasure_table, predict
 from .errors import NsLensError
-from .files import slug
+from .files import slug, write_text
+from .generate import Continuation, GenerationSettings, generate
+from .harness import default_cache_dir, side_effect_tables, side_effects
+from .intervene import Intervention
 from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
 from .pipeline import run_operators, run_pipeline, side_effect_tasks
@@ -24,7 +32,9 @@ from .report import write_report
 from .run import RunResult
 from .stats import ConceptStats
 
-__all__ = ["check_writable", "demo_run", "erase_with_masks", "export_next_token", "record_to_file", "refresh_report",
+__all__ = ["BundleEffect", "bundle_from_masks", "check_writable", "demo_run", "erase_with_bundle", "erase_with_masks",
+           "export_next_token", "one_source", "read_prompts", "side_effects_with_bundle",
+           "generate_with_options", "interventions_from_options", "record_to_file", "refresh_report",
            "side_effects_with_masks", "steering_run", "sweep_run", "write_ranges"]
 
 
@@ -130,9 +140,6 @@ def side_effects_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Pa
                             allow_other_model: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """lm-eval side effects of neuron vs range masking of every concept's saved mask, one ``SideEffectTable`` per
     operator (written to ``out`` as .md/.json when given). ``leace`` is fitted on the config's training split."""
-    # lm-eval is an optional extra (nslens[eval]): imported only where side effects are measured
-    from .harness import default_cache_dir, side_effect_tables
-
     if out is not None:
         check_writable(out)
     model, site = _model_site(cfg)
@@ -187,3 +194,169 @@ def demo_run(out: str | Path, *, fraction: float = 0.5, operators: Sequence[str]
                     side_effects={"enabled": side_effects})
     cfg.validate()
     return run_pipeline(cfg, out, progress=progress, overwrite=True)
+
+
+def one_source(ranges: str | Path | None, bundle: str | Path | None) -> None:
+    """A command reads its interventions from range masks or from a bundle: exactly one of them."""
+    if (ranges is None) == (bundle is None):
+        raise NsLensError("give the range masks (--ranges) or a bundle (--bundle), one of them")
+
+
+def read_prompts(prompts: Sequence[str], path: str | Path | None) -> list[str]:
+    """The prompts given one by one, then those of ``path`` (one per non-empty line; ``\\n`` stands for a
+    newline inside a prompt)."""
+    out = list(prompts)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise NsLensError(f"prompts file not found: {p}")
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise NsLensError(f"{p} is not UTF-8 text") from e
+        out += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    return out
+
+
+def _select(masks: Sequence[RangeMask], concepts: Sequence[str] | None, source: str) -> list[RangeMask]:
+    """The masks of ``concepts`` (all when none are named), in the directory's order."""
+    if not concepts:
+        return list(masks)
+    names = [m.concept for m in masks]
+    unknown = [c for c in concepts if c not in names]
+    if unknown:
+        raise NsLensError(f"no mask for concept {', '.join(map(repr, unknown))} in {source}; "
+                          f"choose from {', '.join(names)}")
+    return [m for m in masks if m.concept in concepts]
+
+
+def interventions_from_options(cfg: RunConfig, model: Any, site: Site, *, ranges: str | Path | None = None,
+                               bundle: str | Path | Bundle | None = None, concepts: Sequence[str] | None = None,
+                               gated: bool = True, allow_other_model: bool = False,
+                               progress: Progress | None = None) -> tuple[list[Intervention], Site]:
+    """The interventions a command applies, with their site: a bundle's (loaded against ``model``, at the
+    bundle's layer), or the range masks in ``ranges`` of ``concepts`` with the config's one operator, gated (range
+    masking) or not (neuron masking). ``leace`` is fitted on the config's training split."""
+    one_source(ranges, bundle)
+    if bundle is not None:
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, model, allow_other_model=allow_other_model)
+        return b.interventions, b.site(model)
+    if len(cfg.operators) != 1:
+        raise NsLensError(f"one operator at a time here, got {', '.join(cfg.operators)}")
+    masks = load_masks(ranges, expect=site.describe())
+    check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
+    data = prepare_data(model, site, cfg, progress) if "leace" in cfg.operators else None  # the erasers' fit
+    op = next(iter(run_operators(model, site, cfg, progress, data=data, masks=masks).values()))
+    chosen = _select(masks, concepts, str(ranges))
+    ops = {m.concept: o for m, o in zip(masks, op)} if isinstance(op, list) else {}  # LEACE: one per concept
+    return [Intervention(m, ops.get(m.concept, op), gated=gated, positions=cfg.positions) for m in chosen], site
+
+
+def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: GenerationSettings, *,
+                          ranges: str | Path | None = None, bundle: str | Path | None = None,
+                          concepts: Sequence[str] | None = None, gated: bool = True, allow_other_model: bool = False,
+                          out: str | Path | None = None, progress: Progress | None = None) -> list[Continuation]:
+    """Clean and intervened continuations of ``prompts`` (``nslens.generate``), written to ``out`` as JSON."""
+    if not prompts:
+        raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
+    if out is not None:
+        check_writable(out)
+    model, site = _model_site(cfg)
+    ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=bundle, concepts=concepts,
+                                           gated=gated, allow_other_model=allow_other_model, progress=progress)
+    result = generate(model, site, prompts, interventions=ivs, settings=settings, batch_size=cfg.batch_size,
+                      remote=cfg.remote)
+    if out is not None:
+        write_text(out, json.dumps({"settings": settings.__dict__, "site": site.describe(),
+                                    "interventions": [iv.describe() for iv in ivs],
+                                    "continuations": [c.to_dict() for c in result]}, indent=2) + "\n")
+    return result
+
+
+def bundle_from_masks(cfg: RunConfig, ranges: str | Path, out: str | Path, *, concepts: Sequence[str] | None = None,
+                      gated: bool = True, allow_other_model: bool = False,
+                      progress: Progress | None = None) -> tuple[Path, list[Intervention]]:
+    """A bundle (``nslens.bundle``) of the masks in ``ranges`` with the config's operator, for the config's
+    model."""
+    model, site = _model_site(cfg)
+    ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, concepts=concepts, gated=gated,
+                                           allow_other_model=allow_other_model, progress=progress)
+    return save_bundle(out, model, site, ivs, concepts=[iv.mask.concept for iv in ivs], dataset=cfg.dataset), ivs
+
+
+@dataclass
+class BundleEffect:
+    """Per concept of the test split: accuracy and gold-label confidence of the clean model and under a bundle's
+    interventions (all applied together, as the bundle edits)."""
+
+    concepts: list[str]
+    n: list[int]
+    acc_clean: list[float]
+    acc_edited: list[float]
+    conf_clean: list[float]
+    conf_edited: list[float]
+    edited: list[str]
+    """The concepts whose masks the bundle holds."""
+
+    def to_markdown(self) -> str:
+        rows = ["| concept | n | Acc clean | Acc edited | ΔAcc | Conf clean | Conf edited | in the bundle |",
+                "|---|---|---|---|---|---|---|---|"]
+        for i, c in enumerate(self.concepts):
+            rows.append(f"| {c} | {self.n[i]} | {self.acc_clean[i]:.3f} | {self.acc_edited[i]:.3f} | "
+                        f"{self.acc_edited[i] - self.acc_clean[i]:+.3f} | {self.conf_clean[i]:.3f} | "
+                        f"{self.conf_edited[i]:.3f} | {'yes' if c in self.edited else ''} |")
+        return "\n".join(rows) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        base = Path(path).with_suffix("")
+        write_text(base.with_suffix(".md"), self.to_markdown())
+        write_text(base.with_suffix(".json"), json.dumps(asdict(self), indent=2) + "\n")
+
+
+def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | None = None,
+                      allow_other_model: bool = False, progress: Progress | None = None) -> BundleEffect:
+    """A bundle's effect on every concept of the config's test split (``BundleEffect``), written to ``out`` as
+    .md/.json when given. The bundle is refused for another model; its concepts must be the dataset's."""
+    if out is not None:
+        check_writable(out)
+    ds = load_concepts(cfg)
+    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    b = load_bundle(bundle, model, allow_other_model=allow_other_model)
+    missing = [c for c in b.concepts if c not in ds.label_names]
+    if missing:
+        raise NsLensError(f"bundle {bundle} edits concepts {', '.join(missing)} that dataset {cfg.dataset} lacks "
+                          f"(it has {', '.join(ds.label_names)})")
+    site = b.site(model)
+    data = prepare_data(model, site, cfg, progress, ds=ds)
+    prompts, labels = data.prompts(data.test), np.asarray(data.test.labels)
+    runs = [predict(model, site, prompts, data.test_gold, interventions=ivs, batch_size=cfg.batch_size,
+                    remote=cfg.remote, progress=progress, desc=desc)
+            for ivs, desc in ((None, "clean"), (b.interventions, "bundle"))]
+    per = [[(float(r.correct[labels == c].mean()), float(r.conf[labels == c].mean())) for r in runs]
+           for c in range(len(ds.label_names))]
+    effect = BundleEffect(list(ds.label_names), [int((labels == c).sum()) for c in range(len(ds.label_names))],
+                          [p[0][0] for p in per], [p[1][0] for p in per], [p[0][1] for p in per],
+                          [p[1][1] for p in per], b.concepts)
+    if out is not None:
+        effect.write(out)
+    return effect
+
+
+def side_effects_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | None = None,
+                             allow_other_model: bool = False, progress: Progress | None = None) -> Any:
+    """lm-eval side effects of a bundle's interventions against the clean model (``SideEffects``), written to
+    ``out`` as .md/.json when given."""
+
+    if out is not None:
+        check_writable(out)
+    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    b = load_bundle(bundle, model, allow_other_model=allow_other_model)
+    tasks, include = side_effect_tasks(cfg)
+    res = side_effects(model, b.site(model), {"bundle": b.interventions}, tasks=tasks, limit=cfg.side_effects.limit,
+                       include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,
+                       remote=cfg.remote, progress=progress)
+    if out is not None:
+        base = Path(out).with_suffix("")
+        write_text(base.with_suffix(".md"), res.to_markdown())
+        write_text(base.with_suffix(".json"), json.dumps(dict(res), indent=2) + "\n")
+    return res

@@ -166,3 +166,54 @@ def test_export_refuses_what_lm_eval_cannot_express(embedded, site, masks, tmp_p
     out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.zero()))
     with pytest.raises(NsLensError, match="cannot be exported"):
         export_lm_eval_steering(out, tmp_path / "x.pt")
+
+
+def cli(argv, capsys):
+    """``nslens ARGV`` in-process: (exit code, stdout, stderr)."""
+    from nslens.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bundle_commands(embedded, site, masks, recorded, tmp_path, capsys):
+    """`nslens bundle` writes what `erase --bundle` and `side-effects --bundle` read: the bundle's effect on its
+    own concept equals the erasure table's range-masking Acc for that mask, and its side effects equal the
+    library's; `export-steering` refuses a masking bundle in one line."""
+    ranges = tmp_path / "ranges"
+    for i, m in enumerate(masks):
+        m.save(ranges / f"{i:02d}_{m.concept}.safetensors")
+    common = ["--layer", site.layer, "--n-per-class", 40, "--batch-size", 32]
+    concept = masks[2].concept
+    code, _, err = cli(["bundle", "--ranges", ranges, "--concepts", concept, "--out", tmp_path / "b", *common],
+                       capsys)
+    assert code == 0, err
+    code, _, err = cli(["erase", "--bundle", tmp_path / "b", "--out", tmp_path / "eb", *common], capsys)
+    assert code == 0, err
+    effect = json.loads((tmp_path / "eb.json").read_text())
+    code, _, err = cli(["erase", "--ranges", ranges, "--out", tmp_path / "er", *common], capsys)
+    assert code == 0, err
+    table = json.loads((tmp_path / "er.json").read_text())
+    c = effect["concepts"].index(concept)
+    assert effect["edited"] == [concept]
+    assert effect["acc_clean"][c] == pytest.approx(table["base"][c]["acc"])
+    assert effect["acc_edited"][c] - effect["acc_clean"][c] == pytest.approx(table["range"][c]["acc"])
+
+    code, out, err = cli(["side-effects", "--bundle", tmp_path / "b", "--lm-eval-limit", 8, "--out",
+                          tmp_path / "se", *common], capsys)
+    assert code == 0, err
+    se = json.loads((tmp_path / "se.json").read_text())
+    from nslens.harness import side_effects
+    from nslens.lmtasks import LOCAL_TASKS, local_tasks_dir
+
+    ref = side_effects(embedded, site, {"bundle": load_bundle(tmp_path / "b", embedded).interventions},
+                       tasks=LOCAL_TASKS, include_path=local_tasks_dir(), limit=8)
+    assert se == json.loads(json.dumps(dict(ref)))
+
+    code, _, err = cli(["export-steering", tmp_path / "b", "--out", tmp_path / "s.pt"], capsys)
+    assert code == 1 and "cannot be exported" in err and len(err.strip().splitlines()) == 1

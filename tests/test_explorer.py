@@ -231,3 +231,20 @@ def test_page_is_self_contained(run_dir, tmp_path):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(NsLensError, match="is not an nslens run directory"):
         write_explorer(tmp_path)
+
+
+def test_a_run_writes_its_page_and_the_command_rewrites_it(run_dir, tmp_path, capsys):
+    """The run's own explorer step wrote explorer.html beside report.md; `nslens explore` writes the same page
+    (elsewhere with --out), and a directory that is no run is one line, exit 1."""
+    from nslens.cli import main
+
+    page = run_dir / "explorer.html"
+    assert page.exists() and (run_dir / "report.md").exists()
+    assert "explorer" not in json.loads((run_dir / "summary.json").read_text()).get("failed_steps", {})
+    main(["explore", str(run_dir), "--out", str(tmp_path / "x.html")])  # success returns, no SystemExit
+    assert (tmp_path / "x.html").read_text() == page.read_text()
+    assert "wrote" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["explore", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "not an nslens run directory" in err and len(err.strip().splitlines()) == 1

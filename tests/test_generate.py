@@ -3,6 +3,8 @@ as a plain torch forward hook on the raw module: token for token, greedy and sam
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import encode, plain_forward
@@ -127,3 +129,55 @@ def test_bad_settings_are_user_errors(kwargs, words):
 def test_no_prompts_is_a_user_error(embedded, site):
     with pytest.raises(NsLensError, match="no prompts"):
         generate_ids(embedded, site, [])
+
+
+def cli(argv, capsys):
+    """``nslens ARGV`` in-process: (exit code, stdout, stderr)."""
+    from nslens.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_command_with_ranges_and_with_a_bundle(embedded, site, masks, prompts, tmp_path, capsys):
+    """`nslens generate` with saved masks writes the continuations the library computes for the same edit; a
+    bundle of that edit (`nslens bundle`) generates the same; bad input is one line."""
+    ranges = tmp_path / "ranges"
+    for i, m in enumerate(masks):
+        m.save(ranges / f"{i:02d}_{m.concept}.safetensors")
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(p.replace("\n", "\\n") for p in prompts[:3]) + "\n")
+    concept = masks[1].concept
+    code, out, err = cli(["generate", "--ranges", ranges, "--concepts", concept, "--ungated", "--prompts-file", pf,
+                          "--max-new-tokens", 6, "--layer", site.layer, "--out", tmp_path / "gen.json"], capsys)
+    assert code == 0, err
+    got = json.loads((tmp_path / "gen.json").read_text())
+    want = generate_ids(embedded, site, prompts[:3], settings=GenerationSettings(max_new_tokens=6),
+                        interventions=nslens.Intervention(masks[1], nslens.zero(), gated=False))
+    assert [c["intervened_ids"] for c in got["continuations"]] == want
+    assert [c["prompt"] for c in got["continuations"]] == prompts[:3]
+    assert got["interventions"][0]["concept"] == concept and got["interventions"][0]["kind"] == "neuron"
+    assert "intervened" in out
+
+    code, _, err = cli(["bundle", "--ranges", ranges, "--concepts", concept, "--ungated", "--layer", site.layer,
+                        "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    code, _, err = cli(["generate", "--bundle", tmp_path / "b", "--prompts-file", pf, "--max-new-tokens", 6,
+                        "--out", tmp_path / "gen_b.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "gen_b.json").read_text())["continuations"] == got["continuations"]
+
+    for argv, words in [(["generate", "--prompt", "x"], "give the range masks (--ranges) or a bundle"),
+                        (["generate", "--ranges", ranges, "--bundle", tmp_path / "b", "--prompt", "x"], "one of them"),
+                        (["generate", "--ranges", ranges, "--layer", site.layer], "no prompts"),
+                        (["generate", "--ranges", ranges, "--layer", site.layer, "--prompt", "x", "--concepts",
+                          "nope"], "no mask for concept 'nope'"),
+                        (["generate", "--bundle", tmp_path / "nowhere", "--prompt", "x"], "not an nslens bundle"),
+                        (["generate", "--ranges", ranges, "--prompt", "x", "--max-new-tokens", 0], "max_new_tokens")]:
+        code, _, err = cli(argv, capsys)
+        assert code == 1 and words in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -13,10 +13,7 @@ MAX_LINES = 450
 #: modules still being reworked (split, or their imports moved; a folder stands for its modules); the checks of
 #: private names, line counts and function-body imports skip what they find in them. Empty this as each lands:
 #: the checks then hold for the whole package.
-PENDING = {
-    "analysis.py", "bundle.py", "erasure.py", "gguf.py", "nexttoken.py", "pipeline.py", "ranges.py", "report.py",
-    "run.py", "stats.py", "workflows.py",
-}
+PENDING: set[str] = set()
 
 #: what a function body may import lazily (top-level package name), and why it is not at the module's top
 LAZY_OK = {
@@ -44,6 +41,10 @@ LAZY_OK = {
 #: modules whose function bodies may import nslens modules lazily: the CLI package, so that `nslens --help` loads
 #: no more of nslens than it needs
 LAZY_NSLENS_OK = {"cli/"}
+#: one module's own lazy import of a light package, and why: RangeMask and ConceptStats travel by value with every
+#: remote trace (nslens is pickled by value), and a safetensors reader type among their module's globals does not
+#: survive that serialisation (remote="local" fails with "'safe_open' has no attribute '__enter__'")
+LAZY_HERE = {("ranges.py", "safetensors"), ("stats.py", "safetensors")}
 
 
 def _covered(path: str, entries: set[str]) -> bool:
@@ -245,7 +246,7 @@ def _function_body_imports(path: str, tree: ast.Module) -> list[str]:
                 if not _covered(path, LAZY_NSLENS_OK):
                     what = _resolve(node, path) if isinstance(node, ast.ImportFrom) else "nslens"
                     found.append(f"{path}:{node.lineno} imports {what} inside a function")
-            elif root not in LAZY_OK:
+            elif root not in LAZY_OK and (path, root) not in LAZY_HERE:
                 found.append(f"{path}:{node.lineno} imports {root} inside a function (not heavy or optional)")
             elif root in at_top:
                 found.append(f"{path}:{node.lineno} imports {root} inside a function, already imported at the top")

@@ -380,7 +380,8 @@ def test_run_result_says_what_ran(embedded, tmp_path):
     res = run_pipeline(small_cfg(analyses=False), tmp_path / "run", model=embedded)
     assert res.path == tmp_path / "run" and (res / "report.md") == res.report and res.report.exists()
     assert res.status == "complete" and res.failed_steps == {} and res.tables == ["zero"]
-    assert list(res.steps) == ["data", "masks", "erasure", "report"]
+    assert list(res.steps) == ["data", "masks", "erasure", "report", "explorer"]
+    assert (res / "explorer.html").exists()
     assert all(s.status == "done" and s.seconds >= 0 for s in res.steps.values())
     summary = json.loads((res / "summary.json").read_text())
     assert summary["steps"]["erasure"]["status"] == "done" and summary["steps"]["report"]["required"] is False

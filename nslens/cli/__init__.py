@@ -25,6 +25,8 @@ COMMANDS = {
     "nexttoken": steps.nexttoken_cmd, "side-effects": steps.side_effects_cmd, "run": runs.run_cmd,
     "sae": runs.sae_cmd, "steer": runs.steer_cmd, "neg": neurons.neg_cmd, "probe": neurons.probe_cmd,
     "analyze": runs.analyze_cmd, "sweep": runs.sweep_cmd, "report": runs.report_cmd, "demo": runs.demo_cmd,
+    "explore": runs.explore_cmd, "generate": steps.generate_cmd, "bundle": steps.bundle_cmd,
+    "export-steering": steps.export_steering_cmd,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

@@ -111,6 +111,16 @@ COMMAND_OPTIONS = {
     "--values": "sweep: the values of the swept --param (sweeps.fractions, taus or layers)",
     "--source": "nexttoken: the text source of the dataset next:FAMILY:SOURCE",
     "--min-words": "nexttoken: the shortest context extracted",
+    "--bundle": "an intervention bundle directory a command reads (instead of --ranges)",
+    "--concepts": "generate, bundle: the concepts whose masks apply",
+    "--gated": "generate, bundle: range masking (--gated) or neuron masking (--ungated)",
+    "--prompt": "generate: a prompt (repeatable)",
+    "--prompts-file": "generate: a file of prompts, one per line",
+    "--max-new-tokens": "generate: tokens generated per prompt",
+    "--sample": "generate: sample (--sample) or decode greedily (--greedy)",
+    "--temperature": "generate: the sampling temperature",
+    "--top-p": "generate: the nucleus-sampling mass",
+    "--top-k": "generate: the top-k cut",
 }
 
 _UNSET = object()

@@ -144,3 +144,12 @@ def report_cmd(run: Path = typer.Argument(..., help="Run directory.")) -> None:
     from nslens.report import write_report
 
     console.print(f"[green]wrote[/] {write_report(run)}")
+
+
+def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`)."),
+                out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default: "
+                                                "<run>/explorer.html).")) -> None:
+    """(Re)write a run's explorer.html: one self-contained page to browse its tables, neurons and ranges."""
+    from nslens.explorer import write_explorer
+
+    console.print(f"[green]wrote[/] {write_explorer(run, out)}")

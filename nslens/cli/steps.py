@@ -11,6 +11,9 @@ from .app import console, print_markdown, print_table, progress_display
 from .options import option, run_config
 
 RangesOpt = typer.Option(..., "--ranges", "-r", help="Directory of range masks.")
+MaybeRangesOpt = typer.Option(None, "--ranges", "-r", help="Directory of range masks (or give --bundle).")
+BundleOpt = typer.Option(None, "--bundle", "-b", help="An intervention bundle directory (nslens bundle; instead of "
+                         "--ranges).")
 AllowOtherModelOpt = typer.Option(False, "--allow-other-model",
                                   help="Use masks recorded on another model id (e.g. a fine-tuned copy).")
 
@@ -49,7 +52,7 @@ def ranges_cmd(
 
 def erase_cmd(
     ctx: typer.Context,
-    ranges: Path = RangesOpt,
+    ranges: Path | None = MaybeRangesOpt, bundle: Path | None = BundleOpt,
     model: str = option("--model"), dataset: str = option("--dataset"), layer: int = option("--layer"),
     n_per_class: int = option("--n-per-class"), batch_size: int = option("--batch-size"),
     remote: bool = option("--remote"), operators: str = option("--operators"), alpha: float = option("--alpha"),
@@ -60,11 +63,17 @@ def erase_cmd(
                                     "operators: <out>_<operator>)."),
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
 ) -> None:
-    """Evaluate neuron vs range masking of every concept on the test split."""
-    from nslens.workflows import erase_with_masks
+    """Evaluate neuron vs range masking of every concept on the test split (with --bundle: the bundle's effect on
+    every concept)."""
+    from nslens.workflows import erase_with_bundle, erase_with_masks, one_source
 
+    one_source(ranges, bundle)
     cfg = run_config(ctx)
     with progress_display() as cb:
+        if bundle is not None:
+            effect = erase_with_bundle(cfg, bundle, out=out, allow_other_model=allow_other_model, progress=cb)
+            print_markdown(effect.to_markdown())
+            return
         tables = erase_with_masks(cfg, ranges, out=out, allow_other_model=allow_other_model, progress=cb)
     for tab in tables.values():
         print_table(tab)
@@ -72,7 +81,7 @@ def erase_cmd(
 
 def side_effects_cmd(
     ctx: typer.Context,
-    ranges: Path = RangesOpt,
+    ranges: Path | None = MaybeRangesOpt, bundle: Path | None = BundleOpt,
     model: str = option("--model"), layer: int = option("--layer"), batch_size: int = option("--batch-size"),
     remote: bool = option("--remote"),
     dataset: str = option("--dataset", help="leace only: the concepts its erasers are fitted on (as for erase)."),
@@ -88,10 +97,15 @@ def side_effects_cmd(
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
 ) -> None:
     """lm-eval side effects (MMLU acc, Wikipedia token perplexity) of neuron vs range masking of every concept."""
-    from nslens.workflows import side_effects_with_masks
+    from nslens.workflows import one_source, side_effects_with_bundle, side_effects_with_masks
 
+    one_source(ranges, bundle)
     cfg = run_config(ctx)
     with progress_display() as cb:
+        if bundle is not None:
+            res = side_effects_with_bundle(cfg, bundle, out=out, allow_other_model=allow_other_model, progress=cb)
+            print_markdown(res.to_markdown())
+            return
         tables = side_effects_with_masks(cfg, ranges, out=out, allow_other_model=allow_other_model, progress=cb)
     for tab in tables.values():
         print_markdown(tab.to_markdown())
@@ -118,3 +132,85 @@ def nexttoken_cmd(
                                                      min_words=min_words, max_words=max_words, progress=cb)
     counts = ", ".join(f"{c.name} {sum(s.concept == c.name for s in samples)}" for c in concepts)
     console.print(f"[green]wrote[/] {len(samples)} samples ({counts}) to {paths[0]} and the check sheet {paths[1]}")
+
+
+def generate_cmd(
+    ctx: typer.Context,
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts_file: Path | None = typer.Option(None, "--prompts-file", help="A text file, one prompt per line."),
+    ranges: Path | None = MaybeRangesOpt, bundle: Path | None = BundleOpt,
+    concepts: str | None = typer.Option(None, "--concepts", help="Comma-separated concepts whose masks apply "
+                                        "(--ranges; default: every mask in the directory)."),
+    gated: bool = typer.Option(True, "--gated/--ungated", help="Range masking (inside each range only) or neuron "
+                               "masking (--ranges)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate per prompt."),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (--sample)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (--sample)."),
+    top_k: int = typer.Option(0, "--top-k", help="Top-k cut (--sample; 0 = none)."),
+    model: str = option("--model"), layer: int = option("--layer"), batch_size: int = option("--batch-size"),
+    remote: bool = option("--remote"), operators: str = option("--operators"), alpha: float = option("--alpha"),
+    beta: float = option("--beta"), positions: str = option("--positions"), seed: int = option("--seed"),
+    dataset: str = option("--dataset", help="leace only: the concepts its erasers are fitted on (as for erase)."),
+    n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
+    only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    allow_other_model: bool = AllowOtherModelOpt,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the continuations as JSON here."),
+    quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
+) -> None:
+    """Clean and intervened continuations side by side, the intervention applied at every generated token."""
+    from nslens.generate import GenerationSettings
+    from nslens.workflows import generate_with_options, one_source, read_prompts
+
+    one_source(ranges, bundle)
+    texts = read_prompts(prompt or [], prompts_file)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed)
+    cfg = run_config(ctx)
+    wanted = [c.strip() for c in concepts.split(",") if c.strip()] if concepts else None
+    with progress_display() as cb:
+        result = generate_with_options(cfg, texts, settings, ranges=ranges, bundle=bundle, concepts=wanted,
+                                       gated=gated, allow_other_model=allow_other_model, out=out, progress=cb)
+    for c in result:
+        print_markdown(f"**prompt** {c.prompt!r}\n\n- clean: {c.clean!r}\n- intervened: {c.intervened!r}"
+                       f"{'' if c.changed else ' (unchanged)'}\n")
+
+
+def bundle_cmd(
+    ctx: typer.Context,
+    ranges: Path = RangesOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="The bundle directory to write."),
+    concepts: str | None = typer.Option(None, "--concepts", help="Comma-separated concepts whose masks go in "
+                                        "(default: every mask in the directory)."),
+    gated: bool = typer.Option(True, "--gated/--ungated", help="Range masking (inside each range only) or neuron "
+                               "masking."),
+    model: str = option("--model"), layer: int = option("--layer"), batch_size: int = option("--batch-size"),
+    remote: bool = option("--remote"), operators: str = option("--operators"), alpha: float = option("--alpha"),
+    beta: float = option("--beta"), positions: str = option("--positions"), seed: int = option("--seed"),
+    dataset: str = option("--dataset", help="leace only: the concepts its erasers are fitted on (as for erase)."),
+    n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
+    only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    allow_other_model: bool = AllowOtherModelOpt,
+    quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
+) -> None:
+    """Write an intervention bundle (masks + operator + model fingerprints) that erase, side-effects, generate and
+    the Python API load directly."""
+    from nslens.workflows import bundle_from_masks
+
+    cfg = run_config(ctx)
+    wanted = [c.strip() for c in concepts.split(",") if c.strip()] if concepts else None
+    with progress_display() as cb:
+        path, ivs = bundle_from_masks(cfg, ranges, out, concepts=wanted, gated=gated,
+                                      allow_other_model=allow_other_model, progress=cb)
+    console.print(f"[green]wrote[/] {path} ({len(ivs)} interventions: "
+                  f"{', '.join(iv.mask.concept for iv in ivs)}; {ivs[0].kind} masking, {ivs[0].operator.label})")
+
+
+def export_steering_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle of ungated steering interventions."),
+    out: Path = typer.Option(..., "--out", "-o", help="lm-eval's steering file (.pt)."),
+) -> None:
+    """Export a steering bundle to lm-eval's `steered` model file (lm_eval --model steered ... steer_path=FILE)."""
+    from nslens.bundle import export_lm_eval_steering
+
+    console.print(f"[green]wrote[/] {export_lm_eval_steering(bundle, out)}")
