@@ -86,7 +86,7 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
     """
     base = Path(root) if root is not None else nslens_home() / f"lm_eval_tasks-{EMBEDDED_VERSION}"
     marker = base / "done"
-    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-3"
+    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-4"
     if marker.exists() and marker.read_text().strip() == stamp:
         return base
     base.mkdir(parents=True, exist_ok=True)

@@ -158,11 +158,14 @@ def _erasure(run: Run, name: str, model: Any, site: Site, data: PreparedData, ma
 
 def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
     """The lm-eval tasks and include path a run uses. On the embedded model each default task (MMLU, Wikipedia
-    token perplexity) is replaced by its offline synthetic stand-in."""
+    token perplexity) is replaced by its offline synthetic stand-in, and the offline tasks (``nslens_synth_*``,
+    ``nslens.lmtasks.local_tasks_dir``) can be named without an include path."""
     se = cfg.side_effects
     if cfg.model == "embedded" and set(se.tasks) & set(DEFAULT_TASKS):
         stand_in = dict(zip(DEFAULT_TASKS, LOCAL_TASKS))
         return [stand_in.get(t, t) for t in se.tasks], str(local_tasks_dir())
+    if cfg.model == "embedded" and se.include is None and any(t.startswith("nslens_synth_") for t in se.tasks):
+        return list(se.tasks), str(local_tasks_dir())
     return list(se.tasks), se.include
 
 
