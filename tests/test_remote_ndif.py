@@ -203,6 +203,20 @@ def test_side_effects_with_server_side_loglikelihoods(wire, masks, tmp_path):
     assert dict(a) == dict(b) and b["neuron"] != b["clean"]
 
 
+def test_generative_side_effects_on_the_server(wire, masks, tmp_path):
+    """lm-eval's generate_until through the adapter on the server (no lm-eval stop criteria sent there):
+    the same exact match as locally, clean and with the intervention at every generated token."""
+    pytest.importorskip("lm_eval")
+    from nslens.harness import side_effects
+    from nslens.lmtasks import local_tasks_dir
+
+    inc = local_tasks_dir(tmp_path / "t", n_mc=8, n_ppl=3)
+    iv = nslens.Intervention(masks[1][0], nslens.zero(), gated=False)
+    a, b = both(wire, lambda m, s, r: side_effects(m, s, {"neuron": iv}, tasks=["nslens_synth_gen"],
+                                                   include_path=inc, remote=r, cache_dir=tmp_path / f"c{r}"))
+    assert dict(a) == dict(b)
+
+
 def test_sae_features(wire, data, masks):
     from nslens.sae import build_synthetic_sae, record_features
 
