@@ -4,26 +4,16 @@ Most commands run in this process (``nslens(...)``: ``main`` with stdout and std
 a few run as a real child process (``nslens_process(...)``) for what needs one: output without a terminal, a real
 SIGINT, and the exit codes and one error line of a real process."""
 
-import contextlib
-import io
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import pytest
 from cli_cases import CASES, FIXTURES, LATIN1, markdown
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Result(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 def nslens_process(*args, cwd=None, env=None):
@@ -33,48 +23,8 @@ def nslens_process(*args, cwd=None, env=None):
                           cwd=cwd, timeout=300)
 
 
-def nslens(*args, cwd=None):
-    """``nslens.cli.main`` in this process, in ``cwd``, with stdout and stderr captured (not terminals, as in a
-    pipe); the state a command can touch (environment, working directory, logging, transformers' verbosity,
-    torch's threads and random state, numpy's random state, the consoles' widths) is put back afterwards, so
-    nothing leaks into later tests."""
-    import torch
-    import transformers
-
-    import nslens.cli as cli
-
-    hf_logging = transformers.utils.logging
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    threads, torch_rng, np_rng = torch.get_num_threads(), torch.random.get_rng_state(), np.random.get_state()
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COLUMNS", "200")
-        mp.setattr(cli.console, "width", 200)  # what COLUMNS=200 gives a fresh process's consoles
-        mp.setattr(cli.out_console, "width", 140)
-        if cwd is not None:
-            mp.chdir(cwd)
-        env = dict(os.environ)
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    cli.main([str(a) for a in args])
-                    code = 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        finally:
-            for key in set(os.environ) - set(env):
-                del os.environ[key]
-            os.environ.update(env)
-            root.handlers[:] = handlers
-            root.setLevel(level)
-            hf_logging.set_verbosity(verbosity)
-            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
-            torch.set_num_threads(threads)
-            torch.random.set_rng_state(torch_rng)
-            np.random.set_state(np_rng)
-    return Result(code, out.getvalue(), err.getvalue())
+#: nslens in this process (conftest.run_cli)
+nslens = run_cli
 
 
 def write_case_files(folder):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import encode, plain_forward
+from conftest import encode, plain_forward, run_cli
 
 import nslens
 from nslens.intervene import Intervention, apply_in_trace, edit_hidden
@@ -157,18 +157,14 @@ def test_unknown_release_or_id_lists_valid_ones(monkeypatch):
 
 
 def test_sae_cli_and_experiment_smoke(embedded, sae_file, tmp_path):
-    import os
     import runpy
-    import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "nslens.cli", "sae", "--n-per-class", "16", "--batch-size", "32"],
-                       capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy())
+    r = run_cli("sae", "--n-per-class", "16", "--batch-size", "32", cwd=tmp_path)
     assert r.returncode == 1 and "name the SAE" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "nslens.cli", "sae", "--sae-path", str(sae_file), "--n-per-class", "16",
-                        "--batch-size", "32", "--no-side-effects", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    r = run_cli("sae", "--sae-path", str(sae_file), "--n-per-class", "16", "--batch-size", "32", "--no-side-effects",
+                "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| zero | feature |" in r.stdout and "ablated" in r.stdout
     mod = runpy.run_path(str(root / "experiments" / "sae_gemma.py"))
