@@ -52,10 +52,10 @@ def test_training_is_the_same_whatever_the_callers_thread_settings(tmp_path, mon
             mp.setenv("OMP_NUM_THREADS", "1")
             mp.setenv("ATEN_CPU_CAPABILITY", "avx512")
             torch.set_num_threads(1)
-            build_embedded_model(tmp_path / "a", steps=4, check=False)
+            build_embedded_model(tmp_path / "a", steps=12, check=False)
     finally:
         torch.set_num_threads(threads)
-    build_embedded_model(tmp_path / "b", steps=4, check=False)
+    build_embedded_model(tmp_path / "b", steps=12, check=False)
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     env = training_env({})
