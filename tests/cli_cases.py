@@ -15,7 +15,7 @@ LATIN1 = ("latin1.csv", "text,label\ncaf\u00e9,x\n".encode("latin-1"))
 
 #: (arguments, exit code, required part of the error line)
 CASES: list[tuple[list[str], int, str]] = [
-    ([], 2, "missing command; choose one of analyze, demo, erase"),
+    ([], 2, "missing command; choose one of analyze, bundle, demo, erase"),
     (["record"], 2, "Missing option '--out'"),
     (["record", "--out", "x", "--layer", "1.5"], 2, "Invalid value for '--layer'"),
     (["recrd"], 2, "No such command 'recrd'. Did you mean 'record'?"),

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import nslens
 from nslens.batching import tokenize
@@ -169,16 +170,9 @@ def test_export_refuses_what_lm_eval_cannot_express(embedded, site, masks, tmp_p
 
 
 def cli(argv, capsys):
-    """``nslens ARGV`` in-process: (exit code, stdout, stderr)."""
-    from nslens.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """``nslens ARGV`` in this process (``conftest.run_cli``): (exit code, stdout, stderr)."""
+    r = run_cli(*argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 def test_bundle_commands(embedded, site, masks, recorded, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import encode, plain_forward
+from conftest import encode, plain_forward, run_cli
 
 import nslens
 from nslens.errors import NsLensError
@@ -132,16 +132,9 @@ def test_no_prompts_is_a_user_error(embedded, site):
 
 
 def cli(argv, capsys):
-    """``nslens ARGV`` in-process: (exit code, stdout, stderr)."""
-    from nslens.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """``nslens ARGV`` in this process (``conftest.run_cli``): (exit code, stdout, stderr)."""
+    r = run_cli(*argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 def test_generate_command_with_ranges_and_with_a_bundle(embedded, site, masks, prompts, tmp_path, capsys):

@@ -129,15 +129,13 @@ def test_neurgrad_ranking_in_the_pipeline(embedded, site, synth, tmp_path):
 
 
 def test_neg_probe_cli_and_experiment(embedded, tmp_path):
-    import os
     import runpy
-    import subprocess
-    import sys
     from pathlib import Path
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "nslens.cli", *args], capture_output=True, text=True,
-                              cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    from conftest import run_cli
+
+    def cli(*args):  # in this process, output captured as in a pipe (tests/test_cli.py keeps real processes)
+        return run_cli(*args, cwd=tmp_path)
 
     r = cli("neg", "--prompts", "2", "--neurons", "4", "--out", "neg")
     assert r.returncode == 0, r.stderr
