@@ -398,3 +398,19 @@ def test_a_flag_reaches_its_field(monkeypatch, argv, function, expect):
         owner, _, field = target.rpartition(".")
         obj = got["neg"] if owner == "neg" else getattr(got["cfg"], owner) if owner else got["cfg"]
         assert getattr(obj, field) == value, target
+
+
+def test_help_lists_what_the_registries_hold():
+    """The option help is written out (reading the registries would load torch on `nslens --help`), so a test
+    keeps it honest: every registered operator is named in --operators' help, and every ranking `nslens ranges`
+    can compute from a statistics file in --method's."""
+    from nslens.cli.options import FLAGS
+    from nslens.ops import OPERATORS
+    from nslens.rank import RANKING_METHODS, get_ranking
+
+    for name in OPERATORS:
+        assert name in FLAGS["--operators"].help, name
+    for name in RANKING_METHODS:
+        r = get_ranking(name)
+        if not (r.needs_model or r.needs_samples):
+            assert name in FLAGS["--method"].help, name
