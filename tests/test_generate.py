@@ -19,7 +19,8 @@ from nslens.steering import full_masks, steering_operators
 @pytest.fixture(scope="module")
 def recorded(embedded, site, synth):
     tr = synth["train"]
-    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32)
+    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32,
+                         keep_samples=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +69,18 @@ def interventions(name, masks, recorded):
         full = full_masks(recorded.stats)
         ops = steering_operators(recorded.stats, "steer", alpha=-4.0)
         return nslens.Intervention(full[0], ops[0], gated=name == "range-steer")
+    if name in ("leace", "range-leace"):  # LEACE erasers fitted on the recording's vectors, ungated and gated
+        from nslens.leace import leace_samples
+
+        erasers = leace_samples(recorded.samples, recorded.sample_labels, masks)
+        return nslens.Intervention(masks[3], erasers[3], gated=name == "range-leace")
     if name == "sequence":
         return [nslens.Intervention(masks[0], nslens.ops.dampen(0.25), gated=True),
                 nslens.Intervention(masks[2], nslens.ops.zero(), gated=False)]
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["range", "neuron", "steer", "range-steer", "sequence"])
+@pytest.mark.parametrize("name", ["range", "neuron", "steer", "range-steer", "leace", "range-leace", "sequence"])
 def test_greedy_generation_equals_a_plain_hook_on_hf_generate(embedded, site, recorded, masks, prompts, name):
     iv = interventions(name, masks, recorded)
     settings = GenerationSettings(max_new_tokens=8)

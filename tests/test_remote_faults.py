@@ -52,7 +52,7 @@ def api_restored(ndif_stack):
     ndif_stack.resume_api()
     if ndif_stack._api_dead():
         ndif_stack.start_api()
-    ndif_stack.wait_api()
+    ndif_stack.wait_serving()
 
 
 def record_remote(s, **kw):
@@ -138,6 +138,7 @@ def test_model_actor_killed_is_retried(ndif_stack, setup, monkeypatch):
         assert np.array_equal(p.pred, ref.pred) and np.array_equal(p.conf, ref.conf)
     finally:
         ndif_stack.wait_model_actor(model_id, old)
+        ndif_stack.wait_serving()
 
 
 def test_dropped_connection_is_retried(ndif_stack, setup, caplog):

@@ -25,6 +25,7 @@ from nslens.synthetic import synthetic_concepts
 def wire(ndif_stack, embedded):
     """(local model, remote model, local site, remote site) for the embedded model, with nnsight pointed at the
     stack for the module's tests."""
+    ndif_stack.wait_serving()  # whatever ran before (the fault tests kill parts of the stack), it serves again
     with ndif_stack.configured():
         remote = nslens.load_model(ndif_stack.models[0], remote=True)
         yield embedded, remote, nslens.resolve_site(embedded, -2), nslens.resolve_site(remote, -2)

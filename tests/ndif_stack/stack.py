@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -171,6 +172,16 @@ def _state_lock(state_dir: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _others_can_reach(path: Path) -> bool:
+    """Whether another user (postgres, when the tests run as root) can pass through every folder above ``path``."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.resolve().parents)
+
+
+def _pg_temp_dir(state_dir: Path) -> Path:
+    # Postgres's data and socket folder when the state folder is out of its reach (and a short socket path)
+    return Path("/tmp") / f"nslens-pg-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]}"
 
 
 def _ray_temp_dir(state_dir: Path) -> Path:
@@ -423,6 +434,14 @@ class Stack:
         _wait(lambda: _http_ok(self.host + "/connected"), timeout, "the API to reach Ray",
               self.log_dir / "api.log", self._api_dead)
 
+    def wait_serving(self, timeout: float = 180.0) -> None:
+        """Wait until the API's ``/status`` answers 200 (the controller reached and every deployment reported):
+        after the fault tests kill the API or a model actor, ``/connected`` comes back before ``/status`` does,
+        which answers 503 until the controller has its deployments again."""
+        self.wait_api(timeout)
+        _wait(lambda: _http_ok(self.host + "/status", timeout=60.0), timeout, "the API's status page",
+              self.log_dir / "api.log", self._api_dead)
+
     def _api_dead(self) -> str | None:
         svc = self.state["services"].get("api")
         if svc and not procs.alive(svc["pid"], svc["start"]):
@@ -444,6 +463,8 @@ class Stack:
             if watchdog and watchdog.get("pid") != os.getpid() and procs.alive(watchdog["pid"], watchdog["start"]):
                 procs.signal_pids([watchdog["pid"]], signal.SIGTERM)
             self.state["stopped"] = time.time()
+            if self.state.get("pg_dir"):  # postgres's own folder outside the state folder
+                shutil.rmtree(self.state["pg_dir"], ignore_errors=True)
             if self.state_dir.exists():
                 self._save()
                 (self.state_dir / "env").unlink(missing_ok=True)
@@ -849,6 +870,12 @@ def _start_postgres(stack: Stack, env: dict, timeout: float) -> None:
             uid = pwd.getpwnam("postgres").pw_uid
         except KeyError as error:
             raise StackError("running as root needs the `postgres` user (apt-get install postgresql)") from error
+        if not _others_can_reach(pg_dir):  # e.g. a checkout under a 0700 `mktemp -d`: postgres could not enter it
+            pg_dir = _pg_temp_dir(stack.state_dir)
+            shutil.rmtree(pg_dir, ignore_errors=True)
+            pg_dir.mkdir(mode=0o700)
+            stack.state["pg_dir"] = str(pg_dir)  # removed when the stack stops
+            stack._save()
         os.chown(pg_dir, uid, -1)
     init = stack._spawn("initdb", [str(Path(pg["bin"]) / "initdb"), "-D", str(pg_dir / "data"), "-U", "ndif",
                                    "--auth=trust", "-E", "UTF8", "--no-instructions", "--no-sync"],
