@@ -50,6 +50,25 @@ def synth():
             "train_prompts": prompter.prompts(train.texts), "test_prompts": prompter.prompts(test.texts)}
 
 
+@pytest.fixture(scope="session")
+def synth_recorded(embedded, site, synth):
+    """The synthetic training split recorded at ``site``, raw vectors kept (shared by the tests that need some
+    recording and its masks: generation, bundles)."""
+    import nslens
+
+    tr = synth["train"]
+    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32,
+                         keep_samples=True)
+
+
+@pytest.fixture(scope="session")
+def synth_masks(synth_recorded):
+    """Top 50 % per concept by the max ranking, tau 2.5."""
+    import nslens
+
+    return nslens.build_range_masks(synth_recorded.stats, method="max", fraction=0.5)
+
+
 def encode(model, prompts):
     enc = model.tokenizer(list(prompts), return_tensors="pt", padding=True)
     return dict(enc)

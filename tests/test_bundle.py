@@ -20,30 +20,18 @@ from nslens.steering import full_masks, steering_operators
 
 
 @pytest.fixture(scope="module")
-def recorded(embedded, site, synth):
-    tr = synth["train"]
-    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32,
-                         keep_samples=True)
-
-
-@pytest.fixture(scope="module")
-def masks(recorded):
-    return nslens.build_range_masks(recorded.stats, method="max", fraction=0.5)
-
-
-@pytest.fixture(scope="module")
-def mixed(embedded, site, synth, recorded, masks):
+def mixed(embedded, site, synth, synth_recorded, synth_masks):
     """One intervention of every stored kind: gated zero, ungated dampen, last-position adaptive, steering and
     LEACE (a fitted eraser with tensors)."""
     from nslens.leace import leace_samples
 
-    leace = leace_samples(recorded.samples, recorded.sample_labels, masks)
-    steer = steering_operators(recorded.stats, "steer", alpha=-1.5)
-    return [nslens.Intervention(masks[0], nslens.zero(), gated=True),
-            nslens.Intervention(masks[1], nslens.dampen(0.25), gated=False),
-            nslens.Intervention(masks[2], nslens.adaptive_dampen(0.5), gated=True, positions="last"),
-            nslens.Intervention(full_masks(recorded.stats)[3], steer[3], gated=True),
-            nslens.Intervention(masks[1], leace[1], gated=True)]
+    leace = leace_samples(synth_recorded.samples, synth_recorded.sample_labels, synth_masks)
+    steer = steering_operators(synth_recorded.stats, "steer", alpha=-1.5)
+    return [nslens.Intervention(synth_masks[0], nslens.zero(), gated=True),
+            nslens.Intervention(synth_masks[1], nslens.dampen(0.25), gated=False),
+            nslens.Intervention(synth_masks[2], nslens.adaptive_dampen(0.5), gated=True, positions="last"),
+            nslens.Intervention(full_masks(synth_recorded.stats)[3], steer[3], gated=True),
+            nslens.Intervention(synth_masks[1], leace[1], gated=True)]
 
 
 def predictions(model, site, prompts, ivs):
@@ -75,10 +63,10 @@ def test_a_bundle_reads_back_to_the_same_edit(embedded, site, synth, mixed, tmp_
     assert torch.equal(predictions(embedded, site, prompts, b.interventions), edited)
 
 
-def test_another_model_is_refused_in_one_line(embedded, site, masks, tmp_path):
+def test_another_model_is_refused_in_one_line(embedded, site, synth_masks, tmp_path):
     from transformers import LlamaForCausalLM
 
-    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.zero()))
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(synth_masks[0], nslens.zero()))
     torch.manual_seed(0)
     other_dir = tmp_path / "other"
     LlamaForCausalLM(embedded._module.config).save_pretrained(other_dir)  # same shape, other weights
@@ -94,10 +82,10 @@ def test_another_model_is_refused_in_one_line(embedded, site, masks, tmp_path):
     ("no-manifest", "not an nslens bundle"), ("format", "bundle format 'nslens.bundle/9'"),
     ("tensors", "cannot read bundle tensors"), ("missing-tensor", "incomplete"), ("edited", "does not read back"),
 ])
-def test_damaged_bundles_are_one_line_errors(embedded, site, masks, tmp_path, damage, words):
+def test_damaged_bundles_are_one_line_errors(embedded, site, synth_masks, tmp_path, damage, words):
     from safetensors.torch import load_file, save_file
 
-    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.dampen(0.5)))
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(synth_masks[0], nslens.dampen(0.5)))
     man = out / "manifest.json"
     data = json.loads(man.read_text())
     if damage == "no-manifest":
@@ -117,7 +105,7 @@ def test_damaged_bundles_are_one_line_errors(embedded, site, masks, tmp_path, da
         load_bundle(out, embedded)
 
 
-def test_what_a_bundle_cannot_hold_is_refused(embedded, site, masks, tmp_path):
+def test_what_a_bundle_cannot_hold_is_refused(embedded, site, synth_masks, tmp_path):
     from dataclasses import dataclass
     from typing import ClassVar
 
@@ -131,19 +119,19 @@ def test_what_a_bundle_cannot_hold_is_refused(embedded, site, masks, tmp_path):
             return x
 
     with pytest.raises(NsLensError, match="not registered"):
-        save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], Unregistered()))
+        save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(synth_masks[0], Unregistered()))
     with pytest.raises(NsLensError, match="at least one"):
         save_bundle(tmp_path / "b", embedded, site, [])
 
 
-def test_lm_eval_steered_model_on_the_export_gives_the_adapters_numbers(embedded, site, recorded, tmp_path):
+def test_lm_eval_steered_model_on_the_export_gives_the_adapters_numbers(embedded, site, synth_recorded, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from nslens.harness import local_tasks_dir, side_effects, task_metrics
 
     tasks = ["nslens_synth_mc", "nslens_synth_cont"]
     inc = local_tasks_dir(tmp_path / "tasks", n_mc=16, n_ppl=4)
-    ops = steering_operators(recorded.stats, "steer", alpha=-2.0)
-    fm = full_masks(recorded.stats)
+    ops = steering_operators(synth_recorded.stats, "steer", alpha=-2.0)
+    fm = full_masks(synth_recorded.stats)
     ivs = [nslens.Intervention(fm[0], ops[0], gated=False), nslens.Intervention(fm[2], ops[2], gated=False)]
     ours = side_effects(embedded, site, {"steer": ivs}, tasks=tasks, include_path=inc)
     pt = export_lm_eval_steering(save_bundle(tmp_path / "b", embedded, site, ivs), tmp_path / "steer.pt")
@@ -163,8 +151,8 @@ def test_lm_eval_steered_model_on_the_export_gives_the_adapters_numbers(embedded
             assert np.isclose(mine[task][metric], value, rtol=1e-6, atol=1e-9), (task, metric)
 
 
-def test_export_refuses_what_lm_eval_cannot_express(embedded, site, masks, tmp_path):
-    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(masks[0], nslens.zero()))
+def test_export_refuses_what_lm_eval_cannot_express(embedded, site, synth_masks, tmp_path):
+    out = save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(synth_masks[0], nslens.zero()))
     with pytest.raises(NsLensError, match="cannot be exported"):
         export_lm_eval_steering(out, tmp_path / "x.pt")
 
@@ -175,15 +163,15 @@ def cli(argv, capsys):
     return r.returncode, r.stdout, r.stderr
 
 
-def test_bundle_commands(embedded, site, masks, recorded, tmp_path, capsys):
+def test_bundle_commands(embedded, site, synth_masks, synth_recorded, tmp_path, capsys):
     """`nslens bundle` writes what `erase --bundle` and `side-effects --bundle` read: the bundle's effect on its
     own concept equals the erasure table's range-masking Acc for that mask, and its side effects equal the
     library's; `export-steering` refuses a masking bundle in one line."""
     ranges = tmp_path / "ranges"
-    for i, m in enumerate(masks):
+    for i, m in enumerate(synth_masks):
         m.save(ranges / f"{i:02d}_{m.concept}.safetensors")
     common = ["--layer", site.layer, "--n-per-class", 40, "--batch-size", 32]
-    concept = masks[2].concept
+    concept = synth_masks[2].concept
     code, _, err = cli(["bundle", "--ranges", ranges, "--concepts", concept, "--out", tmp_path / "b", *common],
                        capsys)
     assert code == 0, err

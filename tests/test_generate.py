@@ -17,18 +17,6 @@ from nslens.steering import full_masks, steering_operators
 
 
 @pytest.fixture(scope="module")
-def recorded(embedded, site, synth):
-    tr = synth["train"]
-    return nslens.record(embedded, site, synth["train_prompts"], tr.labels, tr.label_names, batch_size=32,
-                         keep_samples=True)
-
-
-@pytest.fixture(scope="module")
-def masks(recorded):
-    return nslens.build_range_masks(recorded.stats, method="max", fraction=0.5)
-
-
-@pytest.fixture(scope="module")
 def prompts(synth):
     return synth["test_prompts"][:5]
 
@@ -60,29 +48,29 @@ def hooked_generate(model, site, prompts, interventions, settings):
     return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
 
 
-def interventions(name, masks, recorded):
+def interventions(name, synth_masks, synth_recorded):
     if name == "range":
-        return nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+        return nslens.Intervention(synth_masks[0], nslens.ops.zero(), gated=True)
     if name == "neuron":
-        return nslens.Intervention(masks[1], nslens.ops.zero(), gated=False)
+        return nslens.Intervention(synth_masks[1], nslens.ops.zero(), gated=False)
     if name in ("steer", "range-steer"):  # difference-in-means steering (App. M), ungated and range-gated
-        full = full_masks(recorded.stats)
-        ops = steering_operators(recorded.stats, "steer", alpha=-4.0)
+        full = full_masks(synth_recorded.stats)
+        ops = steering_operators(synth_recorded.stats, "steer", alpha=-4.0)
         return nslens.Intervention(full[0], ops[0], gated=name == "range-steer")
     if name in ("leace", "range-leace"):  # LEACE erasers fitted on the recording's vectors, ungated and gated
         from nslens.leace import leace_samples
 
-        erasers = leace_samples(recorded.samples, recorded.sample_labels, masks)
-        return nslens.Intervention(masks[3], erasers[3], gated=name == "range-leace")
+        erasers = leace_samples(synth_recorded.samples, synth_recorded.sample_labels, synth_masks)
+        return nslens.Intervention(synth_masks[3], erasers[3], gated=name == "range-leace")
     if name == "sequence":
-        return [nslens.Intervention(masks[0], nslens.ops.dampen(0.25), gated=True),
-                nslens.Intervention(masks[2], nslens.ops.zero(), gated=False)]
+        return [nslens.Intervention(synth_masks[0], nslens.ops.dampen(0.25), gated=True),
+                nslens.Intervention(synth_masks[2], nslens.ops.zero(), gated=False)]
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", ["range", "neuron", "steer", "range-steer", "leace", "range-leace", "sequence"])
-def test_greedy_generation_equals_a_plain_hook_on_hf_generate(embedded, site, recorded, masks, prompts, name):
-    iv = interventions(name, masks, recorded)
+def test_greedy_generation_equals_a_plain_hook_on_hf_generate(embedded, site, synth_recorded, synth_masks, prompts, name):
+    iv = interventions(name, synth_masks, synth_recorded)
     settings = GenerationSettings(max_new_tokens=8)
     # batches of 2 once (several padded batches), else the whole set in one batch
     got = generate_ids(embedded, site, prompts, interventions=iv, settings=settings,
@@ -90,12 +78,12 @@ def test_greedy_generation_equals_a_plain_hook_on_hf_generate(embedded, site, re
     assert got == hooked_generate(embedded, site, prompts, iv, settings)
 
 
-def test_clean_generation_equals_hf_generate_and_the_edit_changes_what_is_said(embedded, site, synth, masks,
+def test_clean_generation_equals_hf_generate_and_the_edit_changes_what_is_said(embedded, site, synth, synth_masks,
                                                                               prompts):
     enc = encode(embedded, prompts)
     before = plain_forward(embedded, enc).logits
     settings = GenerationSettings(max_new_tokens=10)
-    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=False)
+    iv = nslens.Intervention(synth_masks[0], nslens.ops.zero(), gated=False)
     res = generate(embedded, site, prompts, interventions=iv, settings=settings)
     assert [r.clean_ids for r in res] == hooked_generate(embedded, site, prompts, None, settings)
     assert any(r.changed for r in res), "zeroing half the site's neurons changed no continuation"
@@ -105,9 +93,9 @@ def test_clean_generation_equals_hf_generate_and_the_edit_changes_what_is_said(e
     assert torch.equal(plain_forward(embedded, enc).logits, before), "the model is not clean after generation"
 
 
-def test_sampling_is_seeded_and_equals_hf_sampling(embedded, site, masks, prompts):
+def test_sampling_is_seeded_and_equals_hf_sampling(embedded, site, synth_masks, prompts):
     settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, top_p=0.95, seed=7)
-    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+    iv = nslens.Intervention(synth_masks[0], nslens.ops.zero(), gated=True)
     a = generate_ids(embedded, site, prompts, interventions=iv, settings=settings, batch_size=len(prompts))
     b = generate_ids(embedded, site, prompts, interventions=iv, settings=settings, batch_size=len(prompts))
     assert a == b
@@ -117,8 +105,8 @@ def test_sampling_is_seeded_and_equals_hf_sampling(embedded, site, masks, prompt
     assert other != a
 
 
-def test_remote_local_equals_local(embedded, site, masks, prompts):
-    iv = nslens.Intervention(masks[0], nslens.ops.zero(), gated=True)
+def test_remote_local_equals_local(embedded, site, synth_masks, prompts):
+    iv = nslens.Intervention(synth_masks[0], nslens.ops.zero(), gated=True)
     settings = GenerationSettings(max_new_tokens=6)
     assert generate_ids(embedded, site, prompts[:3], interventions=iv, settings=settings, remote="local") == \
         generate_ids(embedded, site, prompts[:3], interventions=iv, settings=settings)
@@ -143,21 +131,21 @@ def cli(argv, capsys):
     return r.returncode, r.stdout, r.stderr
 
 
-def test_generate_command_with_ranges_and_with_a_bundle(embedded, site, masks, prompts, tmp_path, capsys):
+def test_generate_command_with_ranges_and_with_a_bundle(embedded, site, synth_masks, prompts, tmp_path, capsys):
     """`nslens generate` with saved masks writes the continuations the library computes for the same edit; a
     bundle of that edit (`nslens bundle`) generates the same; bad input is one line."""
     ranges = tmp_path / "ranges"
-    for i, m in enumerate(masks):
+    for i, m in enumerate(synth_masks):
         m.save(ranges / f"{i:02d}_{m.concept}.safetensors")
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(p.replace("\n", "\\n") for p in prompts[:3]) + "\n")
-    concept = masks[1].concept
+    concept = synth_masks[1].concept
     code, out, err = cli(["generate", "--ranges", ranges, "--concepts", concept, "--ungated", "--prompts-file", pf,
                           "--max-new-tokens", 6, "--layer", site.layer, "--out", tmp_path / "gen.json"], capsys)
     assert code == 0, err
     got = json.loads((tmp_path / "gen.json").read_text())
     want = generate_ids(embedded, site, prompts[:3], settings=GenerationSettings(max_new_tokens=6),
-                        interventions=nslens.Intervention(masks[1], nslens.zero(), gated=False))
+                        interventions=nslens.Intervention(synth_masks[1], nslens.zero(), gated=False))
     assert [c["intervened_ids"] for c in got["continuations"]] == want
     assert [c["prompt"] for c in got["continuations"]] == prompts[:3]
     assert got["interventions"][0]["concept"] == concept and got["interventions"][0]["kind"] == "neuron"
