@@ -119,7 +119,7 @@ def generate_ids(model: Any, site: Site, prompts: Sequence[str], *,
         raise NsLensError("no prompts to generate from")
     tok = model.tokenizer
     kwargs = settings.generate_kwargs(tok)
-    eos = {t for t in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])}
+    eos = set([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])
     out: list[list[int]] = []
     for sl in batches(len(prompts), batch_size):
         enc = tokenize(model, prompts[sl])

@@ -61,8 +61,13 @@ def checked(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _model(cfg: RunConfig) -> Any:
+    """The config's model: local, quantized or remote, in the dtype asked for."""
+    return load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+
+
 def _model_site(cfg: RunConfig) -> tuple[Any, Site]:
-    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    model = _model(cfg)
     return model, resolve_site(model, cfg.layer)
 
 
@@ -163,7 +168,7 @@ def steering_run(cfg: RunConfig, out: str | Path, *, middle_layer: bool = False,
     """A run of the config's steering baselines; ``middle_layer`` puts the site at the model's middle block (the
     paper steers at layer 14 of Llama-3.2-3B's 28), read from the model that the run then uses."""
     checked(cfg)
-    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    model = _model(cfg)
     if middle_layer:
         cfg = cfg.replace(layer=resolve_site(model).n_layers // 2)
     return run_pipeline(cfg, out, progress=progress, model=model, overwrite=overwrite)
@@ -257,6 +262,7 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
                           concepts: Sequence[str] | None = None, gated: bool = True, allow_other_model: bool = False,
                           out: str | Path | None = None, progress: Progress | None = None) -> list[Continuation]:
     """Clean and intervened continuations of ``prompts`` (``nslens.generate``), written to ``out`` as JSON."""
+    one_source(ranges, bundle)  # before the model loads
     if not prompts:
         raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
     if out is not None:
@@ -267,7 +273,7 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
     result = generate(model, site, prompts, interventions=ivs, settings=settings, batch_size=cfg.batch_size,
                       remote=cfg.remote)
     if out is not None:
-        write_text(out, json.dumps({"settings": settings.__dict__, "site": site.describe(),
+        write_text(out, json.dumps({"settings": asdict(settings), "site": site.describe(),
                                     "interventions": [iv.describe() for iv in ivs],
                                     "continuations": [c.to_dict() for c in result]}, indent=2) + "\n")
     return result
@@ -320,7 +326,7 @@ def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | N
     if out is not None:
         check_writable(out)
     ds = load_concepts(cfg)
-    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    model = _model(cfg)
     b = load_bundle(bundle, model, allow_other_model=allow_other_model)
     missing = [c for c in b.concepts if c not in ds.label_names]
     if missing:
@@ -349,7 +355,7 @@ def side_effects_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | P
 
     if out is not None:
         check_writable(out)
-    model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
+    model = _model(cfg)
     b = load_bundle(bundle, model, allow_other_model=allow_other_model)
     tasks, include = side_effect_tasks(cfg)
     res = side_effects(model, b.site(model), {"bundle": b.interventions}, tasks=tasks, limit=cfg.side_effects.limit,

@@ -160,9 +160,8 @@ def generate_cmd(
 ) -> None:
     """Clean and intervened continuations side by side, the intervention applied at every generated token."""
     from nslens.generate import GenerationSettings
-    from nslens.workflows import generate_with_options, one_source, read_prompts
+    from nslens.workflows import generate_with_options, read_prompts
 
-    one_source(ranges, bundle)
     texts = read_prompts(prompt or [], prompts_file)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed)
