@@ -36,6 +36,7 @@ from .models import QUANTIZE_MODES, check_layer, local_n_layers
 from .ops import OPERATORS
 from .ranges import DEFAULT_TAU, check_tau
 from .rank import RANKING_METHODS, check_fraction
+from .readout import READOUTS
 from .record import POSITIONS
 
 __all__ = ["FLAT_KEYS", "STEERING_RUNS", "SWEEP_PARAMS", "RunConfig", "SaeConfig", "SideEffectsConfig",
@@ -254,6 +255,9 @@ class RunConfig:
     """Texts are cut to this many words inside prompts."""
     only_correct: bool = True
     """Keep only samples the clean model classifies correctly (the paper's protocol for Llama, App. H)."""
+    readout: str = "argmax"
+    """How logits become a prediction: argmax (greedy token, the paper's), labels (best label token) or calibrated
+    (best label token after the prompt's content-free prior; ``nslens.readout``)."""
     max_correct_per_class: int = 2000
     """Cap per concept when only_correct is set."""
     cacc_average: str = "class"
@@ -302,6 +306,13 @@ class RunConfig:
             raise NsLensError("no operators given; choose from " + ", ".join(OPERATORS))
         if self.cacc_average not in CACC_AVERAGES:
             raise NsLensError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
+        if self.readout not in READOUTS:
+            raise NsLensError(f"unknown readout {self.readout!r}; choose one of {', '.join(READOUTS)}")
+        if self.readout != "argmax" and self.dataset.startswith("next:"):
+            raise NsLensError(f"readout {self.readout!r} compares label words; next-token datasets ({self.dataset}) "
+                              "need readout argmax")
+        if self.k_shot < 0:
+            raise NsLensError(f"k_shot must be >= 0, got {self.k_shot}")
         if self.record_position not in POSITIONS:
             raise NsLensError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
         if self.positions not in INTERVENE_POSITIONS:

@@ -28,6 +28,7 @@ from .intervene import Intervention, apply_in_trace
 from .models import Site
 from .ops import Operator
 from .ranges import RangeMask
+from .readout import Readout, predict_token
 from .record import Progress, batches, tokenize
 from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch
@@ -58,11 +59,11 @@ def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndar
 
 
 def _predict_batch(model: Any, site: Site, enc: dict[str, torch.Tensor], g: torch.Tensor,
-                   interventions: Any, remote: bool | str) -> dict[str, torch.Tensor]:
+                   interventions: Any, remote: bool | str, rule: tuple) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         with model.trace(enc, **trace_args(model, remote)):
             apply_in_trace(model, site, interventions)
-            out = _last_token_outputs(model, g).save()
+            out = _last_token_outputs(model, g, *rule).save()
     return out
 
 
@@ -77,15 +78,18 @@ def predict(
     remote: bool | str = False,
     progress: Progress | None = None,
     desc: str = "predict",
+    readout: Readout | None = None,
 ) -> Predictions:
-    """Greedy next-token predictions at the last position, optionally under interventions at the site."""
+    """Greedy next-token predictions at the last position, optionally under interventions at the site; with a
+    ``readout`` (``nslens.readout``) the prediction is the best label token by that rule instead."""
     gold = _gold_tensor(prompts, gold_token_ids, remote)
+    rule = _rule(readout)
     conf, pred = [], []
     parts = batches(len(prompts), batch_size)
     for i, sl in enumerate(parts):
         enc = tokenize(model, prompts[sl])
         g = gold[sl]
-        out = maybe_retry(remote, lambda enc=enc, g=g: _predict_batch(model, site, enc, g, interventions, remote),
+        out = maybe_retry(remote, lambda enc=enc, g=g: _predict_batch(model, site, enc, g, interventions, remote, rule),
                           what=f"predict batch {i}")
         conf.append(out["conf"])
         pred.append(out["pred"])
@@ -95,13 +99,20 @@ def predict(
     return Predictions((pred_t == gold).numpy(), torch.cat(conf).numpy().astype(np.float64), pred_t.numpy())
 
 
-def _last_token_outputs(model: Any, gold: torch.Tensor, tiles: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
-    """Inside a trace: gold-label probability and greedy token at the last position (small, remote-friendly).
-    ``tiles`` copies of the batch share the pass (``replay_batch``); only the last position is read."""
+def _rule(readout: Readout | None) -> tuple:
+    """The readout as the extra arguments ``_last_token_outputs`` takes: () for the greedy token."""
+    return () if readout is None else readout.tensors()
+
+
+def _last_token_outputs(model: Any, gold: torch.Tensor, ids: torch.Tensor | None = None,
+                        prior: torch.Tensor | None = None, tiles: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
+    """Inside a trace: gold-label probability and predicted token at the last position (small, remote-friendly):
+    the greedy token, or with ``ids`` the readout's label token (``nslens.readout.predict_token``). ``tiles``
+    copies of the batch share the pass (``replay_batch``); only the last position is read."""
     logits = model.output.logits[:, -1, :].float()
     p = torch.softmax(logits, dim=-1)
     g = gold.repeat(tiles) if tiles > 1 else gold
-    return {"conf": p.gather(-1, g.to(p.device)[:, None])[:, 0].cpu(), "pred": logits.argmax(-1).cpu()}
+    return {"conf": p.gather(-1, g.to(p.device)[:, None])[:, 0].cpu(), "pred": predict_token(logits, ids, prior).cpu()}
 
 
 def predict_many(
@@ -116,6 +127,7 @@ def predict_many(
     remote: bool | str = False,
     progress: Progress | None = None,
     desc: str = "erase",
+    readout: Readout | None = None,
 ) -> list[Predictions]:
     """Predictions under many interventions, computing the layers below the site once per batch.
 
@@ -128,6 +140,7 @@ def predict_many(
     """
     chunks = chunked(interventions, per_pass)
     gold = _gold_tensor(prompts, gold_token_ids, remote)
+    rule = _rule(readout)
     conf: list[list[torch.Tensor]] = [[] for _ in interventions]
     pred: list[list[torch.Tensor]] = [[] for _ in interventions]
     parts = batches(len(prompts), batch_size)
@@ -135,7 +148,7 @@ def predict_many(
         enc = tokenize(model, prompts[sl])
         g = gold[sl]
         clean, outs = maybe_retry(
-            remote, lambda enc=enc, g=g: replay_batch(model, site, enc, chunks, _last_token_outputs, (g,),
+            remote, lambda enc=enc, g=g: replay_batch(model, site, enc, chunks, _last_token_outputs, (g, *rule),
                                                       remote=remote, logits_to_keep=1),
             what=f"erase batch {b}")
         rows = len(g)
@@ -289,6 +302,7 @@ def erasure_table(
     per_pass: int = 8,
     sae: Any = None,
     cacc_average: str = "class",
+    readout: Readout | None = None,
 ) -> ErasureTable:
     """The full table: the clean model, then neuron and range masking of every concept's mask.
 
@@ -296,7 +310,8 @@ def erasure_table(
     2C + 1 full forward passes over the test set (the reference path; same numbers). With ``sae`` the masks select
     SAE features and "neuron" masking is feature masking. ``operator`` may be one per mask (per-concept steering
     vectors, ``nslens.steering``). The gold token of a sample is its concept's label token, or, with
-    ``gold_token_ids`` (next-token concepts, ``nslens.nexttoken``), the sample's own.
+    ``gold_token_ids`` (next-token concepts, ``nslens.nexttoken``), the sample's own. ``readout``: how logits
+    become predictions (``nslens.readout``; None: the greedy token, the paper's rule).
     """
     ops = list(operator) if isinstance(operator, (list, tuple)) else [operator] * len(masks)
     if len(ops) != len(masks):
@@ -311,10 +326,10 @@ def erasure_table(
            for mask, op in zip(masks, ops) for gated in (False, True)]
     if fast:
         preds = predict_many(model, site, prompts, gold, [None, *ivs], batch_size=batch_size, per_pass=per_pass,
-                             remote=remote, progress=progress, desc=f"erase ({ops[0].label})")
+                             remote=remote, progress=progress, desc=f"erase ({ops[0].label})", readout=readout)
     else:
         preds = [predict(model, site, prompts, gold, interventions=iv, batch_size=batch_size, remote=remote,
-                         progress=progress, desc="erase: " + (f"{iv.mask.concept} ({iv.kind})" if iv else "clean"))
+                         progress=progress, readout=readout, desc="erase: " + (f"{iv.mask.concept} ({iv.kind})" if iv else "clean"))
                  for iv in [None, *ivs]]
     clean = preds[0]
     base, neuron, rng = [], [], []
@@ -326,4 +341,5 @@ def erasure_table(
             out.append({k: m[k] - b[k] for k in METRICS})
     return ErasureTable(concepts, base, neuron, rng, operator=ops[0].label,
                         meta={"positions": positions, "n_test": int(len(prompts)), "cacc_average": cacc_average,
+                              "readout": readout.kind if readout is not None else "argmax",
                               **site.describe()})

@@ -7,8 +7,8 @@ human-written quotations, jokes and aphorisms separated by lines holding only ``
 
 **Which categories.** Any file of the directory that has a ``strfile`` index beside it (``<name>.dat``) is a
 category; ``.dat``/``.u8`` companions and sub-folders are not, so the offensive collection ``off/`` (package
-``fortunes-off``) is never read. ``fortunes`` alone means ``DEFAULT_CATEGORIES`` (love, men-women, kids, food: the categories of
-the SmolLM2-135M protocol, ``nslens.protocols``); a list names at least two categories, in the order given (that
+``fortunes-off``) is never read. ``fortunes`` alone means ``DEFAULT_CATEGORIES`` (computers, food, love, kids,
+sports, medicine: the categories of the SmolLM2-135M protocol, ``nslens.protocols``); a list names at least two categories, in the order given (that
 order fixes the label indices). Label words default to the category name, or ``LABEL_WORDS`` where the name is
 not a word (men-women -> women, kids -> children, ...).
 
@@ -66,9 +66,9 @@ __all__ = [
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 #: version of the cleaning, deduplication and hold-out rules (recorded in every dataset's source)
 CLEANING = "nslens-fortunes-1"
-#: ``fortunes`` with no list: everyday topics whose texts carry their topic in common words (the categories of
-#: ``nslens.protocols.PROTOCOLS['smollm2-135m']``; computers/politics/science/sports are at chance on that model)
-DEFAULT_CATEGORIES = ("love", "men-women", "kids", "food")
+#: ``fortunes`` with no list: topics whose texts carry their topic in common words (the categories of
+#: ``nslens.protocols.PROTOCOLS['smollm2-135m']``, all above chance on that model with the calibrated readout)
+DEFAULT_CATEGORIES = ("computers", "food", "love", "kids", "sports", "medicine")
 #: the word the model answers with, where the file name is not a good one-token English word
 LABEL_WORDS: dict[str, str] = {"men-women": "women", "songs-poems": "poetry", "startrek": "Star Trek",
                                "linuxcookie": "Linux", "knghtbrd": "quotes", "ascii-art": "art",

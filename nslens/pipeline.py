@@ -86,7 +86,8 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
         run.start(asdict(cfg), model_id=model_id(model), site=site.describe(), dataset=cfg.dataset)
         with run.step("data"):
             data = prepare_data(model, site, cfg, progress)
-            run.summary.update(n_train=len(data.train), n_test=len(data.test), next_token=data.test.next_token)
+            run.summary.update(n_train=len(data.train), n_test=len(data.test), next_token=data.test.next_token,
+                               readout=data.readout.describe() if data.readout else {"readout": "argmax"})
             _write_texts(run.path / "train.jsonl", data.train)
         with run.step("masks"):
             if sae is not None:
@@ -149,7 +150,8 @@ def _erasure(run: Run, name: str, model: Any, site: Site, data: PreparedData, ma
     """One erasure table on the test split, written as ``erasure_<name>`` and into the summary."""
     tab = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks, op,
                         gold_token_ids=data.test_gold, positions=cfg.positions, batch_size=cfg.batch_size,
-                        remote=cfg.remote, progress=progress, sae=sae, cacc_average=cfg.cacc_average)
+                        remote=cfg.remote, progress=progress, sae=sae, cacc_average=cfg.cacc_average,
+                        readout=data.readout)
     tab.meta.update(meta or {})
     tab.write(run.path / f"erasure_{name}")
     run.summary["erasure"][name] = tab.summary()
@@ -277,7 +279,7 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
     test = (data.prompts(data.test), data.test.labels, data.label_ids, op)
     method = cfg.method
     common = {"batch_size": cfg.batch_size, "remote": cfg.remote, "positions": cfg.positions,
-              "gold_token_ids": data.test_gold}
+              "gold_token_ids": data.test_gold, "readout": data.readout}
     done = []
     for param in cfg.sweeps.params:
         if param == "fraction":
@@ -290,7 +292,8 @@ def _sweeps(model: Any, site: Site, rec: RecordResult, data: PreparedData, cfg: 
             sw = layer_sweep(model, data.prompts(data.train), data.train.labels, data.train.label_names, *test,
                              layers=cfg.sweeps.layers, method=method, fraction=cfg.fraction, tau=cfg.tau,
                              batch_size=cfg.batch_size, remote=cfg.remote, progress=progress,
-                             gold_token_ids=data.test_gold, train_gold_token_ids=data.train_gold)
+                             gold_token_ids=data.test_gold, train_gold_token_ids=data.train_gold,
+                             readout=data.readout)
         write_text(out / f"sweep_{param}.json", sw.to_json())
         write_text(out / f"sweep_{param}.md", sw.to_markdown())
         plot_sweep(sw, out / "figures" / f"sweep_{param}.png")

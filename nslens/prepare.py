@@ -16,6 +16,7 @@ from .erasure import predict
 from .errors import NsLensError
 from .models import Site
 from .nexttoken import target_token_ids
+from .readout import Readout, make_readout
 from .record import Progress, RecordResult, record
 
 __all__ = ["PreparedData", "load_concepts", "prepare_data", "record_stats"]
@@ -37,6 +38,8 @@ class PreparedData:
     label_ids: list[int] | None
     train_gold: np.ndarray
     test_gold: np.ndarray
+    readout: Readout | None = None
+    """How logits become predictions (``nslens.readout``; None: the greedy token, the paper's rule)."""
 
     def prompts(self, ds: ConceptDataset) -> list[str]:
         return list(ds.texts) if self.prompter is None else self.prompter.prompts(ds.texts)
@@ -89,13 +92,14 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
         return target_token_ids(tok, part.texts, part.targets or [])[0] if part.next_token \
             else np.asarray(label_ids)[part.labels]
 
-    data = PreparedData(train, test, prompter, label_ids, gold(train), gold(test))
+    readout = make_readout(model, cfg.readout, label_ids, prompter, remote=cfg.remote)
+    data = PreparedData(train, test, prompter, label_ids, gold(train), gold(test), readout)
     if not cfg.only_correct:
         return data
     kept: list[Any] = []
     for part, g, split, least in ((train, data.train_gold, "train", 2), (test, data.test_gold, "test", 1)):
         p = predict(model, site, data.prompts(part), g, batch_size=cfg.batch_size, remote=cfg.remote,
-                    progress=progress, desc="filter correct")
+                    progress=progress, desc="filter correct", readout=readout)
         idx = np.flatnonzero(p.correct)
         _check_correct(part, p.correct, split, least, cfg)  # the train split fails before the test pass runs
         cap = cfg.max_correct_per_class if part is train else max(1, int(cfg.max_correct_per_class * cfg.test_size))
@@ -103,7 +107,7 @@ def prepare_data(model: Any, site: Site, cfg: RunConfig, progress: Progress | No
         kept += [part.subset(keep), g[keep]]
     train, train_gold, test, test_gold = kept
     train.check_concepts(min_samples=2)  # max_correct_per_class may cap below that
-    return PreparedData(train, test, prompter, label_ids, train_gold, test_gold)
+    return PreparedData(train, test, prompter, label_ids, train_gold, test_gold, readout)
 
 
 def _check_correct(part: ConceptDataset, correct: np.ndarray, split: str, least: int, cfg: RunConfig) -> None:
@@ -117,7 +121,9 @@ def _check_correct(part: ConceptDataset, correct: np.ndarray, split: str, least:
                        for n, b, a in zip(part.label_names, before, after))
     hints = ["a larger n_per_class (--n-per-class; the scripts' --limit)", "--all-samples (only_correct = false)"]
     if not part.next_token:
-        hints.append("other --label-words or more shots (k_shot)")
+        hints.append("other --label-words or more shots (--k-shot)")
+        if cfg.readout != "calibrated":
+            hints.append("--readout calibrated (the label words' scores after the prompt's prior)")
     raise NsLensError(f"dataset {cfg.dataset!r}, {split} split: the only-correct filter leaves fewer than {least} "
                      f"samples of a concept (before -> after: {counts}); try " + ", ".join(hints))
 

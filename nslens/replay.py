@@ -54,18 +54,19 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
     import nnsight  # heavy (seconds): the modules that import this one load without it
 
     clean = None  # assigned before the trace: a local first set in a stopped trace is not handed back
-    with model.trace(enc) as tracer:
+    seq = enc["input_ids"].shape[1]
+    keep = logits_to_keep if 0 < logits_to_keep < seq else 0
+    offset = seq - keep if keep else 0
+    with model.trace(enc, logits_to_keep=keep) as tracer:
         cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
         if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
             cached = nnsight.save(cached)
         if clean_readout:
-            clean = readout(model, *args, tiles=1, offset=0).save()
+            clean = readout(model, *args, tiles=1, offset=offset).save()
         else:
             tracer.stop()  # nobody needs the clean model's outputs: the layers above the site never run
     h, is_tuple = cached["h"], cached["is_tuple"]
     outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
-    seq = enc["input_ids"].shape[1]
-    keep = logits_to_keep if 0 < logits_to_keep < seq else 0
     for chunk in chunks:
         k = len(chunk)
         tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
@@ -74,7 +75,7 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
             value = (value,) if is_tuple else value
             for layer in range(site.layer + 1):
                 layer_envoy(model, site, layer).skip(value)
-            outs.append(readout(model, *args, tiles=k, offset=seq - keep if keep else 0))
+            outs.append(readout(model, *args, tiles=k, offset=offset))
     return clean, outs
 
 
@@ -93,8 +94,9 @@ def replay_batch(
     """One batch: the clean pass and one replay per chunk; returns (clean readout or None, readout per chunk).
 
     The readout of a chunk holds its ``k`` tiles in chunk order (``tiles=k``). ``logits_to_keep`` (0 = all)
-    limits the logits the replays compute to the last positions; the clean pass always computes all of them, so
-    the clean numbers are those of an ordinary forward. Without ``clean_readout`` the clean pass stops at the site.
+    limits the logits the clean pass and the replays compute to the last positions: the LM head over every
+    position of a large vocabulary costs several decoder layers, and a readout of the last positions needs none
+    of the others. Without ``clean_readout`` the clean pass stops at the site.
     """
     with torch.no_grad():
         if not remote:

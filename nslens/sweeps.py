@@ -118,10 +118,11 @@ def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarr
                 test_prompts: Sequence[str], test_labels: np.ndarray, label_ids: Sequence[int] | None,
                 operator: Operator, *, layers: Sequence[int] | None = None, method: str = "max", fraction: float = 0.3,
                 tau: float = 2.5, batch_size: int = 16, remote: bool | str = False, progress: Progress | None = None,
-                gold_token_ids: Any = None, train_gold_token_ids: Any = None) -> Sweep:
+                gold_token_ids: Any = None, train_gold_token_ids: Any = None, readout: Any = None) -> Sweep:
     """Neuron vs range masking at every layer (default: all); one recording per layer, ranked at that layer by
     ``method``: from its statistics, its raw samples (``needs_samples``) or the model (``needs_model``, over the
-    training prompts with their concepts' label tokens or ``train_gold_token_ids``)."""
+    training prompts with their concepts' label tokens or ``train_gold_token_ids``). ``readout``: the run's
+    prediction rule (``nslens.readout``), the same at every layer (its prior is the clean model's)."""
     ranking = get_ranking(method)
     n_layers = resolve_site(model, 0).n_layers
     values = list(range(n_layers)) if layers is None else [int(v) for v in layers]
@@ -138,7 +139,8 @@ def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarr
             scores = ranking.scores(rec.stats, rec.samples, rec.sample_labels)
         masks = build_range_masks(rec.stats, method=method, fraction=fraction, tau=tau, scores=scores)
         out.append(erasure_table(model, site, test_prompts, test_labels, label_ids, masks, operator,
-                                 gold_token_ids=gold_token_ids, batch_size=batch_size, remote=remote).summary())
+                                 gold_token_ids=gold_token_ids, batch_size=batch_size, remote=remote,
+                                 readout=readout).summary())
         if progress is not None:
             progress("sweep layer", i + 1, len(values))
     return Sweep("layer", [float(v) for v in values], out,

@@ -135,7 +135,7 @@ def erase_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Path | No
         tables[name] = erasure_table(model, site, data.prompts(data.test), data.test.labels, data.label_ids, masks,
                                      op, gold_token_ids=data.test_gold, positions=cfg.positions,
                                      batch_size=cfg.batch_size, remote=cfg.remote, progress=progress,
-                                     cacc_average=cfg.cacc_average)
+                                     cacc_average=cfg.cacc_average, readout=data.readout)
         if path is not None:
             tables[name].write(path)
     return tables
@@ -336,7 +336,7 @@ def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | N
     data = prepare_data(model, site, cfg, progress, ds=ds)
     prompts, labels = data.prompts(data.test), np.asarray(data.test.labels)
     runs = [predict(model, site, prompts, data.test_gold, interventions=ivs, batch_size=cfg.batch_size,
-                    remote=cfg.remote, progress=progress, desc=desc)
+                    remote=cfg.remote, progress=progress, desc=desc, readout=data.readout)
             for ivs, desc in ((None, "clean"), (b.interventions, "bundle"))]
     per = [[(float(r.correct[labels == c].mean()), float(r.conf[labels == c].mean())) for r in runs]
            for c in range(len(ds.label_names))]

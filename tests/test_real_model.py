@@ -269,3 +269,46 @@ def test_real_model_experiment_smoke(smol, tmp_path):
     q = res["quantized"]["nf4"]
     assert q["max_abs_diff"] == max(abs(q["erasure"][p][k] - res["next"]["erasure"][p][k])
                                     for p in q["erasure"] for k in q["erasure"][p])
+
+
+@needs_data
+def test_calibrated_readout_on_real_text_equals_numpy(smol, smol_site):
+    """The protocol's calibrated readout with the real BPE tokenizer (left-padded batches): its prior and
+    predictions equal numpy over a plain forward of each prompt alone."""
+    from nslens.readout import CONTENT_FREE, make_readout
+
+    ds = nslens.load_dataset("fortunes:computers,food,love,kids,sports,medicine").balanced(2, seed=3)
+    prompter = nslens.FewShotPrompter.from_dataset(ds, k=1, seed=0, max_words=12)
+    ids = nslens.label_token_ids(smol.tokenizer, ds.label_words)
+    readout = make_readout(smol, "calibrated", ids, prompter)
+
+    def lsm(prompt):
+        x = plain_forward(smol, encode(smol, [prompt])).logits[0, -1].double().numpy()
+        return (x - x.max() - np.log(np.exp(x - x.max()).sum()))[ids]
+
+    prior = np.mean([lsm(prompter(t)) for t in CONTENT_FREE], axis=0)
+    np.testing.assert_allclose(readout.prior, prior, rtol=1e-4, atol=1e-4)
+    prompts = prompter.prompts(ds.texts)
+    p = nslens.predict(smol, smol_site, prompts, np.asarray(ids)[ds.labels], batch_size=5, readout=readout)
+    ref = np.asarray(ids)[[int(np.argmax(lsm(q) - prior)) for q in prompts]]
+    np.testing.assert_array_equal(p.pred, ref)
+
+
+@needs_data
+def test_record_command_applies_the_models_protocol(tmp_path):
+    """`nslens record --model smollm2-135m` takes the registered protocol for the flags left at their defaults,
+    says so in one line, and an explicit flag wins."""
+    from conftest import run_cli
+    from safetensors import safe_open
+
+    out = tmp_path / "stats.safetensors"
+    r = run_cli("record", "--model", "smollm2-135m", "--dataset", "fortunes", "--n-per-class", "16",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "its protocol's settings apply (k_shot 1, max_words 24, readout calibrated" in r.stderr
+    with safe_open(str(out), "np") as f:
+        assert f.get_tensor("count").sum() >= 6  # the only-correct filter kept samples of every concept
+    r = run_cli("record", "--model", "smollm2-135m", "--dataset", "fortunes", "--n-per-class", "8",
+                "--readout", "labels", "--all-samples", "--out", str(tmp_path / "b.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert "(k_shot 1, max_words 24;" in r.stderr and "readout calibrated" not in r.stderr

@@ -53,6 +53,10 @@ FLAGS: dict[str, Flag] = {f.flag: f for f in [
     Flag(("--only-correct/--all-samples",), "only_correct", True,
          "Keep only samples the clean model classifies correctly (the paper's protocol)."),
     Flag(("--max-words",), "max_words", 64, "Texts are cut to this many words."),
+    Flag(("--readout",), "readout", "argmax", "How logits become a prediction: argmax (the greedy token, the "
+         "paper's), labels (the best label word) or calibrated (the best label word after the prompt's content-free "
+         "prior)."),
+    Flag(("--k-shot",), "k_shot", 1, "Demonstrations per concept in the few-shot prompt."),
     Flag(("--position",), "record_position", "last", "Where activations are recorded: last or all tokens."),
     Flag(("--positions",), "positions", "all", "Where interventions apply: all positions or the last one."),
     Flag(("--method",), "method", "max", "Ranking: max or probeless (probe needs `nslens run`, which keeps "
@@ -175,7 +179,35 @@ def run_config(ctx: typer.Context, **fixed: Any) -> Any:
             sections.setdefault(key, {}).update(value)
         else:
             core[key] = value
+    core.update(_protocol_defaults(ctx, core, set(fixed)))
     return checked(RunConfig(**core, **sections))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set parameter ``name`` (command line or environment), not its default. By the source's
+    name: typer may bring a click of its own, whose ``ParameterSource`` is another class."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _protocol_defaults(ctx: typer.Context, core: dict[str, Any], fixed: set[str]) -> dict[str, Any]:
+    """The model's registered classification protocol (``nslens.protocols``) for the settings the command line
+    left at their defaults (also those the command has no flag for, such as ``max_words``), announced in one line
+    on stderr; an explicit flag, and a field the command sets itself (``fixed``), always win."""
+    from nslens.protocols import protocol_settings
+
+    settings = protocol_settings(str(core.get("model", "")), str(core.get("dataset", "")))
+    given = {FLAGS[flag].target for p in ctx.command.params
+             for flag in [next((o for o in p.opts if o.startswith("--")), None)]
+             if flag in FLAGS and _given(ctx, p.name)}
+    applied = {k: v for k, v in settings.items() if k not in given and k not in fixed}
+    if applied:
+        from .app import console
+
+        listed = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in applied.items())
+        console.print(f"{core['model']}: its protocol's settings apply ({listed}; docs/real-model.md)",
+                      highlight=False)
+    return applied
 
 
 def neg_config(ctx: typer.Context) -> Any:

@@ -25,6 +25,7 @@ def record_cmd(
     n_per_class: int = option("--n-per-class"), batch_size: int = option("--batch-size"),
     remote: bool = option("--remote"), position: str = option("--position"), seed: int = option("--seed"),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    readout: str = option("--readout"), k_shot: int = option("--k-shot"),
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
     checkpoint: Path | None = typer.Option(None, help="Save partial statistics here; re-run to resume."),
 ) -> None:
@@ -58,6 +59,7 @@ def erase_cmd(
     remote: bool = option("--remote"), operators: str = option("--operators"), alpha: float = option("--alpha"),
     beta: float = option("--beta"), positions: str = option("--positions"), seed: int = option("--seed"),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    readout: str = option("--readout"), k_shot: int = option("--k-shot"),
     allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here (several "
                                     "operators: <out>_<operator>)."),
@@ -88,6 +90,7 @@ def side_effects_cmd(
     n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
     seed: int = option("--seed"), only_correct: bool = option("--only-correct"),
     label_words: str | None = option("--label-words"),
+    readout: str = option("--readout"), k_shot: int = option("--k-shot"),
     operators: str = option("--operators"), alpha: float = option("--alpha"), beta: float = option("--beta"),
     tasks: str = option("--tasks"), limit: float | None = option("--lm-eval-limit"),
     include: Path | None = option("--include"), positions: str = option("--positions"),
@@ -154,6 +157,7 @@ def generate_cmd(
     dataset: str = option("--dataset", help="leace only: the concepts its erasers are fitted on (as for erase)."),
     n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    readout: str = option("--readout"), k_shot: int = option("--k-shot"),
     allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the continuations as JSON here."),
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
@@ -189,6 +193,7 @@ def bundle_cmd(
     dataset: str = option("--dataset", help="leace only: the concepts its erasers are fitted on (as for erase)."),
     n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
+    readout: str = option("--readout"), k_shot: int = option("--k-shot"),
     allow_other_model: bool = AllowOtherModelOpt,
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
 ) -> None:
