@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUICK, best_of, n_params, random_llama  # noqa: E402
+from common import QUICK, SHAPES, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.record import batches, tokenize  # noqa: E402
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--shape", choices=["real"], default=None, help="real: SmolLM2-135M's shape")
     args = ap.parse_args(argv)
     tok = build_tokenizer()
-    hf = random_llama(tok, **(QUICK if args.quick else {"hidden": 768, "intermediate": 2048, "layers": 8,
-                                                         "heads": 12}))
+    hf = random_llama(tok, **(QUICK if args.quick else SHAPES["real"] if args.shape else {
+        "hidden": 768, "intermediate": 2048, "layers": 8, "heads": 12}))
     model = nslens.load_model(hf, tokenizer=tok)
     site = nslens.resolve_site(model, -2)
     n = args.samples or (32 if args.quick else 256)

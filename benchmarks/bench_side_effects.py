@@ -9,6 +9,7 @@ from the trace(s) vs the full-logits path for a 128,256-token vocabulary (Llama 
     python benchmarks/bench_side_effects.py --quick   # CI smoke (tiny model; the ratios are not meaningful)
     python benchmarks/bench_side_effects.py --hidden 3072 --intermediate 8192 --layers 28 --heads 24 \\
         --dtype bfloat16 --device cuda            # Llama-3.2-3B-shaped (on a GPU machine)
+    python benchmarks/bench_side_effects.py --shape real   # SmolLM2-135M's shape
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_erasure import masks_for  # noqa: E402
-from common import QUICK, best_of, n_params, random_llama  # noqa: E402
+from common import QUICK, SHAPES, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.harness import (  # noqa: E402
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--shape", choices=["real"], default=None,
+                    help="real: SmolLM2-135M's shape (30 layers, d_model 576, vocabulary 49,152); overrides the sizes")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=1376)
     ap.add_argument("--layers", type=int, default=16)
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     from lm_eval.tasks import TaskManager
 
     tok = build_tokenizer()
-    size = QUICK if args.quick else {"hidden": args.hidden, "intermediate": args.intermediate,
-                                     "layers": args.layers, "heads": args.heads}
+    size = QUICK if args.quick else SHAPES["real"] if args.shape else {
+        "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads}
     hf = random_llama(tok, **size).to(device=args.device, dtype=getattr(torch, args.dtype))
     model = nslens.load_model(hf, tokenizer=tok)
     limit = args.limit or (8 if args.quick else 40)
