@@ -27,14 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import positive_int, progress, run  # noqa: E402
 
-READOUTS = ("argmax", "labels", "calibrated")  # nslens.readout.READOUTS (importing it loads torch before --help)
-
 
 def main(argv: list[str] | None = None) -> dict:
     import nslens
     from nslens.files import write_text
     from nslens.protocols import protocol_for
-    from nslens.readout import make_readout
+    from nslens.readout import READOUTS, make_readout
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -53,11 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     k = args.k_shot if args.k_shot is not None else (proto.k_shot if proto else 1)
     max_words = args.max_words or (proto.max_words if proto else 64)
     if k < 1:
-        raise ValueError(f"--k-shot must be >= 1, got {k}")
+        ap.error(f"--k-shot must be >= 1, got {k}")
     readouts = [r.strip() for r in args.readouts.split(",")]
     bad = [r for r in readouts if r not in READOUTS]
     if bad:
-        raise ValueError(f"unknown readout {bad[0]!r}; choose from {', '.join(READOUTS)}")
+        ap.error(f"unknown readout {bad[0]!r}; choose from {', '.join(READOUTS)}")
     model = nslens.load_model(args.model)
     site = nslens.resolve_site(model, -1)
     base = nslens.load_dataset(dataset)

@@ -99,15 +99,13 @@ def _recording(run_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
     return ConceptStats.load(run_dir / "stats.safetensors"), raw["samples"], raw["labels"].astype(np.int64)
 
 
-def outlier_study(model: Any, site: Any, cfg: Any, run_dir: Path, rc: RealModelConfig) -> dict:
+def outlier_study(model: Any, site: Any, data: Any, run_dir: Path, rc: RealModelConfig) -> dict:
     """Part 6: the massive-activation dimensions of a run's site and what each ranking does with them."""
     from nslens.outliers import exclude_dims, outlier_dims, pooled_rms, range_coverage, rank_standardised
-    from nslens.pipeline import prepare_data
     from nslens.ranges import build_range_masks
     from nslens.rank import rank, select_top
 
     stats, samples, labels = _recording(run_dir)
-    data = prepare_data(model, site, cfg)  # the run's split (and filter) again: deterministic
     dims = outlier_dims(stats, rc.outlier_ratio)
     rms = pooled_rms(stats)
     d, k = stats.d, max(1, int(rc.fraction * stats.d))
@@ -149,13 +147,11 @@ def outlier_study(model: Any, site: Any, cfg: Any, run_dir: Path, rc: RealModelC
     return out
 
 
-def extra_rankings(model: Any, site: Any, cfg: Any, run_dir: Path, rc: RealModelConfig) -> dict:
+def extra_rankings(model: Any, site: Any, data: Any, run_dir: Path, rc: RealModelConfig) -> dict:
     """Table 3 with the other rankings, on the max run's recording and split."""
-    from nslens.pipeline import prepare_data
     from nslens.ranges import build_range_masks
 
     stats, samples, labels = _recording(run_dir)
-    data = prepare_data(model, site, cfg)
     return {m: _erasure(model, site, data, build_range_masks(stats, method=m, fraction=rc.fraction, tau=rc.tau,
                                                              samples=samples, sample_labels=labels), rc.batch_size)
             for m in rc.rankings}
@@ -250,7 +246,7 @@ def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any =
     from nslens.config import RunConfig, SideEffectsConfig, SteeringConfig, SweepConfig
     from nslens.files import write_text
     from nslens.fortunes import fortune_categories, read_items
-    from nslens.pipeline import run_pipeline
+    from nslens.pipeline import prepare_data, run_pipeline
     from nslens.protocols import protocol_for, protocol_settings
     from nslens.realtext import fortunes_ppl_task_dir
 
@@ -295,9 +291,10 @@ def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any =
         if (rd / "sweep_layer.md").exists():
             entry["sweep"] = (rd / "sweep_layer.md").read_text()
         log(f"[{name}] rankings {rc.rankings}")
-        entry["rankings"] = extra_rankings(model, site, cfg, rd, rc)
+        data = prepare_data(model, site, cfg)  # the run's split (and filter) again, once: deterministic
+        entry["rankings"] = extra_rankings(model, site, data, rd, rc)
         log(f"[{name}] outlier study")
-        res["outliers"][name] = outlier_study(model, site, cfg, rd, rc)
+        res["outliers"][name] = outlier_study(model, site, data, rd, rc)
         entry["seconds"] = time.perf_counter() - t0
         res[name] = entry
         write_text(out / "report.json", json.dumps(res, indent=2, default=str) + "\n")

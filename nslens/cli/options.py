@@ -151,10 +151,15 @@ def flag_values(ctx: typer.Context) -> dict[str, Any]:
     """The values of the context's configuration flags, by target (``model``, ``steering.alpha``, ...)."""
     out = {}
     for p in ctx.command.params:
-        flag = next((o for o in p.opts if o.startswith("--")), None)
+        flag = _long_flag(p)
         if flag in FLAGS and p.name in ctx.params:
             out[FLAGS[flag].target] = ctx.params[p.name]
     return out
+
+
+def _long_flag(param: Any) -> str | None:
+    """A command parameter's first ``--`` name (the ``FLAGS`` key), or None."""
+    return next((o for o in param.opts if o.startswith("--")), None)
 
 
 def run_config(ctx: typer.Context, **fixed: Any) -> Any:
@@ -198,8 +203,7 @@ def _protocol_defaults(ctx: typer.Context, core: dict[str, Any], fixed: set[str]
 
     settings = protocol_settings(str(core.get("model", "")), str(core.get("dataset", "")))
     given = {FLAGS[flag].target for p in ctx.command.params
-             for flag in [next((o for o in p.opts if o.startswith("--")), None)]
-             if flag in FLAGS and _given(ctx, p.name)}
+             if (flag := _long_flag(p)) in FLAGS and _given(ctx, p.name)}
     applied = {k: v for k, v in settings.items() if k not in given and k not in fixed}
     if applied:
         from .app import console
