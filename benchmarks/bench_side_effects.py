@@ -1,7 +1,8 @@
 """Side-effect cost: the whole side-effect table (clean + neuron and range masking of every concept, lm-eval on a
 multiple-choice and a perplexity task) divided by ONE stock-HFLM clean evaluation of the same tasks, at the last
 and the second-to-last layer of a 16-layer random Llama, for C = 4 and C = 14 concepts, measured in one run.
-Goals: <= 2.0 (C = 4) and <= 4.0 (C = 14); the naive way (one full evaluation per run) costs about 2C + 1.
+Goals: last block <= 1.2 (C = 4) and <= 1.5 (C = 14), second-to-last block <= 2.0 and <= 4.0; the naive way (one
+full evaluation per run) costs about 2C + 1.
 Also: one intervened evaluation through the adapter vs stock HFLM (goal <= 1.15), and the bytes one batch returns
 from the trace(s) vs the full-logits path for a 128,256-token vocabulary (Llama 3).
 
@@ -103,17 +104,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"one range-masked evaluation through the adapter: {t_one:.3f} s = {t_one / t_stock:.3f}x (goal <= 1.15)")
 
     results: dict = {"stock": t_stock, "one": t_one / t_stock}
-    goals = {4: 2.0, 14: 4.0}
+    goals = {(-1, 4): 1.2, (-1, 14): 1.5, (-2, 4): 2.0, (-2, 14): 4.0}  # (site layer, concepts) -> goal
     for layer in (-1, -2):
         site = nslens.resolve_site(model, layer)
         for c in (4, 14):
             masks = masks_at(site, c)
+            # one more stock evaluation before each table, and the best stock time so far divides: a stock time
+            # taken in a slow spell of this shared machine does not flatter the ratios
+            t_stock = min(t_stock, best_of(stock_clean, 1))
             t = best_of(lambda masks=masks, site=site: side_effect_table(
                 model, site, masks, nslens.zero(), tasks=TASKS, include_path=inc, limit=limit, batch_size=bs),
                 repeats)
             results[(layer, c)] = t / t_stock
-            print(f"layer {site.layer} of {site.n_layers}, C = {c:2d}: whole table ({2 * c + 1} runs) {t:.3f} s "
-                  f"= {t / t_stock:.3f}x one clean evaluation (goal <= {goals[c]}; naive about {2 * c + 1})")
+            print(f"layer {site.layer} of {site.n_layers}, C = {c:2d}: stock {t_stock:.3f} s, whole table "
+                  f"({2 * c + 1} runs) {t:.3f} s "
+                  f"= {t / t_stock:.3f}x one clean evaluation (goal <= {goals[layer, c]}; naive about {2 * c + 1})")
     res = side_effects(model, site, {"one": one}, tasks=TASKS, include_path=inc, limit=limit, batch_size=bs)
     per_batch = sum(res.batch_bytes) / len(res.batch_bytes)
     logits = sum(b * t * LLAMA3_VOCAB * 2 for b, t in res.batch_shapes) / len(res.batch_shapes)

@@ -58,7 +58,9 @@ class ModelFamily:
     logit lens (LPI); ``mlp`` is the MLP's path inside a layer and ``pre_mlp_norm`` the norm whose input is the
     residual stream entering it. A gated MLP (``gated_mlp``: act_fn(gate) * up, then down_proj) has the NEG paper's
     neuron kinds (``mlp_down``/``mlp_up``/``mlp_act`` name its parts); ``norm_offset`` is 1 where the final RMSNorm
-    scales by 1 + weight (Gemma) and 0 where by weight."""
+    scales by 1 + weight (Gemma) and 0 where by weight. ``layer_kind`` names the family's decoder-layer kind in
+    ``nslens.lastpos.LAYER_KINDS`` (the last layer computed for the last position only, exact); None runs it in
+    full."""
 
     model_type: str
     layers: str = "model.layers"
@@ -72,6 +74,7 @@ class ModelFamily:
     mlp_up: str = "up_proj"
     mlp_act: str = "act_fn"
     norm_offset: float = 0.0
+    layer_kind: str | None = None
 
     def part(self, model: Any, path: str) -> Any:
         """The submodule at dotted ``path`` (integers index lists) of ``model``: an nnsight Envoy inside a trace,
@@ -106,7 +109,7 @@ def get_family(model_type: str) -> ModelFamily:
     return FAMILY_REGISTRY.get(model_type)
 
 
-for _family in (ModelFamily("llama"), ModelFamily("mistral"), ModelFamily("qwen2"), ModelFamily("qwen3"),
+for _family in (*(ModelFamily(t, layer_kind="rope-prenorm") for t in ("llama", "mistral", "qwen2", "qwen3")),
                 ModelFamily("gemma", norm_offset=1.0),
                 ModelFamily("gemma2", pre_mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
                 ModelFamily("gemma3_text", pre_mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),

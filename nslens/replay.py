@@ -9,6 +9,11 @@ function ``readout(model, *args, tiles=k, offset=o)`` called inside the trace th
 tensors (``tiles`` = how many copies of the batch the pass holds, ``offset`` = the first position whose logits were
 computed). Remotely the clean pass and the replays of one batch form one nnsight session: one request, and the
 cached site value never leaves the server.
+
+With ``logits_to_keep`` set, both passes compute the last decoder layer at the kept positions only
+(``nslens.lastpos``): its keys and values at every position, the rest at those. Interventions that edit the last
+position alone (``positions="last"``) with a readout of the last position replay one position per layer: the
+clean pass keeps the keys and values of the layers above the site, and every earlier position stays clean there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from .errors import NsLensError
 from .intervene import Intervention, edit_hidden
+from .lastpos import last_positions, upper_layers
 from .models import Site, read_site, site_module
 from .remote import trace_args
 
@@ -49,6 +55,12 @@ def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
     return h
 
 
+def _last_only(ivs: Any) -> bool:
+    """Every edit of ``ivs`` changes the last position only (an SAE edit rewrites every position up to rounding)."""
+    items = [ivs] if isinstance(ivs, Intervention) else list(ivs)
+    return bool(items) and all(iv.positions == "last" and iv.sae is None for iv in items)
+
+
 def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[Chunk], readout: Callable,
             args: tuple, logits_to_keep: int, clean_readout: bool, in_session: bool) -> tuple[Any, list]:
     import nnsight  # heavy (seconds): the modules that import this one load without it
@@ -57,11 +69,20 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
     seq = enc["input_ids"].shape[1]
     keep = logits_to_keep if 0 < logits_to_keep < seq else 0
     offset = seq - keep if keep else 0
+    # the last layer computes the kept positions only (its keys and values for all): nslens.lastpos
+    last = last_positions(model, site, seq, keep)
+    # edits of the last position alone replay one position per layer from the clean keys and values
+    upper = upper_layers(model, site, seq) if keep == 1 and any(_last_only(ivs) for c in chunks
+                                                                  for _, ivs in c) else None
     with model.trace(enc, logits_to_keep=keep) as tracer:
         cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
+        if upper is not None:
+            cached["upper"] = upper.record(model)
         if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
             cached = nnsight.save(cached)
         if clean_readout:
+            if last is not None and upper is None:  # the record reads the last layer's own keys and values
+                last.apply(model)
             clean = readout(model, *args, tiles=1, offset=offset).save()
         else:
             tracer.stop()  # nobody needs the clean model's outputs: the layers above the site never run
@@ -69,12 +90,22 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
     outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
     for chunk in chunks:
         k = len(chunk)
+        if upper is not None and all(_last_only(ivs) for _, ivs in chunk):
+            with model.trace({"input_ids": enc["input_ids"][:, -1:].repeat(k, 1)}, logits_to_keep=1):
+                x = upper.replay(model, torch.cat([_edit_all(h, ivs)[:, -1:] for _, ivs in chunk]), cached["upper"], k)
+                x = (x,) if is_tuple else x
+                for layer in range(site.n_layers):  # every layer's output is known: only the final norm and head run
+                    layer_envoy(model, site, layer).skip(x)
+                outs.append(readout(model, *args, tiles=k, offset=offset))
+            continue
         tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
         with model.trace(tiled, logits_to_keep=keep):
             value = torch.cat([_edit_all(h, ivs) for _, ivs in chunk])
             value = (value,) if is_tuple else value
             for layer in range(site.layer + 1):
                 layer_envoy(model, site, layer).skip(value)
+            if last is not None:
+                last.apply(model)
             outs.append(readout(model, *args, tiles=k, offset=offset))
     return clean, outs
 

@@ -74,7 +74,10 @@ def test_predict_many_matches_predict_and_runs_remote_local(embedded, site, synt
     mask = nslens.build_range_masks(rec.stats, fraction=0.3)[1]
     ivs = [None, nslens.Intervention(mask, nslens.zero(), gated=False),
            [nslens.Intervention(mask, nslens.dampen(0.5), gated=True),
-            nslens.Intervention(mask, nslens.zero(), gated=True, positions="last")]]
+            nslens.Intervention(mask, nslens.zero(), gated=True, positions="last")],
+           # the last position alone: one position per layer above the site, from the clean keys and values
+           nslens.Intervention(mask, nslens.zero(), gated=False, positions="last"),
+           nslens.Intervention(mask, nslens.dampen(0.5), gated=True, positions="last")]
     prompts = synth["test_prompts"][:9]
     gold = np.asarray(ids)[synth["test"].labels[:9]]
     many = predict_many(embedded, site, prompts, gold, ivs, batch_size=4, per_pass=2)

@@ -98,7 +98,10 @@ def masks(wire, data):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "naive"])
 def test_erasure_table(wire, data, masks, fast):
+    from nslens.lastpos import last_positions
+
     ds, prompts = data
+    assert last_positions(wire[1], wire[3], 8, 1) is not None  # the fast path's last layer runs the shortcut there
     ids = nslens.label_token_ids(wire[0].tokenizer, ds.label_names)
     a, b = both(wire, lambda m, s, r: nslens.erasure_table(m, s, prompts, ds.labels, ids, masks[1],
                                                            nslens.adaptive_dampen(0.5), batch_size=8, remote=r,
@@ -107,6 +110,25 @@ def test_erasure_table(wire, data, masks, fast):
         assert_summaries_close(a.summary(), b.summary())
     else:
         assert a.to_markdown() == b.to_markdown() and a.summary() == b.summary()
+
+
+def test_an_edit_of_the_last_position_replays_one_position_on_the_server(wire, data, masks):
+    """positions="last" at a site below the penultimate block: the clean pass keeps the keys and values of the
+    layers above on the server and each replay runs one position per layer there."""
+    from nslens.erasure import predict_many
+    from nslens.lastpos import upper_layers
+
+    ds, prompts = data
+    ids = np.asarray(nslens.label_token_ids(wire[0].tokenizer, ds.label_names))
+    ivs = [None] + [nslens.Intervention(m, nslens.zero(), gated=g, positions="last") for m in masks[1][:2]
+                    for g in (False, True)]
+    lower = (nslens.resolve_site(wire[0], 0), nslens.resolve_site(wire[1], 0))
+    assert upper_layers(wire[1], lower[1], 8) is not None
+    a = predict_many(wire[0], lower[0], prompts, ids[ds.labels], ivs, batch_size=8, per_pass=4)
+    b = predict_many(wire[1], lower[1], prompts, ids[ds.labels], ivs, batch_size=8, per_pass=4, remote=True)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.pred, y.pred)
+        np.testing.assert_allclose(x.conf, y.conf, rtol=0, atol=1e-6)
 
 
 def test_steering_and_directional_ablation(wire, data, masks):
