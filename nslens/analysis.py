@@ -5,8 +5,8 @@
   for a concept if it is <= 0.1. All from scipy.
 - Polysemanticity (Fig. 2): overlap of the top-p salient neuron sets between concepts, |S_a & S_b| / |S_a|.
 - Distribution overlap (Table 5): for each concept's salient neurons and every other concept, the AUROC of
-  separating the two concept-conditioned activation sets (scikit-learn); overlap = 1 - 2 |AUROC - 0.5|, so 1 means
-  identical distributions and 0 perfectly separated ones. Summarised as shares per overlap quartile.
+  separating the two concept-conditioned activation sets (Mann-Whitney, equal to scikit-learn's); overlap =
+  1 - 2 |AUROC - 0.5|, so 1 means identical distributions and 0 perfectly separated ones. Summarised as shares per overlap quartile.
 - Samples at the bounds (Table 2/8): the training texts whose activation is nearest a range's lower bound, mean
   and upper bound.
 """
@@ -100,21 +100,33 @@ def salient_overlap(scores: np.ndarray, fraction: float = 0.3) -> np.ndarray:
 
 def pairwise_auroc_overlap(samples: np.ndarray, labels: np.ndarray, masks: Sequence[RangeMask]) -> np.ndarray:
     """Overlap 1 - 2|AUROC - 0.5| for every (concept, salient neuron, other concept): shape ``[C, k, C]``, NaN on
-    the diagonal. Concept c's salient neurons are its mask's neurons."""
-    from sklearn.metrics import roc_auc_score
+    the diagonal. Concept c's salient neurons are its mask's neurons.
+
+    The AUROC is the Mann-Whitney statistic (mid-ranks for ties, the same value scikit-learn's ``roc_auc_score``
+    gives), computed for all of a mask's neurons at once from one ``rankdata`` per concept pair: a per-neuron
+    ``roc_auc_score`` call made this the slowest step of an analysis of a real model (C^2 k calls). Twice the rank
+    sum is an integer, so the overlap is one division of exact integers."""
+    from scipy.stats import rankdata
 
     x = np.asarray(samples, dtype=np.float64)
+    labels = np.asarray(labels)
     c = len(masks)
     k = len(masks[0])
     out = np.full((c, k, c), np.nan)
     for a, mask in enumerate(masks):
+        cols = np.asarray(mask.neurons.tolist(), dtype=int)
         for b in range(c):
             if a == b:
                 continue
             sel = (labels == a) | (labels == b)
-            y = (labels[sel] == a).astype(int)
-            for i, j in enumerate(mask.neurons.tolist()):
-                out[a, i, b] = 1.0 - 2.0 * abs(roc_auc_score(y, x[sel, j]) - 0.5)
+            pos = labels[sel] == a
+            n1, n0 = int(pos.sum()), int((~pos).sum())
+            if n1 == 0 or n0 == 0:
+                raise NsLensError(f"the AUROC overlap of concepts {a} and {b} needs samples of both "
+                                  f"(got {n1} and {n0})")
+            twice_ranks = np.rint(2.0 * rankdata(x[sel][:, cols], axis=0)).astype(np.int64)
+            twice_u = twice_ranks[pos].sum(axis=0) - n1 * (n1 + 1)  # 2 U, U = AUROC * n1 * n0
+            out[a, :, b] = (n1 * n0 - np.abs(twice_u - n1 * n0)) / (n1 * n0)
     return out
 
 

@@ -14,6 +14,10 @@ With ``logits_to_keep`` set, both passes compute the last decoder layer at the k
 (``nslens.lastpos``): its keys and values at every position, the rest at those. Interventions that edit the last
 position alone (``positions="last"``) with a readout of the last position replay one position per layer: the
 clean pass keeps the keys and values of the layers above the site, and every earlier position stays clean there.
+
+On a CPU a chunk's tiles run in passes of at most ``CPU_PASS_BYTES`` of the widest activation (``pass_tiles``):
+past a few MiB each large temporary is a fresh page-faulted allocation, and a long-document batch of lm-eval
+tiled 8 times ran its replayed layers a third slower per row than 8 passes of one tile did.
 """
 
 from __future__ import annotations
@@ -29,10 +33,16 @@ from .lastpos import last_positions, upper_layers
 from .models import Site, read_site, site_module
 from .remote import trace_args
 
-__all__ = ["Chunk", "chunked", "layer_envoy", "replay_batch", "returned_bytes"]
+__all__ = ["CPU_PASS_BYTES", "Chunk", "chunked", "layer_envoy", "pass_tiles", "replay_batch", "returned_bytes"]
 
 #: interventions that share one forward: (index in the caller's list, intervention or sequence applied in order)
 Chunk = list[tuple[int, Any]]
+
+#: on a CPU, the largest widest-activation size (positions x MLP width x element size) of one replay pass. The
+#: allocator hands out larger temporaries as fresh zeroed pages on every call (glibc's mmap threshold is at most
+#: 32 MiB), which made the side-effect table at the second-to-last block cost 24 s in 8-tile passes against 16 s
+#: in 1-tile passes (benchmarks/bench_side_effects.py's model and tasks). Results do not depend on it.
+CPU_PASS_BYTES = 8 << 20
 
 
 def chunked(interventions: Sequence[Intervention | Sequence[Intervention] | None], per_pass: int) -> list[Chunk]:
@@ -47,6 +57,41 @@ def layer_envoy(model: Any, site: Site, i: int) -> Any:
     """The envoy of decoder layer ``i`` (same module list as the site's layer)."""
     prefix = site.path.rsplit(".", 1)[0]
     return site_module(model, Site(i, f"{prefix}.{i}", site.n_layers, site.d_model, site.family))
+
+
+def pass_tiles(model: Any, rows: int, positions: int) -> int | None:
+    """The most tiles of a ``rows`` x ``positions`` batch one local replay pass holds, or None for no bound (a
+    model off the CPU: on a GPU larger passes are faster). At least 1."""
+    module = getattr(model, "_module", model)
+    param = next(iter(module.parameters()), None)
+    if param is None or param.device.type != "cpu":
+        return None
+    cfg = getattr(model, "config", None)
+    width = max(int(getattr(cfg, "intermediate_size", 0) or 0), 4 * int(getattr(cfg, "hidden_size", 0) or 0), 1)
+    one = rows * positions * width * param.element_size()
+    return max(1, CPU_PASS_BYTES // max(one, 1))
+
+
+def _split(chunks: list[Chunk], tiles: int | None) -> tuple[list[Chunk], list[int]]:
+    """Each chunk cut into passes of at most ``tiles`` tiles; also how many passes each chunk became."""
+    if tiles is None:
+        return chunks, [1] * len(chunks)
+    parts, counts = [], []
+    for chunk in chunks:
+        pieces = [chunk[j:j + tiles] for j in range(0, len(chunk), tiles)]
+        parts += pieces
+        counts.append(len(pieces))
+    return parts, counts
+
+
+def _merge(outs: list[dict[str, torch.Tensor]], counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The readouts of a chunk's passes joined in tile order: what one pass of the whole chunk returns."""
+    merged, at = [], 0
+    for n in counts:
+        group = outs[at:at + n]
+        at += n
+        merged.append(group[0] if n == 1 else {key: torch.cat([o[key] for o in group]) for key in group[0]})
+    return merged
 
 
 def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
@@ -131,7 +176,13 @@ def replay_batch(
     """
     with torch.no_grad():
         if not remote:
-            return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False)
+            seq = int(enc["input_ids"].shape[1])
+            one_position = logits_to_keep == 1 and all(_last_only(ivs) for c in chunks for _, ivs in c)
+            tiles = pass_tiles(model, int(enc["input_ids"].shape[0]), 1 if one_position else seq)
+            passes, counts = _split(chunks, tiles)
+            clean, outs = _traces(model, site, enc, passes, readout, args, logits_to_keep, clean_readout,
+                                  in_session=False)
+            return clean, _merge(outs, counts)
         with model.session(**trace_args(model, remote)):
             with torch.no_grad():  # inside the block too: the block is what runs on the server
                 clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,

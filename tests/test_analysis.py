@@ -10,6 +10,7 @@ from nslens.analysis import (
     pairwise_auroc_overlap,
     salient_overlap,
 )
+from nslens.errors import NsLensError
 from nslens.ranges import RangeMask
 
 
@@ -51,6 +52,32 @@ def test_auroc_overlap_matches_gaussian_theory(rng):
     assert np.isnan(ov[0, 0, 0])
     q = overlap_quartiles(np.array([0.1, 0.3, 0.6, 0.9, 1.0, np.nan]))
     assert q == {"0-25%": 0.2, "25-50%": 0.2, "50-75%": 0.2, "75-100%": 0.4}
+
+
+def test_auroc_overlap_equals_sklearn_per_neuron_with_ties(rng):
+    from sklearn.metrics import roc_auc_score
+
+    n, d = 90, 6
+    x = rng.normal(0, 1, (n, d))
+    x[:, 2] = np.round(x[:, 2])  # many ties
+    x[:, 3] = 0.5  # a constant neuron: AUROC 0.5, overlap 1
+    labels = rng.integers(0, 3, n)
+    x[labels == 1, 0] += 2.0
+    masks = [RangeMask(nb, [0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, {"concept": str(i)})
+             for i, nb in enumerate(([0, 2, 3], [3, 1, 5], [4, 0, 2]))]
+    ov = pairwise_auroc_overlap(x, labels, masks)
+    for a, mask in enumerate(masks):
+        for b in range(3):
+            sel = (labels == a) | (labels == b)
+            for i, j in enumerate(mask.neurons.tolist()):
+                if a == b:
+                    assert np.isnan(ov[a, i, b])
+                else:
+                    ref = 1 - 2 * abs(roc_auc_score(labels[sel] == a, x[sel, j]) - 0.5)
+                    assert ov[a, i, b] == pytest.approx(ref, abs=1e-12)
+    assert ov[0, 2, 1] == 1.0 and ov[0, 0, 1] < 0.5
+    with pytest.raises(NsLensError, match="needs samples of both"):
+        pairwise_auroc_overlap(x, np.where(labels == 2, 0, labels), masks)
 
 
 def test_salient_overlap_by_hand():

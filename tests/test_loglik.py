@@ -100,7 +100,7 @@ def test_remote_batch_bytes_do_not_grow_with_the_vocabulary(embedded):
     assert sent[len(tok)] == sent[8192] == 3 * 5 * (4 + 1)  # 3 runs x 5 requests x (float32 + bool)
 
 
-def test_logits_budget_limits_tiles_not_results(embedded, site):
+def test_logits_budget_limits_tiles_not_results(embedded, site, monkeypatch):
     """A tight logits budget puts fewer interventions in each replay pass; the answers stay the same."""
     tok = embedded.tokenizer
     ids = torch.randint(4, len(tok), (3, 16), generator=torch.Generator().manual_seed(2))
@@ -114,5 +114,9 @@ def test_logits_budget_limits_tiles_not_results(embedded, site):
     tight = LoglikSweep(embedded, site, ivs, per_pass=8, max_logits_bytes=2 * one_tile)
     assert wide.tiles_per_pass(3, 16) == 8 and tight.tiles_per_pass(3, 16) == 2 and tight.tiles_per_pass(30, 16) == 1
     a, b = wide.answer(ids, rows, torch.float32), tight.answer(ids, rows, torch.float32)
-    for x, y in zip(a, b):
+    # and the CPU pass budget (nslens.replay.CPU_PASS_BYTES) at one tile per pass: the answers stay the same
+    monkeypatch.setattr("nslens.replay.CPU_PASS_BYTES", 1)
+    c = LoglikSweep(embedded, site, ivs, per_pass=8).answer(ids, rows, torch.float32)
+    for x, y, z in zip(a, b, c):
         assert [v for v, _ in x] == pytest.approx([v for v, _ in y], rel=1e-6) and [g for _, g in x] == [g for _, g in y]
+        assert [v for v, _ in x] == pytest.approx([v for v, _ in z], rel=1e-6) and [g for _, g in x] == [g for _, g in z]

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 import nslens
-from nslens.replay import chunked, replay_batch, returned_bytes
+import nslens.replay as replay
+from nslens.replay import chunked, pass_tiles, replay_batch, returned_bytes
 
 
 def last_logits(model, tiles=1, offset=0):
     return {"logits": model.output.logits[:, -1, :].cpu()}
 
 
-def test_replay_equals_full_forward_with_a_plain_hook(embedded, site, synth):
+def test_replay_equals_full_forward_with_a_plain_hook(embedded, site, synth, monkeypatch):
     from conftest import encode, plain_forward
 
     enc = encode(embedded, synth["test_prompts"][:5])
@@ -49,6 +50,20 @@ def test_replay_equals_full_forward_with_a_plain_hook(embedded, site, synth):
     # the clean pass may stop at the site when nobody reads the clean outputs
     none, outs2 = replay_batch(embedded, site, enc, chunks, last_logits, clean_readout=False)
     assert none is None and torch.equal(torch.cat([o["logits"] for o in outs2]), got)
+    # on a CPU the chunks run in passes of at most pass_tiles tiles: one tile per pass here, same outputs in order
+    passes = []
+    traces = replay._traces
+
+    def spy(model, site, enc, chunks, *rest, **kw):
+        passes.append([len(c) for c in chunks])
+        return traces(model, site, enc, chunks, *rest, **kw)
+
+    monkeypatch.setattr(replay, "_traces", spy)
+    monkeypatch.setattr(replay, "CPU_PASS_BYTES", 1)
+    clean1, outs1 = replay_batch(embedded, site, enc, chunks, last_logits)
+    assert passes == [[1, 1, 1]] and [o["logits"].shape[0] for o in outs1] == [2 * n, n]
+    torch.testing.assert_close(torch.cat([o["logits"] for o in outs1]), got, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clean1["logits"], clean["logits"], rtol=1e-5, atol=1e-5)
     # the model is clean afterwards
     torch.testing.assert_close(plain_forward(embedded, enc).logits[:, -1], ref_clean, rtol=0, atol=0)
 
@@ -59,3 +74,20 @@ def test_chunked_and_returned_bytes():
         chunked([None], 0)
     assert returned_bytes({"a": torch.zeros(3), "b": [torch.zeros(2, dtype=torch.bool), (torch.zeros(1),)]},
                           None) == 3 * 4 + 2 + 4
+
+
+def test_pass_tiles_bounds_the_widest_activation_on_a_cpu(embedded, monkeypatch):
+    cfg = embedded.config
+    width = max(cfg.intermediate_size, 4 * cfg.hidden_size)
+    one = 4 * 10 * width * 4  # 4 rows x 10 positions x width x float32
+    monkeypatch.setattr(replay, "CPU_PASS_BYTES", 3 * one + 1)
+    assert pass_tiles(embedded, 4, 10) == 3 and pass_tiles(embedded, 4, 1) == 30
+    monkeypatch.setattr(replay, "CPU_PASS_BYTES", 1)
+    assert pass_tiles(embedded, 4, 10) == 1  # never below one tile
+
+    class OffCpu(torch.nn.Module):  # a model whose weights live elsewhere gets no bound
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2, device="meta"))
+
+    assert pass_tiles(OffCpu(), 4, 10) is None
