@@ -59,12 +59,13 @@ def layer_envoy(model: Any, site: Site, i: int) -> Any:
     return site_module(model, Site(i, f"{prefix}.{i}", site.n_layers, site.d_model, site.family))
 
 
-def pass_tiles(model: Any, rows: int, positions: int) -> int | None:
-    """The most tiles of a ``rows`` x ``positions`` batch one local replay pass holds, or None for no bound (a
-    model off the CPU: on a GPU larger passes are faster). At least 1."""
+def pass_tiles(model: Any, site: Site, rows: int, positions: int) -> int | None:
+    """The most tiles of a ``rows`` x ``positions`` batch one local replay pass holds, or None for no bound: a
+    model off the CPU (on a GPU larger passes are faster), or a site at the last layer (its replays run no decoder
+    layer, only the final norm and the head). At least 1."""
     module = getattr(model, "_module", model)
     param = next(iter(module.parameters()), None)
-    if param is None or param.device.type != "cpu":
+    if param is None or param.device.type != "cpu" or site.layer >= site.n_layers - 1:
         return None
     cfg = getattr(model, "config", None)
     width = max(int(getattr(cfg, "intermediate_size", 0) or 0), 4 * int(getattr(cfg, "hidden_size", 0) or 0), 1)
@@ -178,7 +179,7 @@ def replay_batch(
         if not remote:
             seq = int(enc["input_ids"].shape[1])
             one_position = logits_to_keep == 1 and all(_last_only(ivs) for c in chunks for _, ivs in c)
-            tiles = pass_tiles(model, int(enc["input_ids"].shape[0]), 1 if one_position else seq)
+            tiles = pass_tiles(model, site, int(enc["input_ids"].shape[0]), 1 if one_position else seq)
             passes, counts = _split(chunks, tiles)
             clean, outs = _traces(model, site, enc, passes, readout, args, logits_to_keep, clean_readout,
                                   in_session=False)

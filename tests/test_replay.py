@@ -76,18 +76,19 @@ def test_chunked_and_returned_bytes():
                           None) == 3 * 4 + 2 + 4
 
 
-def test_pass_tiles_bounds_the_widest_activation_on_a_cpu(embedded, monkeypatch):
+def test_pass_tiles_bounds_the_widest_activation_on_a_cpu(embedded, site, monkeypatch):
     cfg = embedded.config
     width = max(cfg.intermediate_size, 4 * cfg.hidden_size)
     one = 4 * 10 * width * 4  # 4 rows x 10 positions x width x float32
     monkeypatch.setattr(replay, "CPU_PASS_BYTES", 3 * one + 1)
-    assert pass_tiles(embedded, 4, 10) == 3 and pass_tiles(embedded, 4, 1) == 30
+    assert pass_tiles(embedded, site, 4, 10) == 3 and pass_tiles(embedded, site, 4, 1) == 30
     monkeypatch.setattr(replay, "CPU_PASS_BYTES", 1)
-    assert pass_tiles(embedded, 4, 10) == 1  # never below one tile
+    assert pass_tiles(embedded, site, 4, 10) == 1  # never below one tile
+    assert pass_tiles(embedded, nslens.resolve_site(embedded, -1), 4, 10) is None  # no decoder layer is replayed
 
     class OffCpu(torch.nn.Module):  # a model whose weights live elsewhere gets no bound
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(2, device="meta"))
 
-    assert pass_tiles(OffCpu(), 4, 10) is None
+    assert pass_tiles(OffCpu(), site, 4, 10) is None
