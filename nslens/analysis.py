@@ -6,7 +6,8 @@
 - Polysemanticity (Fig. 2): overlap of the top-p salient neuron sets between concepts, |S_a & S_b| / |S_a|.
 - Distribution overlap (Table 5): for each concept's salient neurons and every other concept, the AUROC of
   separating the two concept-conditioned activation sets (Mann-Whitney, equal to scikit-learn's); overlap =
-  1 - 2 |AUROC - 0.5|, so 1 means identical distributions and 0 perfectly separated ones. Summarised as shares per overlap quartile.
+  1 - 2 |AUROC - 0.5|, so 1 means identical distributions and 0 perfectly separated ones. Summarised as shares per
+  overlap quartile.
 - Samples at the bounds (Table 2/8): the training texts whose activation is nearest a range's lower bound, mean
   and upper bound.
 """

@@ -38,10 +38,11 @@ __all__ = ["CPU_PASS_BYTES", "Chunk", "chunked", "layer_envoy", "pass_tiles", "r
 #: interventions that share one forward: (index in the caller's list, intervention or sequence applied in order)
 Chunk = list[tuple[int, Any]]
 
-#: on a CPU, the largest widest-activation size (positions x MLP width x element size) of one replay pass. The
-#: allocator hands out larger temporaries as fresh zeroed pages on every call (glibc's mmap threshold is at most
-#: 32 MiB), which made the side-effect table at the second-to-last block cost 24 s in 8-tile passes against 16 s
-#: in 1-tile passes (benchmarks/bench_side_effects.py's model and tasks). Results do not depend on it.
+#: on a CPU, the largest widest-activation size of one replay pass: positions x element size x the wider of the MLP
+#: width and 4 x d_model (a floor for narrow MLPs, and the width where a config names none). The allocator hands
+#: out larger temporaries as fresh zeroed pages on every call (glibc's mmap threshold is at most 32 MiB), which
+#: made the side-effect table at the second-to-last block cost 24 s in 8-tile passes against 16 s in 1-tile passes
+#: (benchmarks/bench_side_effects.py's model and tasks). Results do not depend on it.
 CPU_PASS_BYTES = 8 << 20
 
 
@@ -60,9 +61,9 @@ def layer_envoy(model: Any, site: Site, i: int) -> Any:
 
 
 def pass_tiles(model: Any, site: Site, rows: int, positions: int) -> int | None:
-    """The most tiles of a ``rows`` x ``positions`` batch one local replay pass holds, or None for no bound: a
-    model off the CPU (on a GPU larger passes are faster), or a site at the last layer (its replays run no decoder
-    layer, only the final norm and the head). At least 1."""
+    """The most tiles of a ``rows`` x ``positions`` batch one local replay pass holds (``CPU_PASS_BYTES``), or
+    None for no bound: a model off the CPU (on a GPU larger passes are faster), or a site at the last layer (its
+    replays run no decoder layer, only the final norm and the head). At least 1."""
     module = getattr(model, "_module", model)
     param = next(iter(module.parameters()), None)
     if param is None or param.device.type != "cpu" or site.layer >= site.n_layers - 1:
@@ -71,28 +72,6 @@ def pass_tiles(model: Any, site: Site, rows: int, positions: int) -> int | None:
     width = max(int(getattr(cfg, "intermediate_size", 0) or 0), 4 * int(getattr(cfg, "hidden_size", 0) or 0), 1)
     one = rows * positions * width * param.element_size()
     return max(1, CPU_PASS_BYTES // max(one, 1))
-
-
-def _split(chunks: list[Chunk], tiles: int | None) -> tuple[list[Chunk], list[int]]:
-    """Each chunk cut into passes of at most ``tiles`` tiles; also how many passes each chunk became."""
-    if tiles is None:
-        return chunks, [1] * len(chunks)
-    parts, counts = [], []
-    for chunk in chunks:
-        pieces = [chunk[j:j + tiles] for j in range(0, len(chunk), tiles)]
-        parts += pieces
-        counts.append(len(pieces))
-    return parts, counts
-
-
-def _merge(outs: list[dict[str, torch.Tensor]], counts: list[int]) -> list[dict[str, torch.Tensor]]:
-    """The readouts of a chunk's passes joined in tile order: what one pass of the whole chunk returns."""
-    merged, at = [], 0
-    for n in counts:
-        group = outs[at:at + n]
-        at += n
-        merged.append(group[0] if n == 1 else {key: torch.cat([o[key] for o in group]) for key in group[0]})
-    return merged
 
 
 def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
@@ -132,28 +111,45 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
             clean = readout(model, *args, tiles=1, offset=offset).save()
         else:
             tracer.stop()  # nobody needs the clean model's outputs: the layers above the site never run
-    h, is_tuple = cached["h"], cached["is_tuple"]
     outs = nnsight.save([]) if in_session else []  # a session returns only what is saved
+    rows = int(enc["input_ids"].shape[0])
     for chunk in chunks:
-        k = len(chunk)
-        if upper is not None and all(_last_only(ivs) for _, ivs in chunk):
-            with model.trace({"input_ids": enc["input_ids"][:, -1:].repeat(k, 1)}, logits_to_keep=1):
-                x = upper.replay(model, torch.cat([_edit_all(h, ivs)[:, -1:] for _, ivs in chunk]), cached["upper"], k)
-                x = (x,) if is_tuple else x
-                for layer in range(site.n_layers):  # every layer's output is known: only the final norm and head run
-                    layer_envoy(model, site, layer).skip(x)
-                outs.append(readout(model, *args, tiles=k, offset=offset))
-            continue
-        tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
-        with model.trace(tiled, logits_to_keep=keep):
-            value = torch.cat([_edit_all(h, ivs) for _, ivs in chunk])
-            value = (value,) if is_tuple else value
-            for layer in range(site.layer + 1):
-                layer_envoy(model, site, layer).skip(value)
-            if last is not None:
-                last.apply(model)
-            outs.append(readout(model, *args, tiles=k, offset=offset))
+        one_position = upper is not None and all(_last_only(ivs) for _, ivs in chunk)
+        # locally, on a CPU, the chunk runs in passes of at most pass_tiles tiles, joined in tile order; in a
+        # session (remote: the server's device) it is one pass
+        tiles = None if in_session else pass_tiles(model, site, rows, 1 if one_position else seq)
+        parts = [chunk] if tiles is None else [chunk[j:j + tiles] for j in range(0, len(chunk), tiles)]
+        got = [_replay(model, site, enc, part, cached, upper if one_position else None, last, readout, args, keep,
+                       offset) for part in parts]
+        outs.append(got[0] if len(got) == 1 else {key: torch.cat([g[key] for g in got]) for key in got[0]})
     return clean, outs
+
+
+def _replay(model: Any, site: Site, enc: dict[str, torch.Tensor], part: Chunk, cached: dict[str, Any],
+            upper: Any, last: Any, readout: Callable, args: tuple, keep: int, offset: int) -> Any:
+    """One replay pass of ``part``'s tiles from the clean pass's ``cached`` values: one position per layer with
+    ``upper``, else every layer above the site (the last one at the kept positions with ``last``)."""
+    h, is_tuple = cached["h"], cached["is_tuple"]
+    k = len(part)
+    out = []
+    if upper is not None:
+        with model.trace({"input_ids": enc["input_ids"][:, -1:].repeat(k, 1)}, logits_to_keep=1):
+            x = upper.replay(model, torch.cat([_edit_all(h, ivs)[:, -1:] for _, ivs in part]), cached["upper"], k)
+            x = (x,) if is_tuple else x
+            for layer in range(site.n_layers):  # every layer's output is known: only the final norm and head run
+                layer_envoy(model, site, layer).skip(x)
+            out.append(readout(model, *args, tiles=k, offset=offset))
+        return out[0]
+    tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
+    with model.trace(tiled, logits_to_keep=keep):
+        value = torch.cat([_edit_all(h, ivs) for _, ivs in part])
+        value = (value,) if is_tuple else value
+        for layer in range(site.layer + 1):
+            layer_envoy(model, site, layer).skip(value)
+        if last is not None:
+            last.apply(model)
+        out.append(readout(model, *args, tiles=k, offset=offset))
+    return out[0]
 
 
 def replay_batch(
@@ -177,13 +173,7 @@ def replay_batch(
     """
     with torch.no_grad():
         if not remote:
-            seq = int(enc["input_ids"].shape[1])
-            one_position = logits_to_keep == 1 and all(_last_only(ivs) for c in chunks for _, ivs in c)
-            tiles = pass_tiles(model, site, int(enc["input_ids"].shape[0]), 1 if one_position else seq)
-            passes, counts = _split(chunks, tiles)
-            clean, outs = _traces(model, site, enc, passes, readout, args, logits_to_keep, clean_readout,
-                                  in_session=False)
-            return clean, _merge(outs, counts)
+            return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False)
         with model.session(**trace_args(model, remote)):
             with torch.no_grad():  # inside the block too: the block is what runs on the server
                 clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,

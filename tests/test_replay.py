@@ -52,16 +52,16 @@ def test_replay_equals_full_forward_with_a_plain_hook(embedded, site, synth, mon
     assert none is None and torch.equal(torch.cat([o["logits"] for o in outs2]), got)
     # on a CPU the chunks run in passes of at most pass_tiles tiles: one tile per pass here, same outputs in order
     passes = []
-    traces = replay._traces
+    one_pass = replay._replay
 
-    def spy(model, site, enc, chunks, *rest, **kw):
-        passes.append([len(c) for c in chunks])
-        return traces(model, site, enc, chunks, *rest, **kw)
+    def spy(model, site, enc, part, *rest):
+        passes.append(len(part))
+        return one_pass(model, site, enc, part, *rest)
 
-    monkeypatch.setattr(replay, "_traces", spy)
+    monkeypatch.setattr(replay, "_replay", spy)
     monkeypatch.setattr(replay, "CPU_PASS_BYTES", 1)
     clean1, outs1 = replay_batch(embedded, site, enc, chunks, last_logits)
-    assert passes == [[1, 1, 1]] and [o["logits"].shape[0] for o in outs1] == [2 * n, n]
+    assert passes == [1, 1, 1] and [o["logits"].shape[0] for o in outs1] == [2 * n, n]
     torch.testing.assert_close(torch.cat([o["logits"] for o in outs1]), got, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(clean1["logits"], clean["logits"], rtol=1e-5, atol=1e-5)
     # the model is clean afterwards
