@@ -8,7 +8,7 @@ export NSLENS_HOME ?= $(CURDIR)/.cache/nslens
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint bench bench-quick clean ndif-venv ndif-up ndif-down
+.PHONY: venv demo test lint bench bench-quick bench-gpu clean ndif-venv ndif-up ndif-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: venv
 
 bench-quick: venv
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --quick || exit 1; done
+	$(PY) benchmarks/bench_gpu.py --quick --device cpu --out $(NSLENS_HOME)/bench_gpu_quick.json
+
+# On a GPU machine (not part of `make bench`): every benchmark on Llama-3.2-3B's shape in bf16, figures in a JSON file
+bench-gpu: venv
+	$(PY) benchmarks/bench_gpu.py --out benchmarks/gpu.json
 
 # A real NDIF server (ndif 0.1.2: Redis, Postgres for API keys, moto as S3, Ray, the API) serving the embedded model
 # and a random Llama, from tests/ndif_stack (see its README). ndif-up prints NDIF_API_KEY=, NDIF_HOST= and

@@ -53,11 +53,61 @@ def plain_forward(hf, tok, prompts: list[str]) -> None:
     """The denominator: one plain HF forward over the prompts, last-position logits only."""
     with torch.no_grad():
         for i in range(0, len(prompts), BATCH):
-            enc = tok(prompts[i:i + BATCH], return_tensors="pt", padding=True)
+            enc = tok(prompts[i:i + BATCH], return_tensors="pt", padding=True).to(hf.device)
             hf(**enc, logits_to_keep=1)
 
 
-def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
+def bench_prompts(n: int) -> list[str]:
+    """``n`` synthetic prompts over 4 topics (about 26 tokens each), seeded."""
+    import random
+
+    rng = random.Random(0)
+    return [f"Text: {synthetic_text(i % 4, rng)} {synthetic_text(i % 4, rng)}\nLabel:" for i in range(n)]
+
+
+def table_gap(a, b) -> float:
+    """The largest absolute difference between two erasure tables' cells (0.0: the same numbers)."""
+    return max((abs(x - y) for ra, rb in zip(a.rows(), b.rows()) for x, y in zip(ra[1:], rb[1:])), default=0.0)
+
+
+def measure(model, hf, tok, prompts: list[str], repeats: int, *, naive: bool = True, judged: str | None = None,
+            settings=SETTINGS) -> dict[str, dict]:
+    """Every setting's table against the plain forward (printed, and returned by name: seconds, ratios, the site
+    layer, and with ``naive`` the naive path's time and its largest difference from the fast table). ``judged``:
+    what to print in place of the goal (None: the setting's goal)."""
+    n, n_layers = len(prompts), hf.config.num_hidden_layers
+    plain_forward(hf, tok, prompts[:BATCH])  # warm-up
+    plain = partial(plain_forward, hf, tok, prompts)
+    results = {}
+    for c, where, positions, goal in settings:
+        site = nslens.resolve_site(model, -2 if where == "penultimate" else n_layers // 2)
+        labels = np.arange(n) % c
+        ids = list(range(10, 10 + c))
+        table = partial(erasure_table, model, site, prompts, labels, ids, masks_for(site, c), nslens.zero(),
+                        batch_size=BATCH, positions=positions)
+        fast = table(fast=True)  # warm-up of this setting's shapes
+        # the plain forward and the table alternate, so that a slower spell of a shared machine slows both
+        t_plain = t_fast = float("inf")
+        for _ in range(repeats):
+            t_plain = min(t_plain, best_of(plain, 1))
+            t_fast = min(t_fast, best_of(partial(table, fast=True), 1))
+        got = {"site_layer": site.layer, "plain_s": t_plain, "table_s": t_fast, "ratio": t_fast / t_plain}
+        naive_text = ""
+        if naive:
+            slow: list = []
+            t_naive = best_of(lambda slow=slow, table=table: slow.append(table(fast=False)), 1)
+            got.update(naive_s=t_naive, naive_ratio=t_naive / t_plain, max_abs_diff=table_gap(fast, slow[0]))
+            naive_text = (f"; naive {t_naive:.3f} s, {t_naive / t_plain:.2f}, largest difference from the fast "
+                          f"table {got['max_abs_diff']:.2g}")
+        key = f"C={c} {where}" + (" last" if positions == "last" else "")
+        results[key] = got
+        note = judged or ("(no goal)" if goal is None else f"(goal <= {goal})")
+        print(f"{key:23s} (site layer {site.layer}, edit at {positions} positions): plain forward {t_plain:.3f} s, "
+              f"table {t_fast:.3f} s, ratio {t_fast / t_plain:.2f} {note}{naive_text}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
@@ -65,44 +115,17 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive path")
     args = ap.parse_args(argv)
-    import random
-
     tok = build_tokenizer()
     size = QUICK if args.quick else SHAPES[args.shape]
     hf = random_llama(tok, **size)
     model = nslens.load_model(hf, tokenizer=tok)
-    rng = random.Random(0)
     n = args.samples or (16 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
-    prompts = [f"Text: {synthetic_text(i % 4, rng)} {synthetic_text(i % 4, rng)}\nLabel:" for i in range(n)]
-    n_layers = size["layers"]
     print(f"model: random Llama ({args.shape if not args.quick else 'quick'}), {n_params(hf) / 1e6:.1f}M parameters, "
-          f"{n_layers} layers, d_model {size['hidden']}, vocabulary {hf.config.vocab_size}; {n} test prompts, "
+          f"{size['layers']} layers, d_model {size['hidden']}, vocabulary {hf.config.vocab_size}; {n} test prompts, "
           f"batch {BATCH}, best of {repeats}; torch threads {torch.get_num_threads()}")
-    plain_forward(hf, tok, prompts[:BATCH])  # warm-up
-    plain = partial(plain_forward, hf, tok, prompts)
-    results = {}
-    for c, where, positions, goal in SETTINGS:
-        site = nslens.resolve_site(model, -2 if where == "penultimate" else n_layers // 2)
-        labels = np.arange(n) % c
-        ids = list(range(10, 10 + c))
-        table = partial(erasure_table, model, site, prompts, labels, ids, masks_for(site, c), nslens.zero(),
-                        batch_size=BATCH, positions=positions)
-        table(fast=True)  # warm-up of this setting's shapes
-        # the plain forward and the table alternate, so that a slower spell of a shared machine slows both
-        t_plain = t_fast = float("inf")
-        for _ in range(repeats):
-            t_plain = min(t_plain, best_of(plain, 1))
-            t_fast = min(t_fast, best_of(partial(table, fast=True), 1))
-        t_naive = float("nan") if args.no_naive else best_of(partial(table, fast=False), 1)
-        key = f"C={c} {where}" + (" last" if positions == "last" else "")
-        results[key] = (t_fast / t_plain, t_naive / t_plain)
-        judged = ("(smoke run)" if args.quick else "(no goal on this shape)" if args.shape != "default"
-                  else "(no goal)" if goal is None else f"(goal <= {goal})")
-        print(f"{key:23s} (site layer {site.layer}, edit at {positions} positions): plain forward {t_plain:.3f} s, "
-              f"table {t_fast:.3f} s, ratio {t_fast / t_plain:.2f} {judged}; naive {t_naive:.3f} s, "
-              f"{t_naive / t_plain:.2f}")
-    return results
+    judged = "(smoke run)" if args.quick else "(no goal on this shape)" if args.shape != "default" else None
+    return measure(model, hf, tok, bench_prompts(n), repeats, naive=not args.no_naive, judged=judged)
 
 
 if __name__ == "__main__":

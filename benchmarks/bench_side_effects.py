@@ -8,9 +8,9 @@ from the trace(s) vs the full-logits path for a 128,256-token vocabulary (Llama 
 
     python benchmarks/bench_side_effects.py           # ~50M-parameter random Llama on CPU
     python benchmarks/bench_side_effects.py --quick   # CI smoke (tiny model; the ratios are not meaningful)
-    python benchmarks/bench_side_effects.py --hidden 3072 --intermediate 8192 --layers 28 --heads 24 \\
-        --dtype bfloat16 --device cuda            # Llama-3.2-3B-shaped (on a GPU machine)
     python benchmarks/bench_side_effects.py --shape real   # SmolLM2-135M's shape
+
+On a GPU, benchmarks/bench_gpu.py runs this on Llama-3.2-3B's shape in bf16.
 """
 
 from __future__ import annotations
@@ -47,6 +47,70 @@ def masks_at(site, c: int) -> list[nslens.RangeMask]:
             for m in masks_for(site, c)]
 
 
+def measure(model, hf, tok, *, device: str, limit: int, repeats: int, batch_size: int) -> dict:
+    """The stock evaluation, one intervened evaluation through the adapter and the side-effect tables at the last
+    two blocks for C = 4 and 14, printed and returned (seconds and ratios to the best stock time so far)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    inc = local_tasks_dir()
+    tm = TaskManager(include_path=str(inc), include_defaults=False)
+    bs = batch_size
+
+    def stock_clean():
+        with quiet_lm_eval():
+            lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=bs, device=device, softmax_dtype="float32")
+            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
+                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
+
+    stock_clean()  # warm-up (task loading, allocator)
+    t_stock = best_of(stock_clean, repeats)
+    print(f"model: random Llama, {n_params(hf) / 1e6:.1f}M parameters, {hf.config.num_hidden_layers} layers, "
+          f"d_model {hf.config.hidden_size}, {hf.dtype} on {device}; tasks {', '.join(TASKS)}, limit {limit}, "
+          f"batch {bs}, best of {repeats}")
+    print(f"ONE stock-HFLM clean evaluation: {t_stock:.3f} s", flush=True)
+
+    site = nslens.resolve_site(model, -2)
+    one = nslens.Intervention(masks_at(site, 1)[0], nslens.zero(), gated=True)
+
+    def adapter_one():
+        with quiet_lm_eval():
+            lm = NsLensLM(model, site, one, batch_size=bs)
+            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
+                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
+
+    t_one = best_of(adapter_one, repeats)
+    print(f"one range-masked evaluation through the adapter: {t_one:.3f} s = {t_one / t_stock:.3f}x (goal <= 1.15)",
+          flush=True)
+
+    results: dict = {"stock_s": t_stock, "adapter_s": t_one, "adapter_ratio": t_one / t_stock, "tables": {}}
+    goals = {(-1, 4): 1.2, (-1, 14): 1.5, (-2, 4): 2.0, (-2, 14): 4.0}  # (site layer, concepts) -> goal
+    for layer in (-1, -2):
+        site = nslens.resolve_site(model, layer)
+        for c in (4, 14):
+            masks = masks_at(site, c)
+            # one more stock evaluation before each table, and the best stock time so far divides: a stock time
+            # taken in a slow spell of this shared machine does not flatter the ratios
+            t_stock = min(t_stock, best_of(stock_clean, 1))
+            t = best_of(lambda masks=masks, site=site: side_effect_table(
+                model, site, masks, nslens.zero(), tasks=TASKS, include_path=inc, limit=limit, batch_size=bs),
+                repeats)
+            results["tables"][f"layer {site.layer}, C={c}"] = {"table_s": t, "stock_s": t_stock, "ratio": t / t_stock}
+            print(f"layer {site.layer} of {site.n_layers}, C = {c:2d}: stock {t_stock:.3f} s, whole table "
+                  f"({2 * c + 1} runs) {t:.3f} s "
+                  f"= {t / t_stock:.3f}x one clean evaluation (goal <= {goals[layer, c]}; naive about {2 * c + 1})",
+                  flush=True)
+    res = side_effects(model, site, {"one": one}, tasks=TASKS, include_path=inc, limit=limit, batch_size=bs)
+    per_batch = sum(res.batch_bytes) / len(res.batch_bytes)
+    logits = sum(b * t * LLAMA3_VOCAB * 2 for b, t in res.batch_shapes) / len(res.batch_shapes)
+    print(f"bytes returned per batch: {per_batch:,.0f} (log-likelihoods in the trace) vs {logits:,.0f} "
+          f"(full bf16 logits at vocab {LLAMA3_VOCAB:,}; mean batch {sum(b for b, _ in res.batch_shapes) / len(res.batch_shapes):.1f} x "
+          f"{sum(t for _, t in res.batch_shapes) / len(res.batch_shapes):.0f} tokens): {logits / per_batch:,.0f}x less")
+    results["bytes_per_batch"] = per_batch
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -63,69 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     tok = build_tokenizer()
     size = QUICK if args.quick else SHAPES["real"] if args.shape else {
         "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads}
-    hf = random_llama(tok, **size).to(device=args.device, dtype=getattr(torch, args.dtype))
+    hf = random_llama(tok, **size, device=args.device, dtype=getattr(torch, args.dtype))
     model = nslens.load_model(hf, tokenizer=tok)
-    limit = args.limit or (8 if args.quick else 40)
-    repeats = args.repeats or (1 if args.quick else 2)
-    inc = local_tasks_dir()
-    tm = TaskManager(include_path=str(inc), include_defaults=False)
-    bs = args.batch_size
-
-    def stock_clean():
-        with quiet_lm_eval():
-            lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=bs, device=args.device, softmax_dtype="float32")
-            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
-                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
-
-    stock_clean()  # warm-up (task loading, allocator)
-    t_stock = best_of(stock_clean, repeats)
-    print(f"model: random Llama, {n_params(hf) / 1e6:.1f}M parameters, {size['layers']} layers, "
-          f"d_model {size['hidden']}, {args.dtype} on {args.device}; tasks {', '.join(TASKS)}, limit {limit}, "
-          f"batch {bs}, best of {repeats}")
-    print(f"ONE stock-HFLM clean evaluation: {t_stock:.3f} s")
-
-    site = nslens.resolve_site(model, -2)
-    one = nslens.Intervention(masks_at(site, 1)[0], nslens.zero(), gated=True)
-
-    def adapter_one():
-        with quiet_lm_eval():
-            lm = NsLensLM(model, site, one, batch_size=bs)
-            return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, limit=limit, log_samples=False,
-                                           bootstrap_iters=0, verbosity="ERROR", num_fewshot=0)
-
-    t_one = best_of(adapter_one, repeats)
-    print(f"one range-masked evaluation through the adapter: {t_one:.3f} s = {t_one / t_stock:.3f}x (goal <= 1.15)")
-
-    results: dict = {"stock": t_stock, "one": t_one / t_stock}
-    goals = {(-1, 4): 1.2, (-1, 14): 1.5, (-2, 4): 2.0, (-2, 14): 4.0}  # (site layer, concepts) -> goal
-    for layer in (-1, -2):
-        site = nslens.resolve_site(model, layer)
-        for c in (4, 14):
-            masks = masks_at(site, c)
-            # one more stock evaluation before each table, and the best stock time so far divides: a stock time
-            # taken in a slow spell of this shared machine does not flatter the ratios
-            t_stock = min(t_stock, best_of(stock_clean, 1))
-            t = best_of(lambda masks=masks, site=site: side_effect_table(
-                model, site, masks, nslens.zero(), tasks=TASKS, include_path=inc, limit=limit, batch_size=bs),
-                repeats)
-            results[(layer, c)] = t / t_stock
-            print(f"layer {site.layer} of {site.n_layers}, C = {c:2d}: stock {t_stock:.3f} s, whole table "
-                  f"({2 * c + 1} runs) {t:.3f} s "
-                  f"= {t / t_stock:.3f}x one clean evaluation (goal <= {goals[layer, c]}; naive about {2 * c + 1})")
-    res = side_effects(model, site, {"one": one}, tasks=TASKS, include_path=inc, limit=limit, batch_size=bs)
-    per_batch = sum(res.batch_bytes) / len(res.batch_bytes)
-    logits = sum(b * t * LLAMA3_VOCAB * 2 for b, t in res.batch_shapes) / len(res.batch_shapes)
-    print(f"bytes returned per batch: {per_batch:,.0f} (log-likelihoods in the trace) vs {logits:,.0f} "
-          f"(full bf16 logits at vocab {LLAMA3_VOCAB:,}; mean batch {sum(b for b, _ in res.batch_shapes) / len(res.batch_shapes):.1f} x "
-          f"{sum(t for _, t in res.batch_shapes) / len(res.batch_shapes):.0f} tokens): {logits / per_batch:,.0f}x less")
-    return results
+    return measure(model, hf, tok, device=args.device, limit=args.limit or (8 if args.quick else 40),
+                   repeats=args.repeats or (1 if args.quick else 2), batch_size=args.batch_size)
 
 
 if __name__ == "__main__":
