@@ -12,7 +12,8 @@ Two uses, both tensor code inside the trace (so they run remotely too):
 - **Every layer above a site at the last position** (``upper_layers``), for an edit of the last position alone
   (``positions="last"``, the paper's setting). Causal attention keeps every earlier position clean at every layer
   above the site, so the clean pass keeps those layers' keys and values and each replay computes one position per
-  layer: about 1/seq of a full replay.
+  layer: about 1/seq of a full replay. The clean pass runs the last layer at the kept positions there too, and its
+  keys and values come from that computation.
 
 One small class per decoder-layer kind holds the tensor code (``LAYER_KINDS``). A family names its kind in
 ``ModelFamily.layer_kind``; a family without one runs every layer in full. The code reads what the model hands
@@ -47,9 +48,11 @@ class LayerKind:
         raise NotImplementedError
 
     def last_output(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any], settings: dict[str, Any],
-                    keep: int) -> torch.Tensor:
+                    keep: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Inside a trace: the layer's output ``[batch, keep, d_model]`` at the last ``keep`` positions, from its
-        input ``hidden`` ``[batch, seq, d_model]`` and the keyword arguments the model passed it."""
+        input ``hidden`` ``[batch, seq, d_model]`` and the keyword arguments the model passed it, and its keys and
+        values at every position as ``keys_values`` gives them (computed on the way: the clean pass of a
+        one-position replay keeps them, ``UpperLayers.record``)."""
         raise NotImplementedError
 
     def keys_values(self, layer: Any, kwargs: dict[str, Any], settings: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -120,14 +123,15 @@ class RopePreNormLayer(LayerKind):
                 "qk_norm": hasattr(attn, "q_norm") and hasattr(attn, "k_norm")}
 
     def last_output(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any], settings: dict[str, Any],
-                    keep: int) -> torch.Tensor:
+                    keep: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
         cos, sin = kwargs["position_embeddings"]
         k, v = self._keys_values(attn, attn.k_proj(normed), attn.v_proj(normed), cos, sin, settings)
         q = self._queries(attn, normed[:, -keep:], cos[:, -keep:], sin[:, -keep:], settings)
-        return self._finish(layer, hidden[:, -keep:], q, k, v, _query_mask(kwargs.get("attention_mask"), hidden, keep),
-                            settings)
+        out = self._finish(layer, hidden[:, -keep:], q, k, v, _query_mask(kwargs.get("attention_mask"), hidden, keep),
+                           settings)
+        return out, (k, v)
 
     def keys_values(self, layer: Any, kwargs: dict[str, Any], settings: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         attn = layer.self_attn
@@ -213,14 +217,20 @@ class LastPositions:
     settings: dict[str, Any]
     keep: int
 
-    def apply(self, model: Any) -> None:
-        """Inside a trace, before the last layer runs: compute its kept positions from its inputs and skip it."""
+    def apply(self, model: Any, inputs: tuple[torch.Tensor, dict[str, Any]] | None = None) -> tuple[torch.Tensor, ...]:
+        """Inside a trace, before the last layer runs: compute its kept positions from its inputs (read here, or
+        ``inputs`` = (hidden states, keyword arguments) already read from it) and skip it. Returns its keys and
+        values at every position."""
         layer = _part(model, self.path)
-        args, kwargs = layer.inputs
-        hidden = args[0] if args else kwargs["hidden_states"]
-        last = LAYER_KINDS.get(self.kind).last_output(layer, hidden, kwargs, self.settings, self.keep)
+        if inputs is None:
+            args, kwargs = layer.inputs
+            hidden = args[0] if args else kwargs["hidden_states"]
+        else:
+            hidden, kwargs = inputs
+        last, keys_values = LAYER_KINDS.get(self.kind).last_output(layer, hidden, kwargs, self.settings, self.keep)
         value = torch.cat([hidden[:, :-self.keep], last], dim=1)
         layer.skip(value)  # transformers 5 decoder layers return the tensor itself
+        return keys_values
 
 
 #: the last layer at the kept positions only where they are at most this part of the sequence: near all of it the
@@ -260,9 +270,11 @@ class UpperLayers:
     kind: str
     settings: tuple[dict[str, Any], ...]
 
-    def record(self, model: Any) -> dict[str, Any]:
-        """Inside the clean pass, while the layers above the site run in full: what ``replay`` needs (the last
-        position's rotary cos/sin and mask row, each layer's keys and values without the last position)."""
+    def record(self, model: Any, last_layer: LastPositions | None = None) -> dict[str, Any]:
+        """Inside the clean pass, while the layers above the site run: what ``replay`` needs (the last position's
+        rotary cos/sin and mask row, each layer's keys and values without the last position). With
+        ``last_layer`` the last layer runs at the kept positions only (``LastPositions.apply``), and its keys and
+        values come from there."""
         impl = LAYER_KINDS.get(self.kind)
         args, kwargs = _part(model, self.paths[0]).inputs
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -271,7 +283,10 @@ class UpperLayers:
                 "attention_mask": _query_mask(kwargs.get("attention_mask"), hidden, 1)}
         past = []
         for path, settings in zip(self.paths, self.settings):
-            k, v = impl.keys_values(_part(model, path), kwargs, settings)
+            if last_layer is not None and path == last_layer.path:  # the first layer's inputs are read once
+                k, v = last_layer.apply(model, (hidden, kwargs) if path == self.paths[0] else None)
+            else:
+                k, v = impl.keys_values(_part(model, path), kwargs, settings)
             past.append((k[:, :, :-1], v[:, :, :-1]))
         return {"last": last, "past": past}
 

@@ -101,12 +101,12 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
                                                                   for _, ivs in c) else None
     with model.trace(enc, logits_to_keep=keep) as tracer:
         cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
-        if upper is not None:
-            cached["upper"] = upper.record(model)
+        if upper is not None:  # the last layer's keys and values come from its kept-positions computation
+            cached["upper"] = upper.record(model, last)
         if not in_session:  # in a session the next trace reads it where it lives; locally it must leave the trace
             cached = nnsight.save(cached)
         if clean_readout:
-            if last is not None and upper is None:  # the record reads the last layer's own keys and values
+            if last is not None and upper is None:
                 last.apply(model)
             clean = readout(model, *args, tiles=1, offset=offset).save()
         else:

@@ -80,7 +80,7 @@ def test_the_shortcut_equals_the_full_last_layer(model_type, attn, extra):
     # the shortcut is what ran: a wrong last position shows in the logits
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lastpos.RopePreNormLayer, "last_output",
-                   lambda self, layer, h, kw, s, keep: torch.zeros_like(h[:, -keep:]))
+                   lambda self, layer, h, kw, s, keep: (torch.zeros_like(h[:, -keep:]), None))
         broken, _ = replay_batch(model, site, enc, [], last_logits, logits_to_keep=1)
     assert not torch.allclose(broken["logits"], clean["logits"], atol=1e-3)
     # and the model is clean afterwards
@@ -171,4 +171,16 @@ def test_an_edit_of_the_last_position_replays_one_position_per_layer(model_type,
         mp.setattr(lastpos.RopePreNormLayer, "step", lambda self, layer, x, past, kw, s, tiles: torch.zeros_like(x))
         _, broken = replay_batch(model, site, enc, chunked([last[0]], 1), last_logits, logits_to_keep=1)
     assert not torch.allclose(broken[0]["logits"], got[:n], atol=1e-3)
+    # the clean pass runs the last layer at the kept position only, and the replays take its keys and values from
+    # there: a wrong kept output shows in the clean logits alone, wrong keys in the replays' alone
+    real = lastpos.RopePreNormLayer.last_output
+    for part in (0, 1):
+        def wrong(self, layer, h, kw, s, keep, part=part):
+            out, (k, v) = real(self, layer, h, kw, s, keep)
+            return (torch.zeros_like(out), (k, v)) if part == 0 else (out, (torch.zeros_like(k), v))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lastpos.RopePreNormLayer, "last_output", wrong)
+            c, r = replay_batch(model, site, enc, chunked([last[0]], 1), last_logits, logits_to_keep=1)
+        assert torch.allclose(c["logits"], clean["logits"], atol=1e-3) == (part == 1)
+        assert torch.allclose(r[0]["logits"], got[:n], atol=1e-3) == (part == 0)
     torch.testing.assert_close(hf_last_logits(model, enc), clean["logits"], rtol=1e-5, atol=1e-5)  # clean after
