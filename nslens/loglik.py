@@ -9,6 +9,12 @@ Here the same reduction runs *inside the trace* (``loglik_readout``), so a batch
 layers up to the site, and every intervention replays only the layers above it (``nslens.replay``). The answers
 are kept per intervention and request, so one lm-eval evaluation per intervention can read its own, and lm-eval
 computes every metric itself.
+
+With a large vocabulary the LM head is computed inside the readout instead, a chunk of the needed positions at a
+time (``ChunkedHead``), and the model's own head is skipped: the logits of a whole pass (tiles x rows x positions
+x vocabulary: 393 MB a tile for a batch of 8 x 250 tokens at SmolLM2's 49,152 tokens) are never written out and
+read back, which made them cost about as much again as their matrix product on a CPU. Each chunk's log-softmax is
+HFLM's; the chunk's matrix product equals the whole one up to float rounding.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ import torch
 
 from .errors import NsLensError
 from .intervene import apply_in_trace
-from .models import Site
+from .models import Site, get_family, model_family
 from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch, returned_bytes
 
-__all__ = ["LoglikPlan", "LoglikSweep", "RowSpec", "loglik_readout"]
+__all__ = ["HEAD_CHUNK_BYTES", "ChunkedHead", "LoglikPlan", "LoglikSweep", "RowSpec", "loglik_readout"]
+
+#: the float32 logits one chunk of the head computes inside the readout, at most: on a CPU they stay in cache and
+#: below glibc's mmap threshold (at 49,152 tokens a 25 MB chunk took 4.4 s where the whole pass's logits took
+#: 8.1 s, the same products); elsewhere (a GPU, the server of a remote run) ``DEVICE_HEAD_CHUNK_BYTES``
+HEAD_CHUNK_BYTES = 32 << 20
+DEVICE_HEAD_CHUNK_BYTES = 512 << 20
 
 #: one row of an lm-eval batch: (input length, the row's continuation length, every request's continuation tokens)
 RowSpec = tuple[int, int, list[list[int]]]
@@ -74,31 +86,99 @@ class LoglikPlan:
     def n_requests(self) -> int:
         return int(self.spans.shape[0])
 
-    def args(self, dtype: torch.dtype | None) -> tuple:
-        return (self.rows, self.pos, self.lp_idx, self.greedy_idx, self.tokens, self.spans, self.n_rows, dtype)
+    def args(self, dtype: torch.dtype | None, head: ChunkedHead | None = None) -> tuple:
+        return (self.rows, self.pos, self.lp_idx, self.greedy_idx, self.tokens, self.spans, self.n_rows, dtype, head)
+
+
+@dataclass(frozen=True)
+class ChunkedHead:
+    """The LM head as the readout computes it: the module at ``path`` (a plain ``nn.Linear``), then the model's
+    final logit soft-capping where it has one (Gemma 2: ``tanh(x / cap) * cap``)."""
+
+    path: str
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> ChunkedHead | None:
+        """The head of ``model`` where the logits are exactly that (soft-capping aside), else None (then the
+        model's own head runs): a head that is not a plain linear layer, or a config that scales the logits."""
+        family = get_family(model_family(model))
+        module = family.part(getattr(model, "_module", model), family.head)
+        cfg = getattr(model, "config", None)
+        if type(module) is not torch.nn.Linear or any(getattr(cfg, a, None) not in (None, 1, 1.0)
+                                                       for a in ("logit_scale", "logits_scaling")):
+            return None
+        return cls(family.head, getattr(cfg, "final_logit_softcapping", None))
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.nn.functional.linear(x, weight, bias)
+        return out if self.softcap is None else torch.tanh(out / self.softcap) * self.softcap
 
 
 def loglik_readout(model: Any, rows: torch.Tensor, pos: torch.Tensor, lp_idx: torch.Tensor,
                    greedy_idx: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, n_rows: int,
-                   dtype: torch.dtype | None, tiles: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | None, head: ChunkedHead | None = None, tiles: int = 1,
+                   offset: int = 0) -> dict[str, torch.Tensor]:
     """Inside a trace: every request's continuation log-likelihood and is-greedy flag (``[tiles * R]`` each).
 
     The same arithmetic as HFLM: log-softmax over the vocabulary in ``dtype`` (HFLM's ``softmax_dtype``), the
     continuation tokens' log-probs gathered and summed per request, greedy = argmax equals the token everywhere.
-    Only the needed positions are normalised; ``offset`` is the first position whose logits the pass computed."""
-    logits = model.output.logits
-    dev = logits.device
-    rows, pos, lp_idx, greedy_idx, tokens = (x.to(dev) for x in (rows, pos, lp_idx, greedy_idx, tokens))
+    Only the needed positions are normalised; ``offset`` is the first position whose logits the pass computed.
+    With ``head`` the model's head is skipped and its logits are computed here, a chunk of positions at a time."""
+    if head is None:
+        logits = model.output.logits
+        dev = logits.device
+        rows, pos, lp_idx, greedy_idx, tokens = (x.to(dev) for x in (rows, pos, lp_idx, greedy_idx, tokens))
+        reduced = [_reduce(torch.log_softmax(logits[rows + j * n_rows, pos - offset], dim=-1, dtype=dtype),
+                           lp_idx, greedy_idx, tokens) for j in range(tiles)]
+    else:
+        reduced = _chunked_head(model, head, rows, pos, lp_idx, greedy_idx, tokens, n_rows, dtype, tiles, offset)
     bounds = spans.tolist()
     ll, greedy = [], []
-    for j in range(tiles):
-        lp = torch.log_softmax(logits[rows + j * n_rows, pos - offset], dim=-1, dtype=dtype)
-        tok_lp = lp[lp_idx, tokens]
-        hit = lp.argmax(-1)[greedy_idx] == tokens
+    for tok_lp, hit in reduced:
         for s, e in bounds:
             ll.append(tok_lp[s:e].sum())
             greedy.append(hit[s:e].all())
     return {"ll": torch.stack(ll).cpu(), "greedy": torch.stack(greedy).cpu()}
+
+
+def _reduce(lp: torch.Tensor, lp_idx: torch.Tensor, greedy_idx: torch.Tensor,
+            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per continuation token: its log-prob and whether it is the argmax, from the needed positions' log-softmax."""
+    return lp[lp_idx, tokens], lp.argmax(-1)[greedy_idx] == tokens
+
+
+def _chunked_head(model: Any, head: ChunkedHead, rows: torch.Tensor, pos: torch.Tensor, lp_idx: torch.Tensor,
+                  greedy_idx: torch.Tensor, tokens: torch.Tensor, n_rows: int, dtype: torch.dtype | None,
+                  tiles: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inside a trace: ``_reduce`` of every tile from the head's input, the head computed for ``per`` needed
+    positions at a time; each chunk's tokens are gathered from it (in ``lp_idx`` order, then put back)."""
+    module = model
+    for piece in head.path.split("."):
+        module = getattr(module, piece)
+    hidden = module.input  # [tiles * rows, kept positions, d_model]: what the model's head would multiply
+    module.skip(hidden[..., :1])  # the model's own product never runs: nothing reads model.output.logits
+    weight, bias = module.weight, module.bias
+    dev = hidden.device
+    rows, pos, lp_idx, greedy_idx, tokens = (x.to(dev) for x in (rows, pos, lp_idx, greedy_idx, tokens))
+    budget = HEAD_CHUNK_BYTES if dev.type == "cpu" else DEVICE_HEAD_CHUNK_BYTES
+    per = max(1, budget // (int(weight.shape[0]) * 4))
+    n = int(rows.shape[0])
+    order = torch.argsort(lp_idx, stable=True)
+    cuts = torch.searchsorted(lp_idx[order], torch.arange(0, n + per, per, device=dev)).tolist()
+    out = []
+    for j in range(tiles):
+        h = hidden[rows + j * n_rows, pos - offset]
+        picked, argmax = [], []
+        for k, s in enumerate(range(0, n, per)):
+            lp = torch.log_softmax(head.logits(h[s:s + per], weight, bias), dim=-1, dtype=dtype)
+            argmax.append(lp.argmax(-1))
+            idx = order[cuts[k]:cuts[k + 1]]
+            picked.append(lp[lp_idx[idx] - s, tokens[idx]])
+        tok_lp = torch.empty(int(lp_idx.shape[0]), dtype=picked[0].dtype, device=dev)
+        tok_lp[order] = torch.cat(picked)
+        out.append((tok_lp, torch.cat(argmax)[greedy_idx] == tokens))
+    return out
 
 
 @dataclass
@@ -121,6 +201,10 @@ class LoglikSweep:
     """Bound on the float32 logits one replay pass computes (tiles x rows x kept positions x vocabulary): with
     Llama-3's 128,256-token vocabulary and 8 x 512-token batches one tile is 2 GiB, so fewer interventions share a
     pass there. Results do not depend on it."""
+    chunked_head: bool = True
+    """Compute the head inside the readout (``ChunkedHead``) where one tile's needed logits exceed
+    ``HEAD_CHUNK_BYTES`` and the model's head allows it; below that the model's head runs, so small-vocabulary
+    answers stay bit-for-bit HFLM's."""
     answers: dict[tuple[tuple[int, ...], tuple[int, ...]], list[Answer]] = field(default_factory=dict)
     batch_bytes: list[int] = field(default_factory=list)
     batch_shapes: list[tuple[int, int]] = field(default_factory=list)
@@ -133,6 +217,7 @@ class LoglikSweep:
         chunked(self.interventions, self.per_pass)  # validates per_pass
         cfg = getattr(self.model, "config", None)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
+        self.head = ChunkedHead.of(self.model) if self.chunked_head else None
 
     def tiles_per_pass(self, rows: int, positions: int) -> int:
         """Interventions per replay pass for a batch: ``per_pass``, fewer where the logits would exceed
@@ -146,8 +231,11 @@ class LoglikSweep:
         intervention. One trace locally per pass; remotely one session (request) per batch, with retries."""
         plan = LoglikPlan.build(rows)
         keep = int(input_ids.shape[1]) - plan.first_pos
-        chunks = chunked(self.interventions, self.tiles_per_pass(plan.n_rows, keep))
-        out = maybe_retry(self.remote, lambda: self._run(input_ids, plan, dtype, chunks, keep), what="lm-eval batch")
+        head = self.head if int(plan.rows.shape[0]) * self.vocab_size * 4 > HEAD_CHUNK_BYTES else None
+        # the chunked head never holds a pass's logits: only the model's own head needs the logits bound
+        chunks = chunked(self.interventions, self.per_pass if head else self.tiles_per_pass(plan.n_rows, keep))
+        out = maybe_retry(self.remote, lambda: self._run(input_ids, plan, dtype, chunks, keep, head),
+                          what="lm-eval batch")
         self.batch_bytes.append(returned_bytes(out))
         self.batch_shapes.append((int(input_ids.shape[0]), int(input_ids.shape[1])))
         n = plan.n_requests
@@ -164,9 +252,9 @@ class LoglikSweep:
         return [[(lls[i][r], bool(greedy[i][r])) for i in range(len(self.interventions))] for r in range(n)]
 
     def _run(self, input_ids: torch.Tensor, plan: LoglikPlan, dtype: torch.dtype | None, chunks: list,
-             keep: int) -> tuple[Any, list]:
+             keep: int, head: ChunkedHead | None) -> tuple[Any, list]:
         enc = {"input_ids": input_ids}
-        args = plan.args(dtype)
+        args = plan.args(dtype, head)
         ivs = self.interventions
         if len(ivs) == 1:  # one evaluation: a plain (optionally intervened) forward is all it takes
             with torch.no_grad(), self.model.trace(enc, **trace_args(self.model, self.remote)):

@@ -112,6 +112,43 @@ def test_intervention_equals_plain_torch_hook(embedded, site, masks, tm):
     assert ours["nslens_synth_token_ppl"]["token_perplexity"] != clean["nslens_synth_token_ppl"]["token_perplexity"]
 
 
+def test_chunked_head_equals_stock_hflm_and_hooks_at_a_large_vocabulary(embedded, tm, inc, monkeypatch):
+    """A model whose log-likelihoods go through the head computed inside the readout (``nslens.loglik.ChunkedHead``,
+    5 positions a chunk): the clean evaluation, a range-masked one and the side-effect table equal stock HFLM (clean
+    and with a plain hook) up to float rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nslens import loglik
+
+    tok = embedded.tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    model = nslens.load_model(LlamaForCausalLM(cfg).eval(), tokenizer=tok)
+    monkeypatch.setattr(loglik, "HEAD_CHUNK_BYTES", 5 * 4096 * 4)
+    site = nslens.resolve_site(model, -2)
+    cols = torch.arange(0, 32, 2)
+    mask = RangeMask(cols, -torch.ones(16) * .5, torch.ones(16) * .5, torch.zeros(16), torch.ones(16) * .2,
+                     {"tau": 2.5, "concept": "c0", **site.describe()})
+    handle = model._module.model.layers[site.layer].register_forward_hook(hooked(mask))
+    try:
+        ref = evaluate(stock(model), tm)
+    finally:
+        handle.remove()
+    ref_clean = evaluate(stock(model), tm)
+    iv = nslens.Intervention(mask, nslens.zero(), gated=True)
+    for ours, want in ((evaluate(NsLensLM(model, batch_size=8), tm), ref_clean),
+                       (evaluate(NsLensLM(model, site, iv, batch_size=8), tm), ref)):
+        assert ours["nslens_synth_mc"]["acc"] == want["nslens_synth_mc"]["acc"]
+        for t in ("nslens_synth_cont", "nslens_synth_token_ppl"):
+            assert ours[t] == pytest.approx(want[t], rel=1e-5)
+    assert ref["nslens_synth_token_ppl"] != pytest.approx(ref_clean["nslens_synth_token_ppl"], rel=1e-4)
+    tab = side_effect_table(model, site, [mask], nslens.zero(), tasks=TASKS, include_path=inc)
+    for t in TASKS:
+        assert tab.range[0][t] == pytest.approx({k: v - ref_clean[t][k] for k, v in ref[t].items()}, rel=1e-4,
+                                                abs=1e-6)
+
+
 @pytest.mark.parametrize("per_pass", [1, 3, 8])
 def test_sweep_equals_one_evaluation_per_intervention_and_hooks(embedded, site, masks, inc, per_pass):
     """The whole table in one sweep equals one evaluation per intervention, and a plain hook per intervention."""

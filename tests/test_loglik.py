@@ -120,3 +120,69 @@ def test_logits_budget_limits_tiles_not_results(embedded, site, monkeypatch):
     for x, y, z in zip(a, b, c):
         assert [v for v, _ in x] == pytest.approx([v for v, _ in y], rel=1e-6) and [g for _, g in x] == [g for _, g in y]
         assert [v for v, _ in x] == pytest.approx([v for v, _ in z], rel=1e-6) and [g for _, g in x] == [g for _, g in z]
+
+
+def _random_model(model_type: str, tok, vocab: int, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               max_position_embeddings=128, pad_token_id=tok.pad_token_id, **extra)
+    return nslens.load_model(AutoModelForCausalLM.from_config(cfg).eval(), tokenizer=tok)
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("gemma2", {"final_logit_softcapping": 2.0})])
+def test_chunked_head_equals_hflm_on_the_models_own_logits(embedded, monkeypatch, model_type, extra):
+    """The head computed in the readout, 5 needed positions a chunk (ragged last chunk, requests spanning chunks),
+    against HFLM's reduction of the plain HF forward's logits (Gemma 2's soft-capping included), with some
+    continuations the model's own greedy tokens; the model's own head does not run; remotely the same."""
+    from nslens import loglik
+
+    tok = embedded.tokenizer
+    model = _random_model(model_type, tok, 4096, **extra)
+    head = loglik.ChunkedHead.of(model)
+    assert head == loglik.ChunkedHead("lm_head", extra.get("final_logit_softcapping"))
+    ids = torch.randint(4, len(tok), (4, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model._module(input_ids=ids).logits
+    greedy = logits.argmax(-1)  # the token each position predicts: a continuation of them is greedy
+    rows = [(20, 3, [greedy[0, 17:20].tolist()]), (18, 1, [[8], [greedy[1, 17].item()]]),
+            (20, 7, [[1, 2, 3, 4, 5, 6, 7]]), (12, 2, [greedy[3, 10:12].tolist(), [4]])]
+    ref = hflm_reference(logits, rows)
+    assert [g for _, g in ref] == [True, False, True, False, True, False]
+    monkeypatch.setattr(loglik, "HEAD_CHUNK_BYTES", 5 * 4096 * 4)
+    calls = []
+    hook = model._module.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape[-1]))
+    try:
+        got = LoglikSweep(model, None, [None]).answer(ids, rows, torch.float32)
+        assert calls == [1]  # skipped: the module hands out the placeholder, the readout computed the logits
+        plain = LoglikSweep(model, None, [None], chunked_head=False).answer(ids, rows, torch.float32)
+        assert calls == [1, 4096]
+    finally:
+        hook.remove()
+    assert [a[0][1] for a in got] == [g for _, g in ref] == [a[0][1] for a in plain]
+    assert [a[0][0] for a in got] == pytest.approx([v for v, _ in ref], rel=1e-6)
+    assert [a[0][0] for a in plain] == pytest.approx([v for v, _ in ref], rel=1e-6)
+    # with interventions (the replays), locally and under remote="local"
+    site = nslens.resolve_site(model, -2)
+    mask = nslens.RangeMask(torch.arange(8), -torch.ones(8), torch.ones(8), torch.zeros(8), torch.ones(8) * .4,
+                            {"tau": 2.5, **site.describe()})
+    ivs = [None, nslens.Intervention(mask, nslens.zero(), gated=False), nslens.Intervention(mask, nslens.dampen(.5))]
+    a = LoglikSweep(model, site, ivs, per_pass=2).answer(ids, rows, torch.float32)
+    b = LoglikSweep(model, site, ivs, per_pass=2, chunked_head=False).answer(ids, rows, torch.float32)
+    c = LoglikSweep(model, site, ivs, per_pass=2, remote="local").answer(ids, rows, torch.float32)
+    assert a == c and [x[1] for r in a for x in r] == [x[1] for r in b for x in r]
+    assert [x[0] for r in a for x in r] == pytest.approx([x[0] for r in b for x in r], rel=1e-6)
+    assert len({x[0] for x in a[2]}) == 3  # the interventions change the answer
+
+
+def test_chunked_head_only_where_the_logits_are_the_heads(embedded):
+    from nslens import loglik
+
+    model = _random_model("llama", embedded.tokenizer, 4096)
+    model.config.logits_scaling = 0.5  # Granite-style: the model divides its logits; the readout would not
+    assert loglik.ChunkedHead.of(model) is None and LoglikSweep(model, None, [None]).head is None
+    # a small vocabulary's logits stay below the chunk: the model's own head runs (bit-for-bit HFLM)
+    small = LoglikSweep(embedded, None, [None])
+    assert small.head is not None and 8 * 512 * small.vocab_size * 4 <= loglik.HEAD_CHUNK_BYTES

@@ -212,9 +212,17 @@ def test_general_mean(wire, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_side_effects_with_server_side_loglikelihoods(wire, masks, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 5], ids=["model-head", "chunked-head"])
+def test_side_effects_with_server_side_loglikelihoods(wire, masks, tmp_path, monkeypatch, chunk):
+    """lm-eval log-likelihoods reduced on the server; with ``chunk`` the head runs inside the readout, that many
+    positions at a time (``nslens.loglik.ChunkedHead``: the module's input, skip and weight over the wire)."""
     pytest.importorskip("lm_eval")
+    from nslens import loglik
     from nslens.harness import local_tasks_dir, side_effects
+
+    if chunk:
+        monkeypatch.setattr(loglik, "HEAD_CHUNK_BYTES", chunk * wire[0].config.vocab_size * 4)
+        monkeypatch.setattr(loglik, "DEVICE_HEAD_CHUNK_BYTES", chunk * wire[0].config.vocab_size * 4)
 
     inc = local_tasks_dir(tmp_path / "t", n_mc=8, n_ppl=3)
     mask = masks[1][0]
