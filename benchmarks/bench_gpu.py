@@ -1,6 +1,7 @@
 """GPU figures in one run: the record, erasure-table and side-effect-table ratios with their absolute times, the peak
 GPU memory of each, and nf4 through bitsandbytes, on a random Llama-3.2-3B-shaped model (28 layers, d_model 3072,
-vocabulary 128,256) in bf16. Sized to end within 8 minutes on one H100/H200-class GPU.
+vocabulary 128,256) in bf16. Meant to end within 8 minutes on one H100/H200-class GPU: no part starts after
+``--budget-s`` (420 s). It has not yet run on a GPU; the CPU smoke run below checks that it runs.
 
     python benchmarks/bench_gpu.py --out gpu.json                    # on a CUDA machine
     python benchmarks/bench_gpu.py --quick --device cpu --out q.json # smoke run anywhere (tiny model, float32)
