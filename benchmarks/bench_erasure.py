@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUICK, SHAPES, best_of, n_params, random_llama  # noqa: E402
+from common import QUICK, SHAPES, bench_prompts, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.erasure import erasure_table  # noqa: E402
-from nslens.synthetic import build_tokenizer, synthetic_text  # noqa: E402
+from nslens.synthetic import build_tokenizer  # noqa: E402
 
 BATCH = 16
 #: (concepts, where: "penultimate" or "middle", where the edit applies: "all" or "last" positions, goal on the
@@ -55,14 +55,6 @@ def plain_forward(hf, tok, prompts: list[str]) -> None:
         for i in range(0, len(prompts), BATCH):
             enc = tok(prompts[i:i + BATCH], return_tensors="pt", padding=True).to(hf.device)
             hf(**enc, logits_to_keep=1)
-
-
-def bench_prompts(n: int) -> list[str]:
-    """``n`` synthetic prompts over 4 topics (about 26 tokens each), seeded."""
-    import random
-
-    rng = random.Random(0)
-    return [f"Text: {synthetic_text(i % 4, rng)} {synthetic_text(i % 4, rng)}\nLabel:" for i in range(n)]
 
 
 def table_gap(a, b) -> float:

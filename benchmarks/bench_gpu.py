@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 import bench_erasure  # noqa: E402
 import bench_record  # noqa: E402
 import bench_side_effects  # noqa: E402
-from common import LLAMA_3B, QUICK, n_params, random_llama, sync  # noqa: E402
+from common import LLAMA_3B, QUICK, bench_prompts, n_params, random_llama, sync  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.synthetic import build_tokenizer  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bench_gpu: random Llama ({data['shape']}), {data['parameters'] / 1e9:.2f}B parameters, {args.dtype} on "
           f"{data['device']}; built in {data['build_s']:.1f} s", flush=True)
     write(args.out, data)
-    prompts = bench_erasure.bench_prompts(16 if args.quick else 64)
+    prompts = bench_prompts(16 if args.quick else 64)
     runs = {
         "record": lambda: bench_record.measure(model, hf, args.record_samples, args.repeats),
         "erasure": lambda: bench_erasure.measure(model, hf, tok, prompts, args.repeats, naive=True, judged="(GPU)"),

@@ -11,7 +11,6 @@ LM head that the plain forward computes.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -19,18 +18,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUICK, SHAPES, best_of, n_params, random_llama  # noqa: E402
+from common import QUICK, SHAPES, bench_prompts, best_of, n_params, random_llama  # noqa: E402
 
 import nslens  # noqa: E402
 from nslens.record import batches, tokenize  # noqa: E402
-from nslens.synthetic import build_tokenizer, synthetic_text  # noqa: E402
+from nslens.synthetic import build_tokenizer  # noqa: E402
 
 
 def measure(model, hf, n: int, repeats: int) -> dict[str, float]:
     """Samples per second of a plain forward and of ``record`` at the penultimate block (printed and returned)."""
     site = nslens.resolve_site(model, -2)
-    rng = random.Random(0)
-    prompts = [f"Text: {synthetic_text(i % 4, rng)} {synthetic_text(i % 4, rng)}\nLabel:" for i in range(n)]
+    prompts = bench_prompts(n)
     labels = np.arange(n) % 4
     encs = [{k: v.to(hf.device) for k, v in tokenize(model, prompts[sl]).items()} for sl in batches(n, 16)]
 

@@ -43,6 +43,16 @@ LLAMA_3B = {"hidden": 3072, "intermediate": 8192, "layers": 28, "heads": 24, "kv
 SHAPES = {"default": DEFAULT, "real": REAL, "3b": LLAMA_3B}
 
 
+def bench_prompts(n: int) -> list[str]:
+    """``n`` synthetic prompts over 4 topics (about 26 tokens each), seeded: the record and erasure benchmarks'."""
+    import random
+
+    from nslens.synthetic import synthetic_text
+
+    rng = random.Random(0)
+    return [f"Text: {synthetic_text(i % 4, rng)} {synthetic_text(i % 4, rng)}\nLabel:" for i in range(n)]
+
+
 def sync() -> None:
     """Wait for queued GPU work (CUDA runs asynchronously: a timer read without this measures the launch only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -76,7 +76,6 @@ def keep_cuda(wheel: Path, cuda: str) -> Path:
     """Rewrite a bitsandbytes wheel with one CUDA library (``libbitsandbytes_cuda<cuda>.so``) and no ROCm or XPU
     ones; its RECORD is rewritten to match. Returns the path (same name, so pip takes it as the same wheel)."""
     tmp = wheel.with_suffix(".tmp")
-    drop = []
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
         names = src.namelist()
         gone = {n for n in names if "/libbitsandbytes_" in n and n.endswith(".so")
@@ -86,7 +85,6 @@ def keep_cuda(wheel: Path, cuda: str) -> Path:
                              + ", ".join(sorted(n.rsplit("cuda", 1)[1][:-3] for n in names if "_cuda" in n)))
         for info in src.infolist():
             if info.filename in gone:
-                drop.append(info.filename)
                 continue
             data = src.read(info.filename)
             if info.filename.endswith(".dist-info/RECORD"):

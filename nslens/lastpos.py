@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .models import Site, get_family
+from .models import Site, get_family, submodule
 from .registry import Registry
 
 __all__ = ["LAYER_KINDS", "LastPositions", "LayerKind", "RopePreNormLayer", "UpperLayers", "last_positions",
@@ -69,13 +69,6 @@ class LayerKind:
         raise NotImplementedError
 
 
-def _part(model: Any, path: str) -> Any:
-    obj = model
-    for piece in path.split("."):
-        obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
-    return obj
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -110,7 +103,7 @@ class RopePreNormLayer(LayerKind):
         windowed = window is not None and (types is None or types[layer] == "sliding_attention")
         if windowed and seq > window:
             return None  # a query sees only its window: not written out here
-        module = _part(model, path)
+        module = submodule(model, path)
         module = getattr(module, "_module", module)  # the torch module behind an nnsight Envoy
         attn = getattr(module, "self_attn", None)
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) or not all(
@@ -221,7 +214,7 @@ class LastPositions:
         """Inside a trace, before the last layer runs: compute its kept positions from its inputs (read here, or
         ``inputs`` = (hidden states, keyword arguments) already read from it) and skip it. Returns its keys and
         values at every position."""
-        layer = _part(model, self.path)
+        layer = submodule(model, self.path)
         if inputs is None:
             args, kwargs = layer.inputs
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -276,7 +269,7 @@ class UpperLayers:
         ``last_layer`` the last layer runs at the kept positions only (``LastPositions.apply``), and its keys and
         values come from there."""
         impl = LAYER_KINDS.get(self.kind)
-        args, kwargs = _part(model, self.paths[0]).inputs
+        args, kwargs = submodule(model, self.paths[0]).inputs
         hidden = args[0] if args else kwargs["hidden_states"]
         cos, sin = kwargs["position_embeddings"]
         last = {"position_embeddings": (cos[:, -1:], sin[:, -1:]),
@@ -286,7 +279,7 @@ class UpperLayers:
             if last_layer is not None and path == last_layer.path:  # the first layer's inputs are read once
                 k, v = last_layer.apply(model, (hidden, kwargs) if path == self.paths[0] else None)
             else:
-                k, v = impl.keys_values(_part(model, path), kwargs, settings)
+                k, v = impl.keys_values(submodule(model, path), kwargs, settings)
             past.append((k[:, :, :-1], v[:, :, :-1]))
         return {"last": last, "past": past}
 
@@ -298,7 +291,7 @@ class UpperLayers:
         kwargs = {"position_embeddings": (_tile(cos, tiles), _tile(sin, tiles)),
                   "attention_mask": state["last"]["attention_mask"]}
         for path, settings, past in zip(self.paths, self.settings, state["past"]):
-            x = impl.step(_part(model, path), x, past, kwargs, settings, tiles)
+            x = impl.step(submodule(model, path), x, past, kwargs, settings, tiles)
         return x
 
 

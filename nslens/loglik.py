@@ -27,7 +27,7 @@ import torch
 
 from .errors import NsLensError
 from .intervene import apply_in_trace
-from .models import Site, get_family, model_family
+from .models import Site, get_family, model_family, submodule
 from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch, returned_bytes
 
@@ -153,9 +153,7 @@ def _chunked_head(model: Any, head: ChunkedHead, rows: torch.Tensor, pos: torch.
                   tiles: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Inside a trace: ``_reduce`` of every tile from the head's input, the head computed for ``per`` needed
     positions at a time; each chunk's tokens are gathered from it (in ``lp_idx`` order, then put back)."""
-    module = model
-    for piece in head.path.split("."):
-        module = getattr(module, piece)
+    module = submodule(model, head.path)
     hidden = module.input  # [tiles * rows, kept positions, d_model]: what the model's head would multiply
     module.skip(hidden[..., :1])  # the model's own product never runs: nothing reads model.output.logits
     weight, bias = module.weight, module.bias

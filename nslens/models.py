@@ -40,12 +40,22 @@ __all__ = [
     "read_site",
     "resolve_site",
     "site_module",
+    "submodule",
     "tokenizer_fingerprint",
     "write_site",
 ]
 
 logger = logging.getLogger(__name__)
 
+
+
+def submodule(model: Any, path: str) -> Any:
+    """The submodule at dotted ``path`` (integers index lists) of ``model``: an nnsight Envoy inside a trace, or
+    the Hugging Face module itself."""
+    obj = model
+    for piece in path.split("."):
+        obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -77,12 +87,8 @@ class ModelFamily:
     layer_kind: str | None = None
 
     def part(self, model: Any, path: str) -> Any:
-        """The submodule at dotted ``path`` (integers index lists) of ``model``: an nnsight Envoy inside a trace,
-        or the Hugging Face module itself."""
-        obj = model
-        for piece in path.split("."):
-            obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
-        return obj
+        """The submodule at dotted ``path`` of ``model`` (``submodule``)."""
+        return submodule(model, path)
 
     def layer_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -254,10 +260,7 @@ def resolve_site(model: Any, layer: int = -1) -> Site:
 
 def site_module(model: Any, site: Site) -> Any:
     """The nnsight Envoy of the site's decoder layer."""
-    obj = model
-    for part in site.path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
+    return submodule(model, site.path)
 
 
 def family_of(site: Site) -> ModelFamily:
