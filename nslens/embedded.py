@@ -22,7 +22,6 @@ seed whose model is above the floors).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ import numpy as np
 
 from .concepts import FewShotPrompter
 from .errors import NsLensError
-from .files import nslens_home
+from .files import file_lock, nslens_home
 from .nexttoken import next_token_dataset, target_token_ids
 from .synthetic import (
     EMBEDDED_VERSION,
@@ -114,11 +113,11 @@ def build_embedded_model(
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if (out / "config.json").exists():  # built by another process while this one waited
             return out
         if progress is None:
-            logger.warning("training the embedded model (once, about 80 s on 2 cores; cached in %s)", out)
+            logger.warning("training the embedded model (once, 1-3 minutes on 2 cores; cached in %s)", out)
 
             def progress(done: int, total: int) -> None:
                 if done % max(1, total // 10) == 0 or done == total:
@@ -130,18 +129,6 @@ def build_embedded_model(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl  # POSIX only
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _train_in_child(tmp: Path, steps: int, seed: int, check: bool, progress: Callable[[int, int], None]) -> None:

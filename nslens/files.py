@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "nslens_home", "slug", "write_text"]
+__all__ = ["atomic_path", "file_lock", "nslens_home", "slug", "write_text"]
 
 
 def slug(name: str) -> str:
@@ -45,6 +45,22 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``, POSIX) on ``path`` held for the block: processes building the same
+    cache (the embedded model, a GGUF conversion) wait here, and the one that waited finds the finished build."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_text(path: str | Path, text: str) -> Path:

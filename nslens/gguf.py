@@ -38,7 +38,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .errors import NsLensError
-from .files import nslens_home
+from .files import file_lock, nslens_home
 
 __all__ = [
     "GGUF_ALIASES",
@@ -244,20 +244,6 @@ def gguf_cache_dir(path: str | Path, root: str | Path | None = None) -> Path:
     return base / f"{file_sha256(path)[:16]}-v{CACHE_VERSION}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (``flock``) held for the block: other processes wait on the same file."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def gguf_checkpoint(path: str | Path, *, root: str | Path | None = None,
                     families: Collection[str] | None = None) -> Path:
     """The cached checkpoint folder of the GGUF file ``path``, converting it first if needed (once, under a file
@@ -268,7 +254,7 @@ def gguf_checkpoint(path: str | Path, *, root: str | Path | None = None,
     if (out / "nslens_gguf.json").exists():
         return out
     info = read_gguf_info(path, families)  # fail on a cut file or an unreadable architecture before the lock and the work
-    with _file_lock(out.parent / f".{out.name}.lock"):
+    with file_lock(out.parent / f".{out.name}.lock"):
         if (out / "nslens_gguf.json").exists():  # converted by another process while this one waited
             return out
         _convert(info, out)

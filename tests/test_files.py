@@ -1,11 +1,14 @@
-"""Atomic artifact writes: all or nothing, with the permissions an ordinary open() would give."""
+"""Atomic artifact writes: all or nothing, with the permissions an ordinary open() would give; the build lock."""
 
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from nslens.files import atomic_path, write_text
+from nslens.files import atomic_path, file_lock, write_text
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -27,3 +30,18 @@ def test_a_failed_write_leaves_nothing(tmp_path):
                 f.write("half")
             raise RuntimeError("interrupted")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_file_lock_makes_another_process_wait(tmp_path):
+    """While this process holds the lock, another one blocks on it and gets it only after the release (the lock's
+    folder is created on the way)."""
+    lock = tmp_path / "sub" / ".build.lock"
+    code = ("import time; from nslens.files import file_lock; print('waiting', flush=True)\n"
+            f"with file_lock({str(lock)!r}):\n    print(time.monotonic(), flush=True)")
+    with file_lock(lock):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "waiting"
+        time.sleep(1.0)  # the child is at the lock by now, or soon after: either way it must wait for the release
+        released = time.monotonic()
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and float(out) >= released

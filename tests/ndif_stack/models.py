@@ -12,8 +12,6 @@ the same string, in the remote key, is what the server loads. Prints one JSON li
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -46,23 +44,14 @@ def embedded_checkpoint() -> Path:
     return Path(build_embedded_model()).resolve()
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def random_llama_checkpoint(models_dir: Path, tokenizer_dir: Path) -> Path:
     """Write the random Llama (once; a file lock serialises concurrent writers, the directory appears whole)."""
     out = (models_dir / RANDOM_LLAMA["name"]).resolve()
     if (out / "config.json").exists():
         return out
-    with _lock(models_dir / f".{RANDOM_LLAMA['name']}.lock"):
+    from nslens.files import file_lock
+
+    with file_lock(models_dir / f".{RANDOM_LLAMA['name']}.lock"):
         if (out / "config.json").exists():
             return out
         import torch
