@@ -3,14 +3,11 @@ package's LeaceEraser in a plain torch forward hook (and leaves the model bit-fo
 erasure and side-effect tables against plain-hook references, the run config and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import encode, plain_forward
+from conftest import encode, plain_forward, run_cli
 
 import nslens
 from nslens.erasure import concept_metrics, erasure_table, predict
@@ -199,25 +196,19 @@ def test_run_with_leace_operator_and_steering(embedded, tmp_path, monkeypatch):
     assert "### `leace` (leace)" in (run / "report.md").read_text()
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "nslens.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
-
-
 def test_cli_erase_with_leace_and_a_one_line_error(embedded, tmp_path):
-    r = _cli("record", "--out", "s.safetensors", "--layer", "2", "--n-per-class", "24", cwd=tmp_path)
+    r = run_cli("record", "--out", "s.safetensors", "--layer", "2", "--n-per-class", "24", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = _cli("ranges", "s.safetensors", "--out", "r", "--fraction", "1.0", cwd=tmp_path)
+    r = run_cli("ranges", "s.safetensors", "--out", "r", "--fraction", "1.0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = _cli("erase", "--ranges", "r", "--layer", "2", "--n-per-class", "24", "--operator", "leace", "--out",
-             "t.md", cwd=tmp_path)
+    r = run_cli("erase", "--ranges", "r", "--layer", "2", "--n-per-class", "24", "--operator", "leace", "--out",
+                "t.md", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     tab = json.loads((tmp_path / "t.json").read_text())
     assert tab["operator"] == "leace" and len(tab["concepts"]) == 4
     assert "Concept erasure (operator: leace)" in r.stdout
     (tmp_path / "bad.toml").write_text('operators = ["leace"]\nsae_path = "params.npz"\n')
-    r = _cli("run", "bad.toml", "--out", "run", cwd=tmp_path)
+    r = run_cli("run", "bad.toml", "--out", "run", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: LEACE is fitted on the site's neurons, not SAE features; run it without an SAE"]
