@@ -98,6 +98,7 @@ def test_server_down_then_exhausted_retries_then_resume_bit_identical(ndif_stack
     with pytest.raises(ValueError, match=r"cannot reach NDIF at http://127\.0\.0\.1:\d+ \(Connect"):
         nslens.load_model(ndif_stack.models[0], remote=True)
     ndif_stack.start_api()
+    ndif_stack.wait_serving()  # the controller has its deployments again (as api_restored waits for)
     monkeypatch.setenv("NSLENS_REMOTE_STALL", "4")
     polled = []
     rec_mod = sys.modules["nslens.record"]  # the module (nslens.record is the function)

@@ -195,6 +195,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def redis_command(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
+    """One Redis command in the protocol's own framing (the test process has no Redis client); returns the reply's
+    first line, e.g. ``b":1"`` for a DEL that removed one key."""
+    parts = [a.encode() for a in args]
+    msg = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(msg)
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    if reply.startswith(b"-"):
+        raise OSError(f"Redis refused {args[0]}: {reply.decode(errors='replace').strip()}")
+    return reply.strip()
+
+
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -372,6 +372,10 @@ class Stack:
         svc = self.state["services"]["api"]
         if procs.alive(svc["pid"], svc["start"]):
             raise StackError("the API is still running; kill_api() first")
+        # A killed API leaves its dispatcher's "ray:connected" flag in Redis. The new dispatcher deletes it only
+        # when it starts connecting to Ray, seconds after gunicorn listens, so until then /connected would answer
+        # 200 from the dead one's flag and a request sent on that answer gets 503 "reconnecting" for ~10 s.
+        procs.redis_command(self.state["ports"]["redis"], "DEL", "ray:connected")
         self._spawn("api", svc["cmd"], self.state["env"], cwd=Path(svc["cwd"]))
         if wait:
             self.wait_api(timeout)
