@@ -73,7 +73,8 @@ class RealModelConfig:
     seed: int = 0
 
 
-SMOKE = RealModelConfig(topics_per_class=6, topics_only_correct=False, k_shot=1, max_words=8, next_per_class=8, next_max_words=12,
+SMOKE = RealModelConfig(topics="fortunes:computers,food,love,kids", topics_per_class=6, topics_only_correct=False,
+                        k_shot=1, max_words=8, next_per_class=8, next_max_words=12,
                         rankings=["probeless"], steering=["steer"], sweep_layers=[28], ppl_docs=1, ppl_max_tokens=48,
                         neg_prompts=1, neg_neurons=4, neg_layers=[29], ig_steps=2, quantize=["nf4"])
 
