@@ -39,6 +39,7 @@ bench: venv
 bench-quick: venv
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 	$(PY) benchmarks/bench_gpu.py --quick --device cpu --out $(NSLENS_HOME)/bench_gpu_quick.json
+	$(PY) benchmarks/bench_side_effects.py --quick --profile=-2,4
 
 # On a GPU machine (not part of `make bench`): every benchmark on Llama-3.2-3B's shape in bf16, figures in a JSON file
 bench-gpu: venv

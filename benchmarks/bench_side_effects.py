@@ -9,6 +9,7 @@ from the trace(s) vs the full-logits path for a 128,256-token vocabulary (Llama 
     python benchmarks/bench_side_effects.py           # ~50M-parameter random Llama on CPU
     python benchmarks/bench_side_effects.py --quick   # CI smoke (tiny model; the ratios are not meaningful)
     python benchmarks/bench_side_effects.py --shape real   # SmolLM2-135M's shape
+    python benchmarks/bench_side_effects.py --shape real --profile=-2,14 --limit 10   # where one table's time goes
 
 On a GPU, benchmarks/bench_gpu.py runs this on Llama-3.2-3B's shape in bf16.
 """
@@ -111,6 +112,55 @@ def measure(model, hf, tok, *, device: str, limit: int, repeats: int, batch_size
     return results
 
 
+#: what a profiled table's time is spent on: (name, the function, the callers it counts under, or None for all)
+PARTS = (("the LM head's matrix product (chunked head)", "{built-in method torch._C._nn.linear}", "logits"),
+         ("nn.Linear's matrix products (layers; a model head)", "{built-in method torch._C._nn.linear}", "forward"),
+         ("attention (scaled_dot_product_attention)", "{built-in method torch._C._nn.scaled_dot_product_attention}",
+          None),
+         ("log-softmax over the vocabulary", "{built-in method torch.log_softmax}", None),
+         ("argmax over the vocabulary (lm-eval's is-greedy)", "{method 'argmax' of 'torch._C.TensorBase' objects}",
+          None))
+
+
+def profile_table(model, layer: int, c: int, *, limit: int, batch_size: int) -> dict[str, float]:
+    """One side-effect table (the site ``layer``, ``c`` concepts) under cProfile: the seconds of each of ``PARTS``
+    (the functions' own time; the matrix products split by caller: the chunked head's ``logits`` or a layer's
+    ``nn.Linear.forward``) and of everything else (Python, the traces, tokenising, lm-eval), printed."""
+    import cProfile
+    import pstats
+    import time
+
+    site = nslens.resolve_site(model, layer)
+    masks = masks_at(site, c)
+    inc = local_tasks_dir()
+
+    def run():
+        return side_effect_table(model, site, masks, nslens.zero(), tasks=TASKS, include_path=inc, limit=limit,
+                                 batch_size=batch_size)
+
+    run()  # warm-up
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(run)
+    total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, own time, cumulative, callers)}
+    by_name = {pstats.func_std_string(k): v for k, v in stats.items()}
+    parts = {}
+    for name, func, caller in PARTS:
+        entry = by_name.get(func)
+        if entry is None:
+            parts[name] = 0.0
+        elif caller is None:
+            parts[name] = entry[2]
+        else:  # callers: {(file, line, name): (calls, primitive calls, own time, cumulative)}
+            parts[name] = sum(v[2] for k, v in entry[4].items() if k[2] == caller)
+    parts["everything else"] = total - sum(parts.values())
+    print(f"layer {site.layer} of {site.n_layers}, C = {c}, limit {limit}: one table under the profiler {total:.1f} s")
+    for name, t in parts.items():
+        print(f"  {name:50s} {t:7.1f} s  {100 * t / total:5.1f} %")
+    return {"total_s": total, **parts}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -125,14 +175,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--profile", metavar="LAYER,C", default=None,
+                    help="instead of the ratios: where one table's time goes (e.g. --profile=-2,14: second-to-last block, "
+                         "14 concepts)")
     args = ap.parse_args(argv)
+    profile = None
+    if args.profile is not None:
+        try:
+            layer, c = (int(x) for x in args.profile.split(","))
+        except ValueError:
+            ap.error(f"--profile: expected LAYER,C (two integers, e.g. -2,14), got {args.profile!r}")
+        profile = (layer, c)
     logging.disable(logging.WARNING)
     tok = build_tokenizer()
     size = QUICK if args.quick else SHAPES["real"] if args.shape else {
         "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads}
     hf = random_llama(tok, **size, device=args.device, dtype=getattr(torch, args.dtype))
     model = nslens.load_model(hf, tokenizer=tok)
-    return measure(model, hf, tok, device=args.device, limit=args.limit or (8 if args.quick else 40),
+    limit = args.limit or (8 if args.quick else 40)
+    if profile is not None:
+        return profile_table(model, *profile, limit=limit, batch_size=args.batch_size)
+    return measure(model, hf, tok, device=args.device, limit=limit,
                    repeats=args.repeats or (1 if args.quick else 2), batch_size=args.batch_size)
 
 
