@@ -71,6 +71,7 @@ def _lm_class() -> type:
             self.site, self.interventions, self.remote = sweep.site, sweep.interventions[index], sweep.remote
             self.progress: Callable[[int, int], None] | None = None  # (requests answered, requests expected)
             self._done = self._expected = 0
+            self._rolling = False  # inside loglikelihood_rolling: the windows' is-greedy flags are discarded
 
         def _expect(self, n: int) -> None:
             self._expected += n
@@ -128,13 +129,18 @@ def _lm_class() -> type:
                 self._expect(sum(sum(1 for _ in get_rolling_token_windows(
                     token_list=self.tok_encode(r.args[0]), prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1)) for r in requests))
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            self._rolling = True  # HFLM sums the windows' log-likelihoods and discards their is-greedy flags
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            finally:
+                self._rolling = False
 
         def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                                   override_bs: int | None = None) -> list[tuple[float, bool]]:
             keys = [(tuple(r[1]), tuple(r[2])) for r in requests]
             known = self.sweep.answers
-            if all(k in known for k in keys):
+            greedy = not self._rolling  # a perplexity window's flag is never read: no argmax over the vocabulary
+            if all(k in known and (not greedy or known[k][0][1] is not None) for k in keys):
                 return [known[k][self.index] for k in keys]
 
             # ordering, one-token-continuation grouping and batching exactly as HFLM._loglikelihood_tokens
@@ -163,11 +169,12 @@ def _lm_class() -> type:
                     inps.append(inp)
                     rows.append((len(inp), len(cont), members))
                 batched = pad_and_concat(max(len(x) for x in inps), inps, padding_side="right")
-                res.extend(self.sweep.answer(batched, rows, self.softmax_dtype))
+                res.extend(self.sweep.answer(batched, rows, self.softmax_dtype, greedy))
                 self._advance(sum(len(r[2]) for r in rows))
             ordered = re_ord.get_original(res)
             for k, a in zip(keys, ordered):
-                known[k] = a
+                if greedy or k not in known:  # never replace an answer that has its flags by one without
+                    known[k] = a
             return [a[self.index] for a in ordered]
 
     try:

@@ -3,7 +3,8 @@
 lm-eval's ``HFLM`` asks the model for the full logits ``[batch, seq, vocab]`` and reduces them on its side: a
 float32 log-softmax, the continuation tokens' log-probabilities summed, and an is-greedy flag. On NDIF the logits
 would have to cross the network (about 1 GB per batch of 8 x 512 tokens with Llama-3's 128,256-token vocabulary).
-Here the same reduction runs *inside the trace* (``loglik_readout``), so a batch returns two numbers per request.
+Here the same reduction runs *inside the trace* (``loglik_readout``), so a batch returns two numbers per request
+(one for a perplexity window: lm-eval discards its is-greedy flag, so it is not computed).
 
 ``LoglikSweep`` answers each batch of requests for a list of interventions at once: the clean pass computes the
 layers up to the site, and every intervention replays only the layers above it (``nslens.replay``). The answers
@@ -41,8 +42,9 @@ DEVICE_HEAD_CHUNK_BYTES = 512 << 20
 
 #: one row of an lm-eval batch: (input length, the row's continuation length, every request's continuation tokens)
 RowSpec = tuple[int, int, list[list[int]]]
-#: (sum of the continuation's log-probabilities, whether every continuation token is the greedy one)
-Answer = tuple[float, bool]
+#: (sum of the continuation's log-probabilities, whether every continuation token is the greedy one; None where the
+#: request did not ask: a perplexity window, whose flag lm-eval's ``loglikelihood_rolling`` discards)
+Answer = tuple[float, bool | None]
 
 
 @dataclass
@@ -62,9 +64,10 @@ class LoglikPlan:
     spans: torch.Tensor  # [R, 2] each request's slice of M
     n_rows: int
     first_pos: int  # the first position any request needs (the replays compute logits from there on)
+    greedy: bool = True  # compute the is-greedy flags (an argmax over the vocabulary at every needed position)
 
     @classmethod
-    def build(cls, rows: Sequence[RowSpec]) -> LoglikPlan:
+    def build(cls, rows: Sequence[RowSpec], greedy: bool = True) -> LoglikPlan:
         r_idx, p_idx, lp_idx, g_idx, toks, spans = [], [], [], [], [], []
         for r, (inplen, contlen, members) in enumerate(rows):
             base = len(r_idx)
@@ -80,14 +83,15 @@ class LoglikPlan:
                 toks += cont
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return cls(t(r_idx), t(p_idx), t(lp_idx), t(g_idx), t(toks), t(spans).reshape(-1, 2), len(rows),
-                   min(p_idx) if p_idx else 0)
+                   min(p_idx) if p_idx else 0, greedy)
 
     @property
     def n_requests(self) -> int:
         return int(self.spans.shape[0])
 
     def args(self, dtype: torch.dtype | None, head: ChunkedHead | None = None) -> tuple:
-        return (self.rows, self.pos, self.lp_idx, self.greedy_idx, self.tokens, self.spans, self.n_rows, dtype, head)
+        return (self.rows, self.pos, self.lp_idx, self.greedy_idx, self.tokens, self.spans, self.n_rows, dtype, head,
+                self.greedy)
 
 
 @dataclass(frozen=True)
@@ -117,40 +121,48 @@ class ChunkedHead:
 
 def loglik_readout(model: Any, rows: torch.Tensor, pos: torch.Tensor, lp_idx: torch.Tensor,
                    greedy_idx: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, n_rows: int,
-                   dtype: torch.dtype | None, head: ChunkedHead | None = None, tiles: int = 1,
-                   offset: int = 0) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | None, head: ChunkedHead | None = None, greedy: bool = True,
+                   tiles: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
     """Inside a trace: every request's continuation log-likelihood and is-greedy flag (``[tiles * R]`` each).
 
     The same arithmetic as HFLM: log-softmax over the vocabulary in ``dtype`` (HFLM's ``softmax_dtype``), the
     continuation tokens' log-probs gathered and summed per request, greedy = argmax equals the token everywhere.
     Only the needed positions are normalised; ``offset`` is the first position whose logits the pass computed.
-    With ``head`` the model's head is skipped and its logits are computed here, a chunk of positions at a time."""
+    With ``head`` the model's head is skipped and its logits are computed here, a chunk of positions at a time.
+    Without ``greedy`` no argmax runs and only ``"ll"`` comes back (perplexity windows score every position, and
+    the argmax over the vocabulary there is about 5 % of a side-effect table at a 49,152-token vocabulary)."""
     if head is None:
         logits = model.output.logits
         dev = logits.device
         rows, pos, lp_idx, greedy_idx, tokens = (x.to(dev) for x in (rows, pos, lp_idx, greedy_idx, tokens))
         reduced = [_reduce(torch.log_softmax(logits[rows + j * n_rows, pos - offset], dim=-1, dtype=dtype),
-                           lp_idx, greedy_idx, tokens) for j in range(tiles)]
+                           lp_idx, greedy_idx, tokens, greedy) for j in range(tiles)]
     else:
-        reduced = _chunked_head(model, head, rows, pos, lp_idx, greedy_idx, tokens, n_rows, dtype, tiles, offset)
+        reduced = _chunked_head(model, head, rows, pos, lp_idx, greedy_idx, tokens, n_rows, dtype, tiles, offset,
+                                greedy)
     bounds = spans.tolist()
-    ll, greedy = [], []
+    ll, hits = [], []
     for tok_lp, hit in reduced:
         for s, e in bounds:
             ll.append(tok_lp[s:e].sum())
-            greedy.append(hit[s:e].all())
-    return {"ll": torch.stack(ll).cpu(), "greedy": torch.stack(greedy).cpu()}
+            if greedy:
+                hits.append(hit[s:e].all())
+    out = {"ll": torch.stack(ll).cpu()}
+    if greedy:
+        out["greedy"] = torch.stack(hits).cpu()
+    return out
 
 
-def _reduce(lp: torch.Tensor, lp_idx: torch.Tensor, greedy_idx: torch.Tensor,
-            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per continuation token: its log-prob and whether it is the argmax, from the needed positions' log-softmax."""
-    return lp[lp_idx, tokens], lp.argmax(-1)[greedy_idx] == tokens
+def _reduce(lp: torch.Tensor, lp_idx: torch.Tensor, greedy_idx: torch.Tensor, tokens: torch.Tensor,
+            greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per continuation token: its log-prob and (with ``greedy``) whether it is the argmax, from the needed
+    positions' log-softmax."""
+    return lp[lp_idx, tokens], lp.argmax(-1)[greedy_idx] == tokens if greedy else None
 
 
 def _chunked_head(model: Any, head: ChunkedHead, rows: torch.Tensor, pos: torch.Tensor, lp_idx: torch.Tensor,
                   greedy_idx: torch.Tensor, tokens: torch.Tensor, n_rows: int, dtype: torch.dtype | None,
-                  tiles: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  tiles: int, offset: int, greedy: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Inside a trace: ``_reduce`` of every tile from the head's input, the head computed for ``per`` needed
     positions at a time; each chunk's tokens are gathered from it (in ``lp_idx`` order, then put back)."""
     module = submodule(model, head.path)
@@ -170,12 +182,13 @@ def _chunked_head(model: Any, head: ChunkedHead, rows: torch.Tensor, pos: torch.
         picked, argmax = [], []
         for k, s in enumerate(range(0, n, per)):
             lp = torch.log_softmax(head.logits(h[s:s + per], weight, bias), dim=-1, dtype=dtype)
-            argmax.append(lp.argmax(-1))
+            if greedy:
+                argmax.append(lp.argmax(-1))
             idx = order[cuts[k]:cuts[k + 1]]
             picked.append(lp[lp_idx[idx] - s, tokens[idx]])
         tok_lp = torch.empty(int(lp_idx.shape[0]), dtype=picked[0].dtype, device=dev)
         tok_lp[order] = torch.cat(picked)
-        out.append((tok_lp, torch.cat(argmax)[greedy_idx] == tokens))
+        out.append((tok_lp, torch.cat(argmax)[greedy_idx] == tokens if greedy else None))
     return out
 
 
@@ -223,11 +236,12 @@ class LoglikSweep:
         one = rows * positions * max(self.vocab_size, 1) * 4
         return max(1, min(self.per_pass, self.max_logits_bytes // max(one, 1)))
 
-    def answer(self, input_ids: torch.Tensor, rows: Sequence[RowSpec],
-               dtype: torch.dtype | None) -> list[list[Answer]]:
+    def answer(self, input_ids: torch.Tensor, rows: Sequence[RowSpec], dtype: torch.dtype | None,
+               greedy: bool = True) -> list[list[Answer]]:
         """One right-padded batch: per request (row order, then each row's requests), its answer under every
-        intervention. One trace locally per pass; remotely one session (request) per batch, with retries."""
-        plan = LoglikPlan.build(rows)
+        intervention. One trace locally per pass; remotely one session (request) per batch, with retries. Without
+        ``greedy`` the flags are not computed and read None."""
+        plan = LoglikPlan.build(rows, greedy)
         keep = int(input_ids.shape[1]) - plan.first_pos
         head = self.head if int(plan.rows.shape[0]) * self.vocab_size * 4 > HEAD_CHUNK_BYTES else None
         # the chunked head never holds a pass's logits: only the model's own head needs the logits bound
@@ -246,8 +260,9 @@ class LoglikSweep:
             for t, (i, _) in enumerate(chunk):
                 per_iv[i] = {k: v[t * n:(t + 1) * n] for k, v in o.items()}
         lls = [p["ll"].tolist() for p in per_iv]
-        greedy = [p["greedy"].tolist() for p in per_iv]
-        return [[(lls[i][r], bool(greedy[i][r])) for i in range(len(self.interventions))] for r in range(n)]
+        hits = [p["greedy"].tolist() if greedy else [None] * n for p in per_iv]
+        return [[(lls[i][r], None if hits[i][r] is None else bool(hits[i][r])) for i in range(len(self.interventions))]
+                for r in range(n)]
 
     def _run(self, input_ids: torch.Tensor, plan: LoglikPlan, dtype: torch.dtype | None, chunks: list,
              keep: int, head: ChunkedHead | None) -> tuple[Any, list]:

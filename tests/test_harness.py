@@ -95,6 +95,26 @@ def test_raw_answers_equal_stock_including_greedy_hits(embedded):
     assert any(g for _, g in ours) and not all(g for _, g in ours)
 
 
+def test_rolling_windows_skip_their_greedy_flags_and_a_later_request_recomputes_them(embedded):
+    """A perplexity request's windows are answered without is-greedy flags (lm-eval discards them; the argmax over
+    the vocabulary is not computed) and equal stock HFLM's; the same tokens asked later as a log-likelihood request
+    are computed again, flags included, and equal stock's answer; the rolling request then reads the same number."""
+    from lm_eval.api.instance import Instance
+
+    text = " ".join(["the team won the match and the lab measured a rise in the market"] * 8)  # about 120 tokens
+    reqs = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    ref, lm = stock(embedded, max_length=CONTEXT), NsLensLM(embedded, batch_size=8, max_length=CONTEXT)
+    want = ref.loglikelihood_rolling(reqs)
+    assert lm.loglikelihood_rolling(reqs) == want
+    windows = dict(lm.sweep.answers)
+    assert len(windows) >= 2 and all(a[0][1] is None for a in windows.values())  # several windows, no flags
+    asked = [(("", ""), list(ctx), list(cont)) for ctx, cont in windows]
+    got = lm._loglikelihood_tokens(asked)
+    assert got == ref._loglikelihood_tokens(asked) and all(isinstance(g, bool) for _, g in got)
+    assert all(lm.sweep.answers[k][0][1] is not None for k in windows)
+    assert lm.loglikelihood_rolling(reqs) == want  # read from the answers that now have their flags
+
+
 def test_intervention_equals_plain_torch_hook(embedded, site, masks, tm):
     mask: RangeMask = masks[0]
     iv = nslens.Intervention(mask, nslens.zero(), gated=True)

@@ -52,6 +52,9 @@ def test_readout_equals_hflm_reduction_on_planted_logits():
     kept = loglik_readout(SimpleNamespace(output=SimpleNamespace(logits=logits[:, 5:])), *plan.args(torch.float32),
                           offset=5)
     assert torch.equal(kept["ll"], out["ll"])
+    # a perplexity window's plan: the same log-likelihoods, no flags (no argmax)
+    nog = loglik_readout(model, *LoglikPlan.build(rows, greedy=False).args(torch.float32))
+    assert list(nog) == ["ll"] and torch.equal(nog["ll"], out["ll"])
 
 
 def test_plan_refuses_a_continuation_longer_than_its_window():
@@ -164,6 +167,8 @@ def test_chunked_head_equals_hflm_on_the_models_own_logits(embedded, monkeypatch
     assert [a[0][1] for a in got] == [g for _, g in ref] == [a[0][1] for a in plain]
     assert [a[0][0] for a in got] == pytest.approx([v for v, _ in ref], rel=1e-6)
     assert [a[0][0] for a in plain] == pytest.approx([v for v, _ in ref], rel=1e-6)
+    nog = LoglikSweep(model, None, [None]).answer(ids, rows, torch.float32, greedy=False)
+    assert nog == [[(a[0][0], None)] for a in got]  # without flags: the same log-likelihoods
     # with interventions (the replays), locally and under remote="local"
     site = nslens.resolve_site(model, -2)
     mask = nslens.RangeMask(torch.arange(8), -torch.ones(8), torch.ones(8), torch.zeros(8), torch.ones(8) * .4,
