@@ -112,7 +112,6 @@ def build_embedded_model(
     out = Path(out_dir) if out_dir is not None else embedded_model_dir(seed)
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{out.name}.lock"):
         if (out / "config.json").exists():  # built by another process while this one waited
             return out

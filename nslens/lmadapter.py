@@ -136,7 +136,7 @@ def _lm_class() -> type:
                 self._rolling = False
 
         def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
-                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+                                  override_bs: int | None = None) -> list[tuple[float, bool | None]]:
             keys = [(tuple(r[1]), tuple(r[2])) for r in requests]
             known = self.sweep.answers
             greedy = not self._rolling  # a perplexity window's flag is never read: no argmax over the vocabulary
