@@ -18,14 +18,13 @@ import functools
 import hashlib
 import json
 import random
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .data import WIKIPEDIA_DATA_FILES, cut_to_tokens, wikipedia_articles
 from .errors import NsLensError
-from .files import nslens_home
+from .files import nslens_home, write_text
 from .models import tokenizer_fingerprint
 from .synthetic import EMBEDDED_VERSION, SYNTHETIC_LABELS, build_tokenizer, synthetic_corpus, synthetic_text
 
@@ -34,6 +33,7 @@ __all__ = [
     "LOCAL_TASKS",
     "TASKS_DIR",
     "WIKIPEDIA_PPL_TASK",
+    "cached_token_ppl_task",
     "check_tasks",
     "include_paths",
     "local_tasks_dir",
@@ -63,9 +63,13 @@ def require_lm_eval() -> Any:
 
 
 def _write_yaml_task(base: Path, task: str, data: str, body: str) -> None:
-    (base / f"{task}.yaml").write_text(
-        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {base / data}\n"
-        f"test_split: test\n{body}metadata:\n  version: 1.0\n")
+    write_text(base / f"{task}.yaml",
+               f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {base / data}\n"
+               f"test_split: test\n{body}metadata:\n  version: 1.0\n")
+
+
+def _jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int = 60) -> Path:
@@ -86,31 +90,32 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
     """
     base = Path(root) if root is not None else nslens_home() / f"lm_eval_tasks-{EMBEDDED_VERSION}"
     marker = base / "done"
-    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-4"
+    # the YAML files name their data files by absolute path, so a folder that has moved (a copied $NSLENS_HOME)
+    # is written again
+    stamp = f"{EMBEDDED_VERSION} {n_mc} {n_ppl} tasks-4 {base.resolve()}"
     if marker.exists() and marker.read_text().strip() == stamp:
         return base
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
-    with open(base / "mc.jsonl", "w") as f:
-        for _ in range(n_mc):
-            c = rng.randrange(len(SYNTHETIC_LABELS))
-            f.write(json.dumps({"question": f"Text: {synthetic_text(c, rng)}\nLabel:", "subject": "synthetic",
-                                "choices": list(SYNTHETIC_LABELS), "answer": c}) + "\n")
+    mc = []
+    for _ in range(n_mc):
+        c = rng.randrange(len(SYNTHETIC_LABELS))
+        mc.append({"question": f"Text: {synthetic_text(c, rng)}\nLabel:", "subject": "synthetic",
+                   "choices": list(SYNTHETIC_LABELS), "answer": c})
+    write_text(base / "mc.jsonl", _jsonl(mc))
     gen_rng = random.Random(5678)  # its own generator: the other tasks' data stay what they were
-    with open(base / "gen.jsonl", "w") as f:
-        for _ in range(n_mc):
-            c = gen_rng.randrange(len(SYNTHETIC_LABELS))
-            f.write(json.dumps({"question": f"Text: {synthetic_text(c, gen_rng)}\nLabel:",
-                                "answer": SYNTHETIC_LABELS[c]}) + "\n")
-    with open(base / "cont.jsonl", "w") as f:
-        for _ in range(n_mc):
-            words = synthetic_text(rng.choice([None, 0, 1, 2, 3]), rng).split()
-            cut = max(1, len(words) - 2)
-            f.write(json.dumps({"context": " ".join(words[:cut]), "continuation": " ".join(words[cut:])}) + "\n")
-    corpus = synthetic_corpus(n_ppl, seed=4321)
-    with open(base / "ppl.jsonl", "w") as f:
-        for line in corpus:
-            f.write(json.dumps({"text": line}) + "\n")
+    gen = []
+    for _ in range(n_mc):
+        c = gen_rng.randrange(len(SYNTHETIC_LABELS))
+        gen.append({"question": f"Text: {synthetic_text(c, gen_rng)}\nLabel:", "answer": SYNTHETIC_LABELS[c]})
+    write_text(base / "gen.jsonl", _jsonl(gen))
+    cont = []
+    for _ in range(n_mc):
+        words = synthetic_text(rng.choice([None, 0, 1, 2, 3]), rng).split()
+        cut = max(1, len(words) - 2)
+        cont.append({"context": " ".join(words[:cut]), "continuation": " ".join(words[cut:])})
+    write_text(base / "cont.jsonl", _jsonl(cont))
+    write_text(base / "ppl.jsonl", _jsonl([{"text": line} for line in synthetic_corpus(n_ppl, seed=4321)]))
     _write_yaml_task(base, "nslens_synth_mc", "mc.jsonl",
                      'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
                      "doc_to_target: answer\n"
@@ -131,7 +136,7 @@ def local_tasks_dir(root: str | Path | None = None, n_mc: int = 120, n_ppl: int 
                      "  - metric: bits_per_byte\n")
     articles = [" ".join(synthetic_corpus(rng.randint(8, 16), seed=9000 + i)) for i in range(n_ppl)]
     token_ppl_task(base, "nslens_synth_token_ppl", articles, build_tokenizer())
-    marker.write_text(stamp + "\n")
+    write_text(marker, stamp + "\n")
     return base
 
 
@@ -149,12 +154,31 @@ def token_ppl_task(base: str | Path, task: str, texts: Sequence[str], tokenizer:
     rows = [r for r in rows if r["n_tokens"]]
     if not rows:
         raise NsLensError(f"no text to build the {task} task from")
-    data = f"{task}.jsonl"
-    (base / data).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shutil.copyfile(TASKS_DIR / "token_ppl" / "utils.py", base / "utils.py")  # the YAML's !function hooks
-    template = (TASKS_DIR / "token_ppl" / "template.yaml").read_text()
-    (base / f"{task}.yaml").write_text(template.format(task=task, data_file=base / data))
+    write_text(base / f"{task}.jsonl", _jsonl(rows))
+    write_text(base / "utils.py", (TASKS_DIR / "token_ppl" / "utils.py").read_text())  # the YAML's !function hooks
+    _token_ppl_yaml(base, task)
     return base
+
+
+def _token_ppl_yaml(base: Path, task: str) -> None:
+    """Write (last, so its presence means the folder is complete) the task's YAML, which names the data file by
+    absolute path; unchanged files are not rewritten."""
+    text = (TASKS_DIR / "token_ppl" / "template.yaml").read_text().format(task=task, data_file=base / f"{task}.jsonl")
+    yaml = base / f"{task}.yaml"
+    if not yaml.exists() or yaml.read_text() != text:
+        write_text(yaml, text)
+
+
+def cached_token_ppl_task(base: str | Path, task: str, texts: Callable[[], Sequence[str]], tokenizer: Any,
+                          max_tokens: int = 512) -> Path:
+    """``token_ppl_task`` written once into ``base``: a complete folder (its YAML is written last) is reused, with
+    its YAML pointed at the folder's own data file if the folder has moved (a copied ``$NSLENS_HOME``; the YAML
+    names the file by absolute path). ``texts`` is called only when the folder must be written."""
+    base = Path(base)
+    if (base / f"{task}.yaml").exists() and (base / f"{task}.jsonl").exists() and (base / "utils.py").exists():
+        _token_ppl_yaml(base, task)
+        return base
+    return token_ppl_task(base, task, texts(), tokenizer, max_tokens)
 
 
 def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 512,
@@ -164,9 +188,8 @@ def wikipedia_ppl_task_dir(tokenizer: Any, n_docs: int = 200, max_tokens: int = 
     key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), n_docs, max_tokens, data_files]).encode())
     base = Path(root) if root is not None else \
         nslens_home() / "lm_eval_tasks" / f"{WIKIPEDIA_PPL_TASK}-{key.hexdigest()[:12]}"
-    if not (base / f"{WIKIPEDIA_PPL_TASK}.yaml").exists():  # written last: a half-written directory is redone
-        token_ppl_task(base, WIKIPEDIA_PPL_TASK, wikipedia_articles(n_docs, data_files), tokenizer, max_tokens)
-    return base
+    return cached_token_ppl_task(base, WIKIPEDIA_PPL_TASK, lambda: wikipedia_articles(n_docs, data_files), tokenizer,
+                                 max_tokens)
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,7 +24,7 @@ from typing import Any
 from .errors import NsLensError
 from .files import nslens_home
 from .fortunes import CLEANING, heldout_texts
-from .lmtasks import token_ppl_task
+from .lmtasks import cached_token_ppl_task
 from .models import tokenizer_fingerprint
 
 __all__ = ["FORTUNES_PPL_TASK", "fortunes_documents", "fortunes_ppl_task_dir"]
@@ -51,8 +51,5 @@ def fortunes_ppl_task_dir(tokenizer: Any, *, items_per_doc: int = 12, max_tokens
     key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), items_per_doc, max_tokens, n_docs,
                                      CLEANING]).encode()).hexdigest()[:12]
     base = Path(root) if root is not None else nslens_home() / "lm_eval_tasks" / f"{FORTUNES_PPL_TASK}-{key}"
-    if not (base / f"{FORTUNES_PPL_TASK}.yaml").exists():
-        docs = fortunes_documents(items_per_doc)
-        token_ppl_task(base, FORTUNES_PPL_TASK, docs[:n_docs] if n_docs is not None else docs, tokenizer,
-                       max_tokens)
-    return base
+    return cached_token_ppl_task(base, FORTUNES_PPL_TASK, lambda: fortunes_documents(items_per_doc)[:n_docs], tokenizer,
+                                 max_tokens)

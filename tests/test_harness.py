@@ -2,6 +2,9 @@
 plain torch hook), on a multiple-choice task, a multi-token loglikelihood task and a rolling token-perplexity
 task whose documents are longer than the evaluation's context (so rolling windows are exercised)."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -62,7 +65,6 @@ def hooked(mask, gated=True):
 
 
 def test_no_intervention_equals_stock_hflm_on_every_task_type(embedded, tm, inc):
-    import json
 
     docs = [json.loads(line) for line in open(inc / "nslens_synth_token_ppl.jsonl")]
     assert min(d["n_tokens"] for d in docs) > 2 * CONTEXT  # every document spans several rolling windows
@@ -349,6 +351,25 @@ def test_the_old_home_still_names_everything_it_did():
             assert name in harness.__all__
 
 
+def test_a_moved_task_folder_is_written_again_for_its_new_place(tmp_path):
+    """The offline tasks' YAML files name their data by absolute path: a folder copied elsewhere (a copied
+    $NSLENS_HOME) whose original is gone gets files that name the new place, with the same data, and loads."""
+    from lm_eval.tasks import TaskManager
+
+    first = local_tasks_dir(tmp_path / "a", n_mc=8, n_ppl=4)
+    data = {f.name: f.read_text() for f in first.glob("*.jsonl")}
+    shutil.copytree(first, tmp_path / "b")
+    shutil.rmtree(first)
+    moved = local_tasks_dir(tmp_path / "b", n_mc=8, n_ppl=4)
+    assert {f.name: f.read_text() for f in moved.glob("*.jsonl")} == data
+    for yaml in moved.glob("*.yaml"):
+        assert str(tmp_path / "a") not in yaml.read_text() and str(moved) in yaml.read_text(), yaml.name
+    task = TaskManager(include_path=str(moved), include_defaults=False).load_task_or_group(["nslens_synth_mc"])
+    docs = list(task["nslens_synth_mc"].test_docs())
+    assert [d["answer"] for d in docs] == [json.loads(line)["answer"] for line in data["mc.jsonl"].splitlines()]
+    assert not list(moved.glob(".*.tmp"))
+
+
 def test_group_metrics_are_read(embedded):
     res = {"results": {"mmlu_x": {"acc,none": 0.5}}, "groups": {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
     assert task_metrics(res, ["mmlu", "mmlu_x"]) == {"mmlu": {"acc": 0.25}, "mmlu_x": {"acc": 0.5}}
@@ -358,7 +379,6 @@ def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
     """The paper's PPL task built from the first N articles (dataset order), each cut to max_tokens tokens of the
     model's tokenizer; its token perplexity equals exp(-sum ll / sum tokens) from stock HFLM's rolling
     log-likelihoods."""
-    import json
     import math
 
     import pyarrow as pa
@@ -386,6 +406,17 @@ def test_wikipedia_token_ppl_task_from_a_local_parquet(embedded, tmp_path):
     expect = math.exp(-sum(lls) / sum(x["n_tokens"] for x in docs))
     assert res["clean"][WIKIPEDIA_PPL_TASK]["token_perplexity"] == pytest.approx(expect, rel=1e-12)
     assert WIKIPEDIA_PPL_TASK in TaskManager(include_path=str(d), include_defaults=False).all_tasks
+    # a moved folder (a copied $NSLENS_HOME) is reused, its YAML pointed at its own data: the source is gone, so
+    # writing it again would fail
+    moved = tmp_path / "copied" / "task"
+    shutil.copytree(d, moved)
+    shutil.rmtree(d)
+    (tmp_path / "wiki.parquet").unlink()
+    again = wikipedia_ppl_task_dir(embedded.tokenizer, n_docs=4, max_tokens=30,
+                                   data_files=str(tmp_path / "wiki.parquet"), root=moved)
+    assert str(moved / f"{WIKIPEDIA_PPL_TASK}.jsonl") in (again / f"{WIKIPEDIA_PPL_TASK}.yaml").read_text()
+    res2 = side_effects(embedded, None, {}, tasks=[WIKIPEDIA_PPL_TASK], include_path=again)
+    assert res2["clean"][WIKIPEDIA_PPL_TASK]["token_perplexity"] == pytest.approx(expect, rel=1e-12)
     with pytest.raises(ValueError, match=r"could not load Wikipedia articles from /nowhere/w.parquet .*data_files="):
         wikipedia_articles(2, data_files="/nowhere/w.parquet")
 
