@@ -153,6 +153,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != BUNDLE_FORMAT:
         raise NsLensError(f"{path} is bundle format {fmt!r}; this nslens reads {BUNDLE_FORMAT}")
+    damaged = [k for k, kind in (("model", dict), ("site", dict), ("interventions", list))
+               if not isinstance(manifest.get(k), kind)]
+    if damaged:
+        raise NsLensError(f"bundle manifest {path / MANIFEST} is incomplete: {', '.join(damaged)} missing or damaged")
     try:
         with safe_open(str(path / TENSORS), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -211,7 +215,11 @@ def export_lm_eval_steering(bundle: Bundle | str | Path, out: str | Path) -> Pat
     position only) lm-eval's file cannot express, and is refused."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     site = b.manifest["site"]
-    total = torch.zeros(int(site["d_model"]), dtype=torch.float32)
+    width = site.get("d_model")
+    if not isinstance(width, int) or not isinstance(site.get("path"), str):
+        raise NsLensError(f"bundle manifest {MANIFEST} names no site width and path (site.d_model, site.path): "
+                          "write the bundle again")
+    total = torch.zeros(width, dtype=torch.float32)
     for iv in b.interventions:
         if not isinstance(iv.operator, Steer) or iv.gated or iv.positions != "all":
             raise NsLensError(f"lm-eval's steered model adds a vector at every position; {iv.mask.concept}'s "

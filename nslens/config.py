@@ -321,6 +321,12 @@ class RunConfig:
             raise NsLensError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
         if self.n_per_class < 4:
             raise NsLensError(f"n_per_class must be >= 4, got {self.n_per_class}")
+        if not 0.0 < self.test_size < 1.0:
+            raise NsLensError(f"test_size must be in (0, 1), got {self.test_size}")
+        if self.max_words < 1:
+            raise NsLensError(f"max_words must be >= 1, got {self.max_words}")
+        if self.max_correct_per_class < 2:  # the training split needs two samples of each concept
+            raise NsLensError(f"max_correct_per_class must be >= 2, got {self.max_correct_per_class}")
         for section in SECTIONS:
             getattr(self, section).validate()
         # leace reads the flat names of its settings

@@ -81,7 +81,12 @@ def load_hf_dataset(name: str, split: str | None = None, label_words: Sequence[s
 
     split = split or spec.train_split
     args = (spec.hub_id, spec.config) if spec.config else (spec.hub_id,)
-    ds = datasets.load_dataset(*args, split=split)
+    try:
+        ds = datasets.load_dataset(*args, split=split)
+    except Exception as e:  # the hub's errors are many and deep: one line that names the source
+        raise NsLensError(f"could not load dataset {name!r} ({spec.hub_id}, split {split!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it needs the Hub or a local HF cache, or "
+                         "pass a .csv/.jsonl path") from e
     for col in (spec.text_column, spec.label_column):
         if col not in ds.column_names:
             raise NsLensError(f"dataset {spec.hub_id}: missing column {col!r}; columns are {ds.column_names}")
@@ -182,12 +187,14 @@ class DatasetSource:
     usage: ClassVar[str] = ""
 
     def matches(self, spec: str) -> bool:
+        """Whether ``spec`` is this source's to load."""
         raise NotImplementedError(f"{type(self).__name__} does not implement matches")
 
     def check(self, spec: str) -> None:
         """Fail early on a spec ``load`` could not load; the base accepts any spec it matches."""
 
     def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
+        """The dataset ``spec`` names (``kwargs``: what ``load_dataset`` passes on, e.g. ``n_per_class``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement load")
 
 

@@ -16,9 +16,18 @@ from .config import RunConfig
 from .data import FewShotPrompter, label_token_ids
 from .errors import NsLensError
 from .files import write_text
-from .mceval import answer_token_ids, load_mceval
+from .mceval import MCEVAL_TASKS, answer_token_ids, load_mceval
 from .models import load_model, resolve_site
-from .neg import LinearityReport, linearity_report, neurgrad, resolve_neuron_site, resolve_neuron_sites
+from .neg import (
+    LPI_NORMS,
+    NEURON_KINDS,
+    LinearityReport,
+    ig_alphas,
+    linearity_report,
+    neurgrad,
+    resolve_neuron_site,
+    resolve_neuron_sites,
+)
 from .prepare import load_concepts, prepare_data
 from .probes import ProbeResults, evaluate_probes, probe_features
 from .record import Progress
@@ -61,6 +70,23 @@ class NegConfig:
     queries: int | None = None
     """Probes: at most this many MCEval8K queries (the first after the authors' seeded shuffle)."""
 
+    def validate(self) -> None:
+        """Every setting, checked before the model loads (one line naming the valid values)."""
+        if self.kind not in NEURON_KINDS:
+            raise NsLensError(f"unknown neuron kind {self.kind!r}; choose one of {', '.join(NEURON_KINDS)}")
+        for name in ("prompts", "neurons"):
+            if getattr(self, name) < 1:
+                raise NsLensError(f"neg {name} must be >= 1, got {getattr(self, name)}")
+        ig_alphas(self.ig_steps, self.ig_grid)  # the grid's name and the steps it needs
+        if self.lpi_norm not in LPI_NORMS:
+            raise NsLensError(f"unknown LPI norm {self.lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
+        if self.queries is not None and self.queries < 1:
+            raise NsLensError(f"queries must be >= 1, got {self.queries}")
+        if self.mceval is not None and self.mceval not in MCEVAL_TASKS:
+            raise NsLensError(f"unknown MCEval8K task {self.mceval!r}; choose one of {', '.join(MCEVAL_TASKS)}")
+        if self.mceval_path is not None and self.mceval is None:
+            raise NsLensError("mceval_path is a local copy of an MCEval8K task: name the task too (mceval)")
+
 
 def neg_linearity(cfg: RunConfig, neg: NegConfig, out: str | Path, *, progress: Progress | None = None
                   ) -> LinearityReport:
@@ -69,6 +95,7 @@ def neg_linearity(cfg: RunConfig, neg: NegConfig, out: str | Path, *, progress: 
     ``neg.json`` into ``out``."""
     cfg = cfg.replace(n_per_class=NEG_PER_CLASS, only_correct=False)
     cfg.validate()
+    neg.validate()
     model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     sites = resolve_neuron_sites(model, neg.kind) if neg.all_layers \
         else [resolve_neuron_site(model, cfg.layer, neg.kind)]
@@ -120,6 +147,7 @@ def skill_probes(cfg: RunConfig, neg: NegConfig, out: str | Path, *, progress: P
     """Polar, Magn and Tree probes on NeurGrad features at the config's layer, with the LM-Prob and Act baselines;
     writes ``probes.md`` and ``probes.json`` into ``out``."""
     cfg.validate()
+    neg.validate()
     model = load_model(cfg.model, remote=cfg.remote, quantize=cfg.quantize, dtype=cfg.dtype)
     ns = resolve_neuron_site(model, cfg.layer, neg.kind)
     resolve_site(model, cfg.layer)

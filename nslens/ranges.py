@@ -33,6 +33,7 @@ DEFAULT_TAU = 2.5  # the paper's value (~98.76 % of a Gaussian); the authors' CL
 
 
 def check_tau(tau: float) -> None:
+    """tau (the range's half-width in standard deviations) is a positive finite number; else a one-line error."""
     if not (isinstance(tau, (int, float)) and np.isfinite(tau) and tau > 0):
         raise NsLensError(f"tau must be a positive number, got {tau!r}")
 
@@ -105,7 +106,11 @@ class RangeMask:
         missing = sorted({"neurons", "lo", "hi", "mu", "sigma"} - set(tensors))
         if missing:
             raise NsLensError(f"range file {path} lacks tensors {missing}")
-        mask = cls(**tensors, meta=json.loads(md.get("nslens", "{}")))
+        try:
+            meta = json.loads(md.get("nslens", "{}"))
+        except json.JSONDecodeError as e:
+            raise NsLensError(f"range file {path} has damaged metadata ({e}); build the masks again") from e
+        mask = cls(**tensors, meta=meta)
         if expect is not None:
             mask.validate(expect, source=str(path))
         return mask

@@ -109,7 +109,7 @@ def load_sae_npz(path: str | Path) -> JumpReLUSAE:
             if missing:
                 raise NsLensError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
             return JumpReLUSAE(*(z[k] for k in NPZ_KEYS), meta={"source": str(path)})
-    except ValueError:
+    except NsLensError:
         raise
     except Exception as e:  # a member that cannot be read (truncated archive)
         raise NsLensError(f"SAE file {path} could not be read ({type(e).__name__}: {e}); is it truncated?") from e

@@ -149,9 +149,13 @@ class ConceptStats:
                 if md.get("format") != "nslens.stats/1":
                     raise NsLensError(f"{path} is not an nslens statistics file (format {md.get('format')!r})")
                 arrays = {k: f.get_tensor(k) for k in ("count", "mean", "m2", "abs_sum")}
-        except ValueError:
+        except NsLensError:
             raise
         except Exception as e:  # safetensors' own errors: not safetensors, truncated, a missing tensor
             raise NsLensError(f"{path} is not a readable nslens statistics file (safetensors: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); is it truncated?") from e
-        return cls(**arrays, label_names=json.loads(md["label_names"]), meta=json.loads(md["meta"]))
+        try:
+            label_names, meta = json.loads(md["label_names"]), json.loads(md["meta"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise NsLensError(f"{path} has damaged metadata ({type(e).__name__}: {e}); record it again") from e
+        return cls(**arrays, label_names=label_names, meta=meta)

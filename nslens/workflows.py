@@ -5,6 +5,7 @@ Each takes a validated ``RunConfig`` (or what it needs) and returns what the com
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -182,6 +183,11 @@ def sweep_run(cfg: RunConfig, param: str, values: Sequence[float], out: str | Pa
         raise NsLensError(f"unknown sweep {param!r}; choose from {', '.join(SWEEP_PARAMS)}")
     sweeps: dict[str, Any] = {"params": [param]}
     if values:
+        whole = param == "layer"
+        bad = [v for v in values if not math.isfinite(v) or (whole and v != int(v))]
+        if bad:
+            raise NsLensError(f"the {param} sweep's values must be {'whole layer numbers' if whole else 'finite'}, "
+                              f"got {bad[0]!r}")
         key = {"fraction": "fractions", "tau": "taus", "layer": "layers"}[param]
         sweeps[key] = [int(v) for v in values] if param == "layer" else [float(v) for v in values]
     cfg = cfg.replace(sweeps=sweeps, analyses=False)

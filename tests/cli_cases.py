@@ -10,6 +10,8 @@ from __future__ import annotations
 FIXTURES = {
     "bad.jsonl": '{"text": "a", "label": "x"}\n\n{"text": bad}\n',
     "bad.toml": "fraction = 0.5\n[steering]\nstrength = 1\n",
+    "words.toml": "max_words = 0\n",
+    "good.toml": "fraction = 0.5\n",
 }
 LATIN1 = ("latin1.csv", "text,label\ncaf\u00e9,x\n".encode("latin-1"))
 
@@ -27,9 +29,14 @@ CASES: list[tuple[list[str], int, str]] = [
     (["erase", "--ranges", "nowhere", "--operator", "clamp"], 1, "unknown operator 'clamp'"),
     (["run", "missing.toml"], 1, "config file not found"),
     (["run", "bad.toml"], 1, "unknown keys ['strength'] in [steering]; valid keys: runs, alpha, source, tau"),
+    (["run", "words.toml"], 1, "max_words must be >= 1, got 0"),
     (["steer", "--source", "mean"], 2, "No such option: --source"),
     (["probe", "--limit", "5"], 2, "No such option: --limit"),
+    (["probe", "--mceval", "agnws"], 1, "unknown MCEval8K task 'agnws'; choose one of agnews, amazon-reviews"),
+    (["neg", "--neurons", "0"], 1, "neg neurons must be >= 1, got 0"),
     (["sweep", "bad.toml", "--param", "tau", "--values", "1,x"], 1, "--values must be comma-separated numbers"),
+    (["sweep", "good.toml", "--param", "layer", "--values", "1.5"], 1,
+     "the layer sweep's values must be whole layer numbers, got 1.5"),
     (["record", "--out", "x.safetensors", "--model", "no-such-model"], 1, "neither a local directory"),
     (["record", "--out", "x.safetensors", "--model", "org/no-such-model"], 1,
      "could not load the model 'org/no-such-model'"),

@@ -81,6 +81,7 @@ def test_another_model_is_refused_in_one_line(embedded, site, synth_masks, tmp_p
 @pytest.mark.parametrize("damage, words", [
     ("no-manifest", "not an nslens bundle"), ("format", "bundle format 'nslens.bundle/9'"),
     ("tensors", "cannot read bundle tensors"), ("missing-tensor", "incomplete"), ("edited", "does not read back"),
+    ("no-model", "manifest .* is incomplete: model missing or damaged"),
 ])
 def test_damaged_bundles_are_one_line_errors(embedded, site, synth_masks, tmp_path, damage, words):
     from safetensors.torch import load_file, save_file
@@ -92,6 +93,8 @@ def test_damaged_bundles_are_one_line_errors(embedded, site, synth_masks, tmp_pa
         man.unlink()
     elif damage == "format":
         man.write_text(json.dumps({**data, "format": "nslens.bundle/9"}))
+    elif damage == "no-model":
+        man.write_text(json.dumps({k: v for k, v in data.items() if k != "model"}))
     elif damage == "tensors":
         (out / "tensors.safetensors").write_bytes(b"not safetensors")
     else:

@@ -70,6 +70,19 @@ def test_bad_datasets(tmp_path):
         ConceptDataset(["x"], [3], ["a", "b"])
 
 
+def test_a_paper_dataset_the_hub_cannot_give_is_a_user_error(monkeypatch):
+    """Without the Hub (HF_HUB_OFFLINE, or no network) the paper's datasets fail in one line that names the
+    dataset and the way out, as a user error (not the "internal error" of an unknown exception)."""
+    from nslens.errors import NsLensError, is_user_error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(NsLensError, match=r"could not load dataset 'ag_news' \(fancyzhx/ag_news, split 'train': "
+                                          r".*pass a \.csv/\.jsonl path") as info:
+        load_dataset("ag_news")
+    assert is_user_error(info.value) and "\n" not in str(info.value)
+
+
 def test_a_registered_dataset_source_is_asked_after_the_built_ins():
     from dataclasses import dataclass
     from typing import ClassVar

@@ -9,6 +9,7 @@ import torch
 from conftest import encode, plain_forward, run_cli
 
 import nslens
+from nslens.errors import NsLensError
 from nslens.intervene import Intervention, apply_in_trace, edit_hidden
 from nslens.ranges import RangeMask
 from nslens.sae import (
@@ -188,8 +189,16 @@ def test_bad_sae_files_are_one_line_errors(tmp_path, sae_file):
         load_sae_npz(tmp_path / "one.npy")
     data = sae_file.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cut.npz"):
+    with pytest.raises(NsLensError, match="cut.npz"):
         load_sae_npz(tmp_path / "cut.npz")
+    # every member present, one of them an array header cut short (numpy raises a plain ValueError reading it)
+    import zipfile
+
+    with zipfile.ZipFile(sae_file) as src, zipfile.ZipFile(tmp_path / "member.npz", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, b"\x93NUMPY\x01\x00cut" if name == "W_dec.npy" else src.read(name))
+    with pytest.raises(NsLensError, match="SAE file .*member.npz could not be read"):
+        load_sae_npz(tmp_path / "member.npz")
 
 
 def test_save_npz_is_atomic(sae, tmp_path, monkeypatch):

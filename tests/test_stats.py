@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from nslens.errors import NsLensError
 from nslens.stats import ConceptStats, batch_partials
 
 
@@ -59,11 +60,18 @@ def test_nonfinite_flag():
 
 def test_bad_statistics_files_are_one_line_errors(tmp_path):
     (tmp_path / "a.safetensors").write_text("not safetensors")
-    with pytest.raises(ValueError, match="a.safetensors is not a readable nslens statistics file"):
+    with pytest.raises(NsLensError, match="a.safetensors is not a readable nslens statistics file"):
         ConceptStats.load(tmp_path / "a.safetensors")
     st = ConceptStats.empty(2, 3, ["x", "y"])
     st.save(tmp_path / "b.safetensors")
     data = (tmp_path / "b.safetensors").read_bytes()
     (tmp_path / "b.safetensors").write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(ValueError, match="is it truncated"):
+    with pytest.raises(NsLensError, match="is it truncated"):
         ConceptStats.load(tmp_path / "b.safetensors")
+    # the right format, its label names lost
+    from safetensors.numpy import save_file
+
+    save_file({k: getattr(st, k) for k in ("count", "mean", "m2", "abs_sum")}, str(tmp_path / "c.safetensors"),
+              metadata={"format": "nslens.stats/1", "meta": "{}"})
+    with pytest.raises(NsLensError, match="c.safetensors has damaged metadata"):
+        ConceptStats.load(tmp_path / "c.safetensors")

@@ -220,4 +220,6 @@ def neg_config(ctx: typer.Context) -> Any:
 
     hints = typing.get_type_hints(NegConfig)
     values = {t.removeprefix("neg."): v for t, v in flag_values(ctx).items() if t.startswith("neg.")}
-    return NegConfig(**{k: to_field_type(v, hints[k]) for k, v in values.items()})
+    neg = NegConfig(**{k: to_field_type(v, hints[k]) for k, v in values.items()})
+    neg.validate()
+    return neg
