@@ -197,6 +197,12 @@ class DatasetSource:
         """The dataset ``spec`` names (``kwargs``: what ``load_dataset`` passes on, e.g. ``n_per_class``)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement load")
 
+    def run_options(self, *, n_per_class: int, seed: int, max_words: int) -> dict[str, Any]:
+        """The keyword arguments a run's ``load`` gets from its config: the base passes none (the run balances
+        what ``load`` returns to ``n_per_class`` itself); a source that draws its samples takes the count and
+        the seed here."""
+        return {}
+
 
 @dataclass(frozen=True)
 class SyntheticSource(DatasetSource):
@@ -210,6 +216,9 @@ class SyntheticSource(DatasetSource):
 
     def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
         return synthetic_concepts(**kwargs)
+
+    def run_options(self, *, n_per_class: int, seed: int, max_words: int) -> dict[str, Any]:
+        return {"n_per_class": n_per_class, "seed": seed + 1}  # seed + 1, as runs have drawn it from the start
 
 
 @dataclass(frozen=True)
@@ -244,6 +253,9 @@ class NextTokenSource(DatasetSource):
 
     def load(self, spec: str, **kwargs: Any) -> ConceptDataset:
         return next_token_dataset(spec, **kwargs)
+
+    def run_options(self, *, n_per_class: int, seed: int, max_words: int) -> dict[str, Any]:
+        return {"n_per_concept": n_per_class, "seed": seed, "max_words": max_words}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ x's shape. Gating (apply only inside [lo, hi]) is not the operator's business: s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,7 +39,7 @@ import torch
 from .errors import NsLensError
 from .registry import Names, Registry
 
-__all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate", "Adaptive", "Dampen",
+__all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_FITTERS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate", "Adaptive", "Dampen",
            "MeanConcept", "MeanReplace", "Operator", "Steer", "Zero", "ablate_direction", "adaptive_dampen", "dampen",
            "get_operator", "make_operator", "mean_replace", "register_operator", "steer", "zero"]
 
@@ -330,15 +331,28 @@ class Ablate(Operator):
 # --------------------------------------------------------------------------------------------- the registry
 
 OPERATOR_REGISTRY: Registry[type[Operator]] = Registry("operator")
+#: ``fit(model, site, cfg, data, masks, rec, progress)`` -> one operator per mask: how a run fits a fitted operator
+#: on its training split (``data``, a ``nslens.prepare.PreparedData``; ``rec``, its recording, whose raw samples can
+#: spare a pass over the model). Kept off the operator classes: a class's code travels with every remote request
+#: that uses it, and a fit's (recording, retries) has no business on the server.
+Fit = Callable[..., list[Operator]]
+OPERATOR_FITTERS: Registry[Fit] = Registry("operator fit")
 
 
-def register_operator(cls: type[Operator], *, replace: bool = False) -> type[Operator]:
+def register_operator(cls: type[Operator], *, fit: Fit | None = None, replace: bool = False) -> type[Operator]:
     """Make ``cls`` (an ``Operator`` subclass with a ``name``) buildable by name: ``make_operator``, a run
-    config's ``operators``, the CLI's ``--operator``. Usable as a class decorator."""
+    config's ``operators``, the CLI's ``--operator``. Usable as a class decorator. A fitted operator
+    (``build == "fitted"``) comes with its ``fit`` (``OPERATOR_FITTERS``), which runs call."""
     if not (isinstance(cls, type) and issubclass(cls, Operator)) or not cls.name:
         raise NsLensError(f"register_operator needs an Operator subclass with a name, got {cls!r}")
     if cls.build not in ("options", "fitted", "vector"):
         raise NsLensError(f"operator {cls.name!r}: build must be one of options, fitted, vector, got {cls.build!r}")
+    if (cls.build == "fitted") != (fit is not None):
+        raise NsLensError(f"operator {cls.name!r}: " + ("a fitted operator needs fit= (how a run fits it)"
+                                                       if fit is None else f"fit= is for fitted operators; its build "
+                                                       f"is {cls.build!r}"))
+    if fit is not None:
+        OPERATOR_FITTERS.register(cls.name, fit, replace=replace)
     OPERATOR_REGISTRY.register(cls.name, cls, replace=replace)
     return cls
 
@@ -351,6 +365,7 @@ def get_operator(name: str) -> type[Operator]:
 for _cls in (Zero, Dampen, MeanReplace, MeanConcept, Adaptive):
     register_operator(_cls)
 OPERATOR_REGISTRY.register("leace", "nslens.leace:Leace")  # fitted on the range masks: defined above this module
+OPERATOR_FITTERS.register("leace", "nslens.leace:run_leace")
 for _cls in (Steer, Ablate):
     register_operator(_cls)
 
@@ -366,10 +381,12 @@ VECTOR_OPERATORS: Names = OPERATOR_REGISTRY.view(lambda cls: cls.build == "vecto
 
 
 def zero() -> Operator:
+    """phi(x) = 0: the paper's masking operator (neuron masking ungated, range masking gated)."""
     return Zero()
 
 
 def dampen(alpha: float = 0.125) -> Operator:
+    """phi(x) = alpha * x (Suau et al. 2024; the paper's alpha is 0.125)."""
     return Dampen(alpha)
 
 
@@ -393,6 +410,8 @@ def ablate_direction(vector: torch.Tensor) -> Operator:
 
 
 def adaptive_dampen(beta: float = 0.5) -> Operator:
+    """Adaptive dampening (paper Appendix G, ``Adaptive``): phi(x) = a(x) * x with a(x) = beta * |x - mu| /
+    (tau * sigma) capped at beta, full suppression at mu and dampening by beta at the range's edges."""
     return Adaptive(beta)
 
 
@@ -404,6 +423,6 @@ def make_operator(name: str, *, alpha: float = 0.125, beta: float = 0.5,
         raise OPERATOR_REGISTRY.unknown(name, OPERATORS)
     cls = get_operator(name)
     if cls.build == "fitted":
-        raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: use "
-                          "nslens.leace.leace_operators (or run_operators(..., data=, masks=))")
+        raise NsLensError(f"{name} is fitted per concept on the training split, not built by name: "
+                          "nslens.pipeline.run_operators(..., data=, masks=) fits it (OPERATOR_FITTERS)")
     return cls.from_options(alpha=alpha, beta=beta, general_mean=general_mean, **options)

@@ -31,7 +31,7 @@ from .harness import default_cache_dir, side_effect_tables
 from .leace import run_leace
 from .lmtasks import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
 from .models import Site, load_model, model_id, resolve_site
-from .ops import make_operator, zero
+from .ops import FITTED_OPERATORS, OPERATOR_FITTERS, make_operator, zero
 from .prepare import PreparedData, load_concepts, prepare_data, record_stats
 from .ranges import RangeMask, build_range_masks, load_masks
 from .rank import get_ranking, rank
@@ -58,7 +58,7 @@ STEERING_KEYS = {"leace": "leace_full"}
 OPTIONAL_STEPS = ("side_effects", "analyses", "sweeps", "report", "explorer")
 
 __all__ = ["OPTIONAL_STEPS", "STEERING_RUNS", "PreparedData", "RunConfig", "RunResult", "analyze_run",
-           "check_layers", "load_concepts", "prepare_data", "record_stats", "run_operators", "run_pipeline"]
+           "check_layers", "load_concepts", "needs_fit", "prepare_data", "record_stats", "run_operators", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,19 +191,25 @@ def _sae_masks(model: Any, site: Site, sae: Any, data: PreparedData, cfg: RunCon
     return masks
 
 
+def needs_fit(cfg: RunConfig) -> bool:
+    """Whether one of the run's operators is fitted on the training split (so the data must be prepared)."""
+    return any(name in FITTED_OPERATORS for name in cfg.operators)
+
+
 def run_operators(model: Any, site: Site, cfg: RunConfig, progress: Progress | None = None, *,
                   data: PreparedData | None = None, masks: list[RangeMask] | None = None,
                   rec: RecordResult | None = None) -> dict[str, Any]:
-    """The run's operators by name; ``mean`` gets the site's general-text mean (recorded once, cached); ``leace``
-    is a list of per-concept erasers fitted on ``data``'s training split over ``masks`` (from ``rec``'s raw samples
-    when they cover it, else streamed from the model)."""
+    """The run's operators by name; ``mean`` gets the site's general-text mean (recorded once, cached); a fitted
+    operator (``build == "fitted"``: ``leace``, or one registered) is a list of per-concept instances from its fit
+    (``OPERATOR_FITTERS``) on ``data``'s training split over ``masks`` (LEACE from ``rec``'s raw samples when they
+    cover it, else streamed from the model)."""
     gm = None
     if "mean" in cfg.operators:
         gm = general_mean(model, site, batch_size=cfg.batch_size, remote=cfg.remote, progress=progress)
     ops: dict[str, Any] = {}
     for name in cfg.operators:
-        if name == "leace":
-            ops[name] = run_leace(model, site, cfg, data, masks, rec, progress)
+        if name in FITTED_OPERATORS:
+            ops[name] = OPERATOR_FITTERS.get(name)(model, site, cfg, data, masks, rec, progress)
         else:
             ops[name] = make_operator(name, alpha=cfg.alpha, beta=cfg.beta, general_mean=gm)
     return ops

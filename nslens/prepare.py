@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .data import ConceptDataset, FewShotPrompter, label_token_ids, load_dataset
+from .data import ConceptDataset, FewShotPrompter, dataset_source, label_token_ids
 from .erasure import predict
 from .errors import NsLensError
 from .models import Site
 from .nexttoken import target_token_ids
+from .rank import get_ranking
 from .readout import Readout, make_readout
 from .record import Progress, RecordResult, record
 
@@ -46,13 +47,11 @@ class PreparedData:
 
 
 def load_concepts(cfg: RunConfig) -> ConceptDataset:
-    """The run's dataset, balanced to ``n_per_class`` (label words from the config when given)."""
-    if cfg.dataset == "synthetic":
-        ds = load_dataset("synthetic", n_per_class=cfg.n_per_class, seed=cfg.seed + 1)
-    elif cfg.dataset.startswith("next:"):
-        ds = load_dataset(cfg.dataset, n_per_concept=cfg.n_per_class, seed=cfg.seed, max_words=cfg.max_words)
-    else:
-        ds = load_dataset(cfg.dataset)
+    """The run's dataset, balanced to ``n_per_class`` (label words from the config when given); its source's
+    ``run_options`` say which of the config's settings its loader takes."""
+    source = dataset_source(cfg.dataset)
+    ds = source.load(cfg.dataset, **source.run_options(n_per_class=cfg.n_per_class, seed=cfg.seed,
+                                                       max_words=cfg.max_words))
     if cfg.label_words:
         if ds.next_token:
             raise NsLensError(f"dataset {cfg.dataset!r} holds next-token concepts: label_words do not apply")
@@ -131,9 +130,11 @@ def _check_correct(part: ConceptDataset, correct: np.ndarray, split: str, least:
 def record_stats(model: Any, site: Site, data: PreparedData, cfg: RunConfig,
                  progress: Progress | None = None, checkpoint: str | Path | None = None,
                  keep_checkpoint: bool = False) -> RecordResult:
-    """Statistics of the training split at the site; raw last-token samples are kept when the probe ranking or the
-    analyses need them (never with a checkpoint, whose resumable state holds statistics only)."""
-    keep = (cfg.method == "probe" or cfg.analyses) and cfg.record_position == "last" and checkpoint is None
+    """Statistics of the training split at the site; raw last-token samples are kept when the ranking (its
+    ``needs_samples``) or the analyses need them (never with a checkpoint, whose resumable state holds statistics
+    only)."""
+    keep = ((get_ranking(cfg.method).needs_samples or cfg.analyses) and cfg.record_position == "last"
+            and checkpoint is None)
     return record(model, site, data.prompts(data.train), data.train.labels, data.train.label_names,
                   batch_size=cfg.batch_size, position=cfg.record_position, keep_samples=keep,
                   max_samples=cfg.max_samples, remote=cfg.remote, progress=progress, checkpoint=checkpoint,

@@ -25,7 +25,7 @@ from .harness import default_cache_dir, side_effect_tables, side_effects
 from .intervene import Intervention
 from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
-from .pipeline import run_operators, run_pipeline, side_effect_tasks
+from .pipeline import needs_fit, run_operators, run_pipeline, side_effect_tasks
 from .prepare import load_concepts, prepare_data, record_stats
 from .ranges import RangeMask, build_range_masks, check_masks_fit, load_masks
 from .record import Progress, RecordResult
@@ -151,7 +151,7 @@ def side_effects_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Pa
     model, site = _model_site(cfg)
     masks = load_masks(ranges, expect=site.describe())
     check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
-    data = prepare_data(model, site, cfg, progress) if "leace" in cfg.operators else None  # the erasers' fit
+    data = prepare_data(model, site, cfg, progress) if needs_fit(cfg) else None  # the fitted operators' data
     ops = run_operators(model, site, cfg, data=data, masks=masks)
     tasks, include = side_effect_tasks(cfg)
     tabs = side_effect_tables(model, site, masks, list(ops.values()), tasks=tasks, positions=cfg.positions,
@@ -256,7 +256,7 @@ def interventions_from_options(cfg: RunConfig, model: Any, site: Site, *, ranges
         raise NsLensError(f"one operator at a time here, got {', '.join(cfg.operators)}")
     masks = load_masks(ranges, expect=site.describe())
     check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
-    data = prepare_data(model, site, cfg, progress) if "leace" in cfg.operators else None  # the erasers' fit
+    data = prepare_data(model, site, cfg, progress) if needs_fit(cfg) else None  # the fitted operators' data
     op = next(iter(run_operators(model, site, cfg, progress, data=data, masks=masks).values()))
     chosen = _select(masks, concepts, str(ranges))
     ops = {m.concept: o for m, o in zip(masks, op)} if isinstance(op, list) else {}  # LEACE: one per concept

@@ -109,15 +109,24 @@ def test_a_registered_dataset_source_is_asked_after_the_built_ins():
             if not spec[8:].isdigit():
                 raise nslens.NsLensError(f"numbers:<n> needs a number, got {spec!r}")
 
-        def load(self, spec, **kwargs):
+        def load(self, spec, start=0, **kwargs):
             n = int(spec[8:])
-            return nslens.ConceptDataset([f"{i}" for i in range(2 * n)], [i % 2 for i in range(2 * n)],
-                                         ["even", "odd"])
+            return nslens.ConceptDataset([f"{i}" for i in range(start, start + 2 * n)],
+                                         [i % 2 for i in range(2 * n)], ["even", "odd"])
+
+        def run_options(self, *, n_per_class, seed, max_words):
+            return {"start": 100 * seed}
 
     register_dataset_source(Numbers)
     try:
         ds = load_dataset("numbers:3")
         assert ds.texts == ["0", "1", "2", "3", "4", "5"] and ds.labels.tolist() == [0, 1, 0, 1, 0, 1]
+        # a run passes its source what the source's run_options take from the config, then balances the result
+        from nslens.prepare import load_concepts
+
+        run = load_concepts(nslens.RunConfig(dataset="numbers:6", seed=2, n_per_class=4))
+        assert len(run) == 8 and all(200 <= int(t) < 212 for t in run.texts)
+        assert sorted(run.labels.tolist()) == [0] * 4 + [1] * 4
         with pytest.raises(ValueError, match="needs a number, got 'numbers:x'"):
             check_dataset_spec("numbers:x")
         with pytest.raises(ValueError, match=r"\(Debian's fortunes\), a \.csv/\.jsonl path, or numbers:<n>$"):

@@ -2,11 +2,13 @@
 and run through the erasure table on the embedded model, against independent references (the toy operator equals
 the built-in dampen(0.5), the toy ranking selects what numpy computes from the raw samples)."""
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 import nslens
 from nslens.erasure import erasure_table
@@ -64,6 +66,80 @@ def test_toy_operator_and_ranking_run_through_the_erasure_table(toys, embedded, 
     for part in ("base", "neuron", "range"):
         assert getattr(toy, part) == getattr(builtin, part)
     assert any(row["conf"] != 0 for row in toy.neuron)  # the operator ran: halving moved the confidences
+
+
+@dataclass(frozen=True)
+class SampleSpread(Ranking):
+    """The widest neurons first: each concept's standard deviation over its raw samples."""
+
+    name: ClassVar[str] = "sample_spread"
+    needs_samples: ClassVar[bool] = True
+
+    def scores(self, stats, samples=None, labels=None):
+        if samples is None:
+            raise nslens.NsLensError("sample_spread needs the raw samples")
+        return np.stack([samples[labels == c].std(0) for c in range(len(stats.label_names))])
+
+
+def test_a_registered_ranking_that_needs_samples_gets_them_in_a_run(embedded, tmp_path):
+    """The run keeps the raw samples for any ranking whose ``needs_samples`` says so (not for built-in names only):
+    the scores it saved equal the population deviations of its own recorded statistics."""
+    from nslens.pipeline import RunConfig, run_pipeline
+    from nslens.stats import ConceptStats
+
+    register_ranking(SampleSpread)
+    try:
+        run = run_pipeline(RunConfig(method="sample_spread", fraction=0.5, n_per_class=16, batch_size=32,
+                                     analyses=False), tmp_path / "run", model=embedded)
+    finally:
+        RANKING_REGISTRY.unregister("sample_spread")
+    stats = ConceptStats.load(run / "stats.safetensors")
+    np.testing.assert_allclose(np.load(run / "scores.npy"), stats.std(), rtol=1e-4, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class TrainMean(Operator):
+    """A fitted operator: each concept's selected neurons set to their mean over the concept's training samples."""
+
+    name: ClassVar[str] = "train_mean"
+    build: ClassVar[str] = "fitted"
+    values: torch.Tensor | None = None
+
+    def __call__(self, x, mu, sigma, tau, neurons=None):
+        return self.values.to(x).expand_as(x)
+
+
+def fit_train_mean(model, site, cfg, data, masks, rec=None, progress=None):
+    x, y = rec.samples, rec.sample_labels
+    return [TrainMean(torch.from_numpy(x[y == c][:, m.neurons.numpy()].mean(0)).float()) for c, m in enumerate(masks)]
+
+
+def test_a_registered_fitted_operator_is_fitted_by_a_run(embedded, tmp_path):
+    """A run fits an operator whose ``build`` is "fitted" with the fit it was registered with (not only the
+    built-in leace): replacing by each concept's training mean gives the built-in mean_concept's table (mu is that
+    mean). A fitted operator without its fit, or a fit for one that is not fitted, is refused."""
+    from nslens.ops import OPERATOR_FITTERS
+    from nslens.pipeline import RunConfig, run_pipeline
+
+    with pytest.raises(nslens.NsLensError, match="a fitted operator needs fit="):
+        register_operator(TrainMean)
+    with pytest.raises(nslens.NsLensError, match="fit= is for fitted operators"):
+        register_operator(Halve, fit=fit_train_mean)
+    register_operator(TrainMean, fit=fit_train_mean)
+    try:
+        with pytest.raises(nslens.NsLensError, match="train_mean is fitted per concept"):
+            make_operator("train_mean")
+        run = run_pipeline(RunConfig(operators=["train_mean", "mean_concept"], fraction=0.5, n_per_class=16,
+                                     batch_size=32), tmp_path / "run", model=embedded)
+    finally:
+        OPERATOR_REGISTRY.unregister("train_mean")
+        OPERATOR_FITTERS.unregister("train_mean")
+    fitted, builtin = (json.loads((run / f"erasure_{name}.json").read_text()) for name in ("train_mean",
+                                                                                          "mean_concept"))
+    for part in ("base", "neuron", "range"):
+        for a, b in zip(fitted[part], builtin[part], strict=True):
+            assert a == pytest.approx(b, abs=1e-6), part
+    assert any(row["conf"] != 0 for row in fitted["neuron"])  # the replacement ran
 
 
 def test_registry_errors_and_cleanup(toys):

@@ -109,6 +109,54 @@ def test_each_operator_is_one_registered_class_with_the_same_labels_and_descript
         make_operator("leace")
 
 
+BLOCKED_LOAD = """
+import sys
+import torch
+
+class NoNslens:  # the server: nslens is not installed there
+    def find_spec(self, name, path=None, target=None):
+        if name == "nslens" or name.startswith("nslens."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoNslens())
+from nnsight.intervention import serialization
+
+ops, args = serialization.loads(open(sys.argv[1], "rb").read())
+torch.save([op(*args) for op in ops], sys.argv[2])
+"""
+
+
+def test_every_operator_travels_by_value_and_runs_where_nslens_cannot_be_imported(tmp_path):
+    """What a remote request carries: every registered operator, serialised by nnsight with nslens shipped by value,
+    loads and computes the same values in a process that cannot import nslens (a real server's situation). A class
+    whose code reaches an object pickled by reference (an ``lru_cache`` wrapper, say) fails here, not only on NDIF."""
+    import subprocess
+    import sys
+
+    from nnsight.intervention import serialization
+
+    from nslens.leace import Leace
+    from nslens.ops import OPERATOR_REGISTRY, ablate_direction, steer
+    from nslens.remote import ship_code
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, generator=g)
+    ops = [zero(), dampen(0.25), mean_replace(site_values=v), mean_replace(torch.randn(2, generator=g)),
+           mean_replace(), adaptive_dampen(0.5), steer(v, -2), ablate_direction(v),
+           Leace(torch.randn(2, 1, generator=g), torch.randn(1, 2, generator=g), torch.randn(2, generator=g),
+                 torch.tensor([1, 3]), "c")]
+    assert {op.name for op in ops} == set(OPERATOR_REGISTRY.names())
+    x = torch.randn(3, 5, 2, generator=g)
+    args = (x, torch.tensor([0.1, -0.2]), torch.tensor([0.5, 0.7]), 2.5, torch.tensor([3, 1]))
+    ship_code()
+    (tmp_path / "ops.pkl").write_bytes(serialization.dumps((ops, args)))
+    r = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(tmp_path / "ops.pkl"), str(tmp_path / "out.pt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-800:]
+    for op, got in zip(ops, torch.load(tmp_path / "out.pt"), strict=True):
+        assert torch.equal(got, op(*args)), op.name
+
+
 def test_operators_are_frozen_and_check_their_own_parameters():
     import dataclasses
 
