@@ -28,6 +28,33 @@ def test_cached_model_passed_its_floors_and_learned_the_task(embedded, site, syn
     assert p.correct.mean() >= FLOORS["classification"]
 
 
+@pytest.mark.parametrize("family", ["pronouns", "pronoun_pairs", "punctuation", "delimiters", "agreement"])
+def test_cached_model_predicts_each_next_token_concept_as_recorded(embedded, site, family):
+    """Each next-token family's held-out accuracy, measured again through a trace with gold tokens found here
+    (the context and context + target tokenised), is above the floor and within two samples of what the build
+    recorded (the build measured it with the raw module under its own thread count)."""
+    import nslens
+    from nslens.embedded import _CHECK_PER_CONCEPT, _CHECK_SEED
+    from nslens.nexttoken import next_token_dataset
+
+    meta = json.loads((embedded_model_dir() / "nslens_embedded.json").read_text())["clean_accuracy"][family]
+    nt = next_token_dataset(f"next:{family}:synthetic", n_per_concept=_CHECK_PER_CONCEPT, seed=_CHECK_SEED)
+    tok = embedded.tokenizer
+    keep, gold = [], []
+    for i, (ctx, target) in enumerate(zip(nt.texts, nt.targets)):
+        a, b = tok(ctx)["input_ids"], tok(ctx + target)["input_ids"]
+        if len(b) == len(a) + 1 and b[:-1] == a and b[-1] != tok.unk_token_id:
+            keep.append(i)
+            gold.append(b[-1])
+    p = nslens.predict(embedded, site, [nt.texts[i] for i in keep], np.asarray(gold), batch_size=32)
+    labels = nt.labels[keep]
+    for c, name in enumerate(nt.label_names):
+        on = labels == c
+        acc = float(p.correct[on].mean())
+        assert acc >= FLOORS["next_token"], (name, acc)
+        assert abs(acc - meta[name]) <= 2 / on.sum() + 1e-9, (name, acc, meta[name])
+
+
 def test_below_floors_names_each_weak_concept():
     acc = {"classification": {"sports": 0.95, "science": 0.5}, "pronouns": {"he": 0.2, "she": 0.9}}
     assert below_floors(acc) == [f"classification/science (0.50 < {FLOORS['classification']})",

@@ -10,6 +10,7 @@ import nslens
 from nslens.neg import (
     IG_GRIDS,
     NEURON_KINDS,
+    NeuronSite,
     ig_alphas,
     integrated_gradients,
     linearity_report,
@@ -110,20 +111,29 @@ def test_sweep_neg_equals_neurgrad_where_linear(synth):
 
 
 def test_neurgrad_ranking_in_the_pipeline(embedded, site, synth, tmp_path):
+    """The ranking's scores are the concept means of |d p(gold) / d a| * sign(a) from plain autograd; the pipeline's
+    masks keep each concept's top half by the scores the run saved."""
     from nslens.pipeline import RunConfig, run_pipeline
 
     tr = synth["train"]
     ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
-    scores = neurgrad_concept_scores(embedded, site, synth["train_prompts"][:24], tr.labels[:24], ids)
-    assert scores.shape == (4, 64) and (scores >= 0).all()
+    prompts, labels = synth["train_prompts"][:24], tr.labels[:24]
+    scores = neurgrad_concept_scores(embedded, site, prompts, labels, ids)
+    grads = autograd_reference(embedded, NeuronSite(site, "residual", site.d_model), prompts, ids)
+    gold = np.abs(grads[np.arange(len(prompts)), labels])  # each sample's own concept's label token
+    expect = np.stack([gold[labels == c].mean(0) for c in range(4)])
+    np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-9)
     ranking = get_ranking("neurgrad")  # the registry's object reaches the same computation
     assert ranking.needs_model and not ranking.needs_samples
-    np.testing.assert_array_equal(ranking.scores_from_model(embedded, site, synth["train_prompts"][:24],
-                                                            tr.labels[:24], ids), scores)
+    np.testing.assert_array_equal(ranking.scores_from_model(embedded, site, prompts, labels, ids), scores)
     run = run_pipeline(RunConfig(method="neurgrad", fraction=0.5, n_per_class=16, batch_size=32, analyses=False),
                        tmp_path / "run", model=embedded)
     masks = nslens.load_masks(run / "ranges")
-    assert masks[0].meta["ranking"] == "neurgrad" and len(masks[0]) == 32
+    saved = np.load(run / "scores.npy")
+    assert saved.shape == (4, site.d_model)
+    for c, m in enumerate(masks):
+        assert m.meta["ranking"] == "neurgrad"
+        assert sorted(m.neurons.tolist()) == sorted(np.argsort(-saved[c], kind="stable")[:site.d_model // 2].tolist())
     with pytest.raises(ValueError, match="needs the model"):
         nslens.rank("neurgrad", None)
 

@@ -3,7 +3,7 @@ same. bitsandbytes >= 0.45 runs on CPU, so this is tested here; GPU checks need 
 
 import pytest
 import torch
-from conftest import encode
+from conftest import encode, hook_reference
 
 import nslens
 
@@ -36,16 +36,8 @@ def test_intervention_equals_plain_hook_and_model_stays_clean(quantized, synth):
     iv = nslens.Intervention(mask, nslens.zero(), gated=True)
     enc = encode(model, synth["test_prompts"][:4])
     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-
-    def hook(module, args, output):
-        return nslens.edit_hidden(output, iv)
-
-    handle = model._module.model.layers[site.layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            ref = model._module(**enc, position_ids=pos).logits
-    finally:
-        handle.remove()
+    # the edit written out per neuron in a plain forward hook (no nslens code)
+    ref = hook_reference(model, site, enc, mask, lambda x, mu, sigma: torch.zeros_like(x), gated=True)
     with torch.no_grad():
         with model.trace(enc):
             nslens.apply_in_trace(model, site, iv)

@@ -67,24 +67,40 @@ def test_labels_readout_is_the_best_label_token(embedded, site, synth):
 
 
 def test_readout_in_the_fast_erasure_path_and_remote_local(embedded, site, synth, synth_masks):
+    """The calibrated rule in the shared replay (locally and under remote="local") and in the erasure table equals
+    numpy's calibrated argmax over a plain forward's logits, with the edit as a plain hook."""
+    from conftest import encode, hook_reference, plain_forward
+
     from nslens.erasure import predict_many
 
     ids, prompts, gold, _ = _fixture(embedded, synth, n=9)
-    readout = Readout("calibrated", tuple(ids), (0.3, -0.2, 0.1, 0.0)[:len(ids)])
+    prior = np.array([0.3, -0.2, 0.1, 0.0])[:len(ids)]
+    readout = Readout("calibrated", tuple(ids), tuple(prior))
     mask = synth_masks[0]
     ivs = [None, nslens.Intervention(mask, nslens.zero(), gated=False),
            nslens.Intervention(mask, nslens.zero(), gated=True)]
     many = predict_many(embedded, site, prompts, gold, ivs, batch_size=4, per_pass=2, readout=readout)
     remote = predict_many(embedded, site, prompts, gold, ivs, batch_size=4, per_pass=2, remote="local",
                           readout=readout)
+    enc = encode(embedded, prompts)
+    zero = lambda x, mu, sigma: torch.zeros_like(x)  # noqa: E731
     for iv, got, rem in zip(ivs, many, remote):
-        ref = nslens.predict(embedded, site, prompts, gold, interventions=iv, batch_size=4, readout=readout)
-        np.testing.assert_array_equal(got.pred, ref.pred)
+        logits = (plain_forward(embedded, enc).logits if iv is None
+                  else hook_reference(embedded, site, enc, mask, zero, iv.gated))[:, -1].float().numpy()
+        ref = np.asarray(ids)[(_log_softmax(logits)[:, ids] - prior).argmax(-1)]
+        np.testing.assert_array_equal(got.pred, ref)
         np.testing.assert_array_equal(rem.pred, got.pred)
-        assert set(got.pred.tolist()) <= set(ids)
-    tab = nslens.erasure_table(embedded, site, synth["test_prompts"], synth["test"].labels, ids, synth_masks,
-                               nslens.zero(), batch_size=32, readout=readout)
+        np.testing.assert_allclose(got.conf, np.exp(_log_softmax(logits))[np.arange(len(gold)), gold], rtol=1e-5)
+    prompts, labels = synth["test_prompts"][:48], synth["test"].labels[:48]
+    tab = nslens.erasure_table(embedded, site, prompts, labels, ids, synth_masks, nslens.zero(), batch_size=32,
+                               readout=readout)
     assert tab.meta["readout"] == "calibrated"
+    logits = plain_forward(embedded, encode(embedded, prompts)).logits[:, -1].float().numpy()
+    correct = np.asarray(ids)[(_log_softmax(logits)[:, ids] - prior).argmax(-1)] == np.asarray(ids)[labels]
+    for c in range(len(ids)):
+        assert tab.base[c]["acc"] == pytest.approx(correct[labels == c].mean())
+        others = [correct[labels == o].mean() for o in range(len(ids)) if o != c]
+        assert tab.base[c]["cacc"] == pytest.approx(np.mean(others))
 
 
 def test_bad_readouts_are_one_line_errors(embedded):

@@ -161,6 +161,55 @@ def test_leace_fitted_and_applied_on_the_server(wire, data, masks):
     assert_summaries_close(a.summary(), b.summary())
 
 
+USER_MODULE = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+from nslens.ops import Operator
+
+
+@dataclass(frozen=True)
+class Shrink(Operator):
+    name: ClassVar[str] = "shrink_by_user"
+    factor: float = 0.25
+
+    def __call__(self, x, mu, sigma, tau, neurons=None):
+        return x * self.factor
+"""
+
+
+def test_an_operator_from_the_users_own_module_runs_once_the_module_is_registered(wire, data, masks, tmp_path,
+                                                                                   monkeypatch):
+    """docs/extending.md, "Running your own class on NDIF": an operator class from a module of the user's own is
+    pickled by reference, so the server (which cannot import it) refuses the request and says which module; after
+    ``nnsight.register(module)`` it travels by value and the server's predictions equal the local ones."""
+    import sys
+
+    import cloudpickle
+    import nnsight
+
+    ds, prompts = data
+    (tmp_path / "users_lens.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import users_lens
+
+    ids = np.asarray(nslens.label_token_ids(wire[0].tokenizer, ds.label_names))[ds.labels]
+    iv = nslens.Intervention(masks[1][0], users_lens.Shrink(), gated=True)
+    try:
+        with pytest.raises(Exception, match="users_lens"):
+            nslens.predict(wire[1], wire[3], prompts[:8], ids[:8], interventions=iv, batch_size=8, remote=True)
+        nnsight.register(users_lens)
+        a, b = both(wire, lambda m, s, r: nslens.predict(m, s, prompts, ids, interventions=iv, batch_size=8,
+                                                         remote=r))
+    finally:
+        if "users_lens" in cloudpickle.list_registry_pickle_by_value():
+            cloudpickle.unregister_pickle_by_value(users_lens)
+        sys.modules.pop("users_lens", None)
+    assert np.array_equal(a.pred, b.pred) and np.array_equal(a.conf, b.conf)
+    clean = nslens.predict(wire[0], wire[2], prompts, ids, batch_size=8)
+    assert not np.array_equal(a.conf, clean.conf)  # the operator changed something
+
+
 def test_generation_under_an_intervention(wire, data, masks):
     """Greedy continuations with a range mask applied at every generated token: the server's equal the local."""
     from nslens.generate import GenerationSettings, generate

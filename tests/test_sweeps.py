@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 import nslens
@@ -31,11 +32,36 @@ def test_fraction_and_tau_sweeps_equal_direct_tables(embedded, site, setup):
 
 
 def test_layer_sweep_records_each_layer(embedded, synth):
+    """Each layer's row is that layer's table: statistics of the layer's own output (a plain forward hook; numpy
+    means and deviations) ranked and cut there, then the erasure table at that layer; the last layer included."""
+    from conftest import encode, plain_forward
+
     tr, te = synth["train"], synth["test"]
     ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
-    sw = layer_sweep(embedded, synth["train_prompts"][:40], tr.labels[:40], tr.label_names,
-                     synth["test_prompts"][:24], te.labels[:24], ids, nslens.zero(), layers=[0, 3], batch_size=32)
-    assert sw.values == [0.0, 3.0] and len(sw.summaries) == 2
+    prompts, labels = synth["train_prompts"][:40], tr.labels[:40]
+    test = (synth["test_prompts"][:24], te.labels[:24], ids)
+    sw = layer_sweep(embedded, prompts, labels, tr.label_names, *test, nslens.zero(), layers=[0, 3], batch_size=32,
+                     fraction=0.25, tau=2.0)
+    assert sw.values == [0.0, 3.0] and sw.meta["fraction"] == 0.25 and sw.meta["tau"] == 2.0
+    # the decoder layers' outputs from plain forward hooks (output_hidden_states applies the final norm to the last)
+    hidden, layers = {}, embedded._module.model.layers
+    handles = [layers[i].register_forward_hook(lambda m, a, out, i=i: hidden.__setitem__(i, out)) for i in (0, 3)]
+    try:
+        plain_forward(embedded, encode(embedded, prompts))
+    finally:
+        for h in handles:
+            h.remove()
+    for layer, summary in zip([0, 3], sw.summaries):
+        x = hidden[layer][:, -1].double().numpy()
+        rec = nslens.record(embedded, nslens.resolve_site(embedded, layer), prompts, labels, tr.label_names,
+                            batch_size=32)
+        for c in range(len(tr.label_names)):
+            np.testing.assert_allclose(rec.stats.mean[c], x[labels == c].mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(rec.stats.std()[c], x[labels == c].std(0), rtol=1e-3, atol=1e-5)
+        masks = nslens.build_range_masks(rec.stats, fraction=0.25, tau=2.0)
+        site = nslens.resolve_site(embedded, layer)
+        assert summary == erasure_table(embedded, site, *test, masks, nslens.zero(), batch_size=32).summary()
+    assert sw.summaries[0] != sw.summaries[1]
 
 
 def test_a_sweep_takes_the_runs_own_scores(embedded, site, setup):
