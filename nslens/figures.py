@@ -9,6 +9,7 @@ import numpy as np
 
 from .files import atomic_path
 from .ranges import RangeMask
+from .sweeps import Sweep
 
 __all__ = ["plot_activation_patterns", "plot_common_neurons", "plot_overlap_heatmap", "plot_sweep"]
 
@@ -34,6 +35,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def plot_overlap_heatmap(matrix: np.ndarray, names: Sequence[str], path: str | Path,
                          title: str = "Overlap of top salient neurons") -> Path:
+    """A concept x concept heatmap of ``matrix`` (the overlap of their top salient neurons), written to ``path``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.6 * len(names)))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -92,7 +94,7 @@ def plot_common_neurons(samples: np.ndarray, labels: np.ndarray, names: Sequence
     return _save(fig, path)
 
 
-def plot_sweep(sweep, path: str | Path) -> Path:
+def plot_sweep(sweep: Sweep, path: str | Path) -> Path:
     """Target (Acc) and auxiliary (CAcc) accuracy after neuron and range masking along the swept parameter."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))

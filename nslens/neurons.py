@@ -33,6 +33,8 @@ class NeuronSite:
 
 
 def resolve_neuron_site(model: Any, layer: int = -1, kind: str = "product") -> NeuronSite:
+    """Layer ``layer``'s neurons of ``kind`` (``NEURON_KINDS``: the feed-forward product, up_proj or act_fn
+    outputs, or the residual stream) and their width."""
     if kind not in NEURON_KINDS:
         raise NsLensError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
     site = resolve_site(model, layer)

@@ -81,6 +81,9 @@ class _VoteProbe:
 
 
 class PolarProbe(_VoteProbe):
+    """Polar-Probe: neurons with the most consistent NEG sign for the correct answers vote for the option where
+    they show that sign (features ``[queries, options, neurons]``)."""
+
     def fit(self, neg: np.ndarray, answers: np.ndarray) -> PolarProbe:
         s = np.sign(neg[np.arange(len(answers)), answers])  # [Q, W]
         self.polarity = np.where(s.sum(0) >= 0, 1.0, -1.0)
@@ -94,6 +97,9 @@ class PolarProbe(_VoteProbe):
 
 
 class MagnProbe(_VoteProbe):
+    """Magn-Probe: neurons whose NEG is most consistently highest (or lowest) at the correct answer vote for the
+    option with their highest (lowest) NEG."""
+
     def fit(self, neg: np.ndarray, answers: np.ndarray) -> MagnProbe:
         hi = np.mean(neg.argmax(1) == answers[:, None], axis=0)
         lo = np.mean(neg.argmin(1) == answers[:, None], axis=0)
@@ -165,6 +171,8 @@ def tree_probe(neg_train: np.ndarray, answers_train: np.ndarray, seed: int = 0) 
 
 @dataclass
 class ProbeResults:
+    """Test accuracy of each probe and baseline, the neurons each chose on validation, chance, and split sizes."""
+
     accuracy: dict[str, float]
     neurons: dict[str, int]
     chance: float

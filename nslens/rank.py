@@ -31,10 +31,13 @@ __all__ = ["RANKING_METHODS", "RANKING_REGISTRY", "MaxRanking", "ProbeRanking", 
            "select_top"]
 
 def rank_max(stats: ConceptStats) -> np.ndarray:
+    """The ``max`` ranking: each concept's mean |activation| per neuron, ``[C, d]``."""
     return stats.abs_mean()
 
 
 def rank_probeless(stats: ConceptStats) -> np.ndarray:
+    """The ``probeless`` ranking (Antverg & Belinkov 2022): per concept, the summed |difference| of its mean
+    activation from every other concept's, ``[C, d]``."""
     q = stats.mean
     return np.abs(q[:, None, :] - q[None, :, :]).sum(1)
 
@@ -86,6 +89,8 @@ class Ranking:
 
     def scores(self, stats: ConceptStats, samples: np.ndarray | None = None,
                labels: np.ndarray | None = None) -> np.ndarray:
+        """Saliency ``[C, d]`` from a recording's statistics (and its raw ``samples`` ``[n, d]`` with their concept
+        ``labels`` where ``needs_samples``)."""
         if self.needs_model:
             raise NsLensError(f"the {self.name} ranking needs the model: compute it with "
                               f"get_ranking({self.name!r}).scores_from_model(model, site, ...) and pass scores= "
@@ -187,5 +192,6 @@ def select_top(scores: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def check_fraction(fraction: float) -> None:
+    """A masking fraction is a number in (0, 1]; anything else is a one-line error."""
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
         raise NsLensError(f"fraction must be in (0, 1], got {fraction!r}")
