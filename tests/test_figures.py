@@ -13,6 +13,17 @@ def is_png(path):
     return data[:8] == PNG and len(data) > 2000
 
 
+def pixels(path):
+    """The image's RGB pixels, ``[n, 3]`` floats in [0, 1]."""
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)[..., :3].reshape(-1, 3)
+
+
+def has_colour(px, rgb, tol=0.02):
+    return bool((np.abs(px - np.asarray(rgb)).max(1) < tol).any())
+
+
 def test_figures_render_headless(tmp_path, rng):
     x = rng.normal(size=(90, 6)) + np.repeat(np.arange(3), 30)[:, None]
     labels = np.repeat(np.arange(3), 30)
@@ -27,3 +38,14 @@ def test_figures_render_headless(tmp_path, rng):
                    tmp_path / "s.png"),
     ]
     assert all(is_png(p) for p in paths)
+    # the heatmap draws the identity's 1s and 0s in the colour map's two ends
+    import matplotlib
+
+    viridis = matplotlib.colormaps["viridis"]
+    heat = pixels(paths[0])
+    assert has_colour(heat, viridis(1.0)[:3]) and has_colour(heat, viridis(0.0)[:3])
+    # every figure draws something beyond its background and black text (not a blank canvas)
+    for p in paths:
+        px = np.round(pixels(p), 2)
+        drawn = {tuple(c) for c in px if not (c.min() > 0.95 or c.max() < 0.05)}
+        assert len(drawn) > 20, p.name

@@ -3,6 +3,7 @@ import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nslens.pipeline import RunConfig, run_pipeline
@@ -114,7 +115,16 @@ def test_table3_experiment_smoke(embedded, tmp_path):
     mod["main"](["--model", "embedded", "--datasets", "synthetic", "--limit", "24", "--out", str(tmp_path),
                  "--batch-size", "32"])
     text = (tmp_path / "table3.md").read_text()
-    assert "| synthetic |" in text and (tmp_path / "synthetic" / "report.md").exists()
+    assert (tmp_path / "synthetic" / "report.md").exists()
+    # the row is the run's own per-concept table, averaged over its 4 concepts (a 10 % trimmed mean of 4 cuts
+    # none) and rounded as printed
+    row = next(line for line in text.splitlines() if line.startswith("| synthetic |"))
+    cells = [float(c) for c in row.strip("|").split("|")[1:]]
+    tab = json.loads((tmp_path / "synthetic" / "erasure_zero.json").read_text())
+    assert len(tab["concepts"]) == 4
+    expect = [np.mean([r[k] for r in tab[part]]) for part in ("base", "neuron", "range")
+              for k in ("acc", "conf", "cacc", "cconf")]
+    np.testing.assert_allclose(cells, expect, atol=5e-4 + 1e-12)
 
 
 def test_run_with_side_effects_table4(embedded, tmp_path, monkeypatch):
@@ -149,6 +159,15 @@ def test_table4_experiment_smoke(embedded, tmp_path):
                  "--operators", "zero", "--out", str(tmp_path / "t4"), "--batch-size", "32"])
     text = (tmp_path / "t4" / "table4.md").read_text()
     assert "| zero | nslens_synth_token_ppl token_perplexity |" in text and "| zero | nslens_synth_mc acc |" in text
+    # each row: the clean value and the mean over the 4 concepts of the run's per-concept deltas, as printed
+    tab = json.loads((tmp_path / "t4" / "side_effects_zero.json").read_text())
+    assert len(tab["concepts"]) == 4
+    for task, metric in (("nslens_synth_mc", "acc"), ("nslens_synth_token_ppl", "token_perplexity")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| zero | {task} {metric} |"))
+        cells = [float(c) for c in row.strip("|").split("|")[2:]]
+        expect = [tab["clean"][task][metric], *(np.mean([r[task][metric] for r in tab[part]])
+                                                for part in ("neuron", "range"))]
+        np.testing.assert_allclose(cells, expect, atol=5e-5 + 1e-12)
 
 
 def test_sweeps_experiment_smoke(embedded, tmp_path):
