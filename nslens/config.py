@@ -33,19 +33,26 @@ from .errors import NsLensError
 from .intervene import INTERVENE_POSITIONS
 from .leace import check_leace_config
 from .models import QUANTIZE_MODES, check_layer, local_n_layers
-from .ops import OPERATORS
+from .ops import OPERATORS, VECTOR_OPERATORS
 from .ranges import DEFAULT_TAU, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .readout import READOUTS
 from .record import POSITIONS
 
 __all__ = ["FLAT_KEYS", "STEERING_RUNS", "SWEEP_PARAMS", "RunConfig", "SaeConfig", "SideEffectsConfig",
-           "SteeringConfig", "SweepConfig", "check_layers"]
+           "SteeringConfig", "SweepConfig", "check_layers", "steering_runs"]
 
 logger = logging.getLogger(__name__)
 
-#: the steering comparisons a run can add (paper App. M, Tables 28-30)
+#: the built-in steering comparisons a run can add (paper App. M, Tables 28-30); a registered vector operator
+#: (``build == "vector"``) is accepted too (``steering_runs``)
 STEERING_RUNS = ("steer", "ablate", "arm", "leace")
+
+
+def steering_runs() -> tuple[str, ...]:
+    """Every steering comparison a run accepts: the vector operators (``steer``, ``ablate`` and registered ones),
+    ``arm`` and ``leace``."""
+    return (*VECTOR_OPERATORS, "arm", "leace")
 #: what a sweep can vary (paper Fig. 4, Tables 10-11, 17)
 SWEEP_PARAMS = ("fraction", "tau", "layer")
 
@@ -99,9 +106,9 @@ class SteeringConfig:
     """tau of the full-vector ranges used by range-gated steering and arm (the paper: 1)."""
 
     def validate(self) -> None:
-        unknown = sorted(set(self.runs) - set(STEERING_RUNS))
+        unknown = sorted(set(self.runs) - set(steering_runs()))
         if unknown:
-            raise NsLensError(f"unknown steering {unknown}; choose from {', '.join(STEERING_RUNS)}")
+            raise NsLensError(f"unknown steering {unknown}; choose from {', '.join(steering_runs())}")
         if self.source not in ("last", "mean"):
             raise NsLensError(f"unknown steer_source {self.source!r}; choose last or mean")
         check_tau(self.tau)

@@ -85,6 +85,12 @@ class Operator:
         site's general-text mean). The base builds the class without parameters."""
         return cls()
 
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Operator:
+        """A vector operator (``build == "vector"``) from one concept's steering vector ``[d_model]`` (``alpha``:
+        the steering strength, for the operators that take one): how ``nslens.steering`` builds them by name."""
+        raise NsLensError(f"the {cls.name} operator is not built from a steering vector (its build is {cls.build!r})")
+
 
 def _site_rows(op: Operator, x: torch.Tensor, neurons: torch.Tensor | None) -> torch.Tensor:
     """The site-wide values of the selected neurons, on x's device and dtype."""
@@ -272,6 +278,10 @@ class Steer(Operator):
         object.__setattr__(self, "vector", _site_vector(self.vector, "steering vector"))
         object.__setattr__(self, "alpha", float(self.alpha))
 
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Steer:
+        return cls(vector, alpha)
+
     @property
     def site_values(self) -> torch.Tensor | None:  # type: ignore[override]
         return self.vector
@@ -314,6 +324,10 @@ class Ablate(Operator):
         if not torch.isfinite(v).all() or abs(float(v.norm()) - 1.0) > 1e-6:
             v = _unit(v)
         object.__setattr__(self, "vector", v)
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Ablate:
+        return cls(vector)  # the direction only: alpha does not apply
 
     @property
     def site_values(self) -> torch.Tensor | None:  # type: ignore[override]

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from .errors import NsLensError
-from .ops import Operator, ablate_direction, steer
+from .ops import VECTOR_OPERATORS, Operator, get_operator
 from .ranges import RangeMask, build_range_masks
 from .stats import ConceptStats
 
 __all__ = ["STEERING_KINDS", "full_masks", "steering_operators", "steering_vectors"]
 
-STEERING_KINDS = ("steer", "ablate")
+#: the operators built from a concept's steering vector: ``steer``, ``ablate`` and any registered one (read at each use)
+STEERING_KINDS = VECTOR_OPERATORS
 
 
 def steering_vectors(stats: ConceptStats) -> torch.Tensor:
@@ -45,8 +46,9 @@ def full_masks(stats: ConceptStats, tau: float = 1.0) -> list[RangeMask]:
 
 
 def steering_operators(stats: ConceptStats, kind: str = "steer", alpha: float = -2.0) -> list[Operator]:
-    """One operator per concept: ``steer`` (alpha * r_c) or ``ablate`` (r_c's direction)."""
+    """One operator per concept from its steering vector r_c: ``steer`` (alpha * r_c), ``ablate`` (r_c's direction)
+    or a registered vector operator (its class's ``from_vector``)."""
     if kind not in STEERING_KINDS:
         raise NsLensError(f"unknown steering kind {kind!r}; choose one of {', '.join(STEERING_KINDS)}")
-    vectors = steering_vectors(stats)
-    return [steer(v, alpha) if kind == "steer" else ablate_direction(v) for v in vectors]
+    cls = get_operator(kind)
+    return [cls.from_vector(v, alpha=alpha) for v in steering_vectors(stats)]

@@ -116,3 +116,43 @@ def test_run_with_steering_writes_every_comparison(embedded, tmp_path, monkeypat
                          ({"steer_tau": 0}, "tau must be a positive number")):
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):
             RunConfig(**bad).validate()
+
+
+
+def test_a_registered_vector_operator_is_a_steering_run(embedded, synth, rec):
+    """A vector operator of one's own (``build = "vector"`` with ``from_vector``) is a steering kind and a valid
+    steering run: steering by half the vector the wrong way round gives the erasure table of the built-in
+    ``steer(r_c, +0.5)`` on the same full-vector masks."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from nslens.ops import OPERATOR_REGISTRY, Steer, register_operator
+    from nslens.steering import STEERING_KINDS
+
+    @dataclass(frozen=True)
+    class HalfBack(Steer):
+        name: ClassVar[str] = "half_back"
+
+        @classmethod
+        def from_vector(cls, vector, *, alpha=-2.0):
+            return cls(vector, 0.5)
+
+    site, r = rec
+    te = synth["test"]
+    ids = nslens.label_token_ids(embedded.tokenizer, te.label_words)
+    args = (embedded, site, synth["test_prompts"][:24], te.labels[:24], ids, full_masks(r.stats))
+    register_operator(HalfBack)
+    try:
+        assert "half_back" in STEERING_KINDS
+        nslens.RunConfig(steering=["half_back"]).validate()
+        ops = steering_operators(r.stats, "half_back")
+        assert all(type(op) is HalfBack and op.alpha == 0.5 for op in ops)
+        ours = erasure_table(*args, ops, batch_size=32)
+    finally:
+        OPERATOR_REGISTRY.unregister("half_back")
+    builtin = erasure_table(*args, [steer(v, 0.5) for v in steering_vectors(r.stats)], batch_size=32)
+    for part in ("base", "neuron", "range"):
+        assert getattr(ours, part) == getattr(builtin, part)
+    assert any(row["conf"] != 0 for row in ours.neuron)  # the steering moved something
+    with pytest.raises(ValueError, match=r"unknown steering \['half_back'\]"):
+        nslens.RunConfig(steering=["half_back"]).validate()
