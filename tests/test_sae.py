@@ -168,6 +168,12 @@ def test_sae_cli_and_experiment_smoke(embedded, sae_file, tmp_path):
                 "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| zero | feature |" in r.stdout and "ablated" in r.stdout
+    # the printed Table 31's "ablated" column is the size of each feature mask the run saved
+    masks = nslens.load_masks(tmp_path / "run" / "ranges")
+    assert masks and all(m.meta["basis"] == "sae" for m in masks)
+    for m in masks:
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {m.concept} |"))
+        assert row.rstrip(" |").split("|")[-1].strip() == f"{len(m)} / {m.meta['d_sae']}", row
     mod = runpy.run_path(str(root / "experiments" / "sae_gemma.py"))
     mod["main"](["--smoke", "--limit", "16", "--lm-eval-limit", "4", "--out", str(tmp_path / "exp")])
     assert (tmp_path / "exp" / "synthetic" / "report.md").exists()
