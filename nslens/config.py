@@ -51,8 +51,10 @@ STEERING_RUNS = ("steer", "ablate", "arm", "leace")
 
 def steering_runs() -> tuple[str, ...]:
     """Every steering comparison a run accepts: the vector operators (``steer``, ``ablate`` and registered ones),
-    ``arm`` and ``leace``."""
-    return (*VECTOR_OPERATORS, "arm", "leace")
+    then the other built-ins (``arm``, ``leace``)."""
+    return tuple(dict.fromkeys((*VECTOR_OPERATORS, *STEERING_RUNS)))
+
+
 #: what a sweep can vary (paper Fig. 4, Tables 10-11, 17)
 SWEEP_PARAMS = ("fraction", "tau", "layer")
 

@@ -36,7 +36,8 @@ import numpy as np
 
 from .errors import NsLensError
 
-__all__ = ["MCEVAL_REPO", "MCEVAL_TASKS", "MCEvalData", "MCEvalTask", "answer_token_ids", "load_mceval"]
+__all__ = ["MCEVAL_REPO", "MCEVAL_TASKS", "MCEvalData", "MCEvalTask", "answer_token_ids", "check_mceval_task",
+           "load_mceval"]
 
 MCEVAL_REPO = "iszhaoxin/MCEval8K"
 LETTERS = ("a", "b", "c", "d", "e")
@@ -235,6 +236,14 @@ def _order(n: int, seed: int, times: int) -> np.ndarray:
     return order
 
 
+def check_mceval_task(task: str, limit: int | None = None) -> None:
+    """``task`` is an MCEval8K task and ``limit`` (the queries kept) None or positive; else a one-line error."""
+    if task not in MCEVAL_TASKS:
+        raise NsLensError(f"unknown MCEval8K task {task!r}; choose one of {', '.join(MCEVAL_TASKS)}")
+    if limit is not None and limit < 1:
+        raise NsLensError(f"limit must be positive, got {limit}")
+
+
 def load_mceval(task: str, split: str = "train", *, path: str | Path | None = None, limit: int | None = None,
                 zero_shot: bool = False, shuffle: bool = True) -> MCEvalData:
     """Prompts and answers of an MCEval8K task as the authors' loader builds them (see the module docstring): from
@@ -242,12 +251,9 @@ def load_mceval(task: str, split: str = "train", *, path: str | Path | None = No
     one split's file, JSON list or JSON lines; demonstrations come from ``train.json`` next to it, or from the file
     itself when ``split`` is train). ``zero_shot`` leaves the demonstrations out; ``shuffle=False`` keeps file
     order; ``limit`` keeps the first rows after shuffling."""
-    if task not in MCEVAL_TASKS:
-        raise NsLensError(f"unknown MCEval8K task {task!r}; choose one of {', '.join(MCEVAL_TASKS)}")
+    check_mceval_task(task, limit)
     if split not in _SPLITS:
         raise NsLensError(f"unknown split {split!r}; choose one of train, validation, test")
-    if limit is not None and limit < 1:
-        raise NsLensError(f"limit must be positive, got {limit}")
     spec, split = MCEVAL_TASKS[task], _SPLITS[split]
     rows = _rows(task, split, path, split)
     if not rows:

@@ -44,6 +44,7 @@ from .neurons import (
     NEURON_KINDS,
     NeuronSite,
     at_least_f32,
+    check_neuron_kind,
     neuron_module,
     read_neurons,
     resolve_neuron_site,
@@ -53,9 +54,9 @@ from .neurons import (
 from .remote import maybe_retry, trace_args
 
 # NeurGrad and the neuron sites live in nslens.neurgrad and nslens.neurons; they stay importable from here
-__all__ = ["DEFAULT_SHIFTS", "IG_GRIDS", "LPI_NORMS", "NEURON_KINDS", "LinearityReport", "NeuronSite", "ig_alphas",
-           "integrated_gradients", "linearity_report", "lpi", "neg_sweep", "neurgrad", "neurgrad_concept_scores",
-           "resolve_neuron_site", "resolve_neuron_sites"]
+__all__ = ["DEFAULT_SHIFTS", "IG_GRIDS", "LPI_NORMS", "NEURON_KINDS", "LinearityReport", "NeuronSite",
+           "check_lpi_norm", "check_neuron_kind", "ig_alphas", "integrated_gradients", "linearity_report", "lpi",
+           "neg_sweep", "neurgrad", "neurgrad_concept_scores", "resolve_neuron_site", "resolve_neuron_sites"]
 
 
 #: the NEG paper's grid: shifts of -2 to +2 in steps of 0.2 (0 itself changes nothing and is left out)
@@ -63,6 +64,14 @@ DEFAULT_SHIFTS = tuple(round(0.2 * i, 1) for i in range(-10, 11) if i != 0)
 
 
 LPI_NORMS = ("final", "recompute")
+
+
+def check_lpi_norm(norm: str) -> None:
+    """``norm`` is one of ``LPI_NORMS``; else a one-line error naming them."""
+    if norm not in LPI_NORMS:
+        raise NsLensError(f"unknown LPI norm {norm!r}; choose one of {', '.join(LPI_NORMS)}")
+
+
 #: the released LPI code's epsilon (``rsqrt(final_var + 1e-6)``), whatever the model's own rms_norm_eps
 LPI_EPS = 1e-6
 
@@ -91,8 +100,7 @@ def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[
     ``product`` neurons only; the unembedding runs locally, so a remote model is refused."""
     if ns.kind != "product":
         raise NsLensError("LPI needs product neurons (the down_proj input): their contribution is a_j W_down[:, j]")
-    if norm not in LPI_NORMS:
-        raise NsLensError(f"unknown LPI norm {norm!r}; choose one of {', '.join(LPI_NORMS)}")
+    check_lpi_norm(norm)
     if next(model._module.parameters()).device.type == "meta":
         raise NsLensError("LPI unembeds locally: it needs local weights (not a remote model)")
     neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
@@ -242,8 +250,7 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
         raise NsLensError("no neuron sites given")
     if baselines:  # a bad IG grid or LPI normaliser fails before any forward pass
         ig_alphas(ig_steps, ig_grid)
-        if lpi_norm not in LPI_NORMS:
-            raise NsLensError(f"unknown LPI norm {lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
+        check_lpi_norm(lpi_norm)
     targets = [int(t) for t in targets]
     offered = len(prompts)
     if only_correct:

@@ -16,12 +16,12 @@ from .config import RunConfig
 from .data import FewShotPrompter, label_token_ids
 from .errors import NsLensError
 from .files import write_text
-from .mceval import MCEVAL_TASKS, answer_token_ids, load_mceval
+from .mceval import answer_token_ids, check_mceval_task, load_mceval
 from .models import load_model, resolve_site
 from .neg import (
-    LPI_NORMS,
-    NEURON_KINDS,
     LinearityReport,
+    check_lpi_norm,
+    check_neuron_kind,
     ig_alphas,
     linearity_report,
     neurgrad,
@@ -72,18 +72,16 @@ class NegConfig:
 
     def validate(self) -> None:
         """Every setting, checked before the model loads (one line naming the valid values)."""
-        if self.kind not in NEURON_KINDS:
-            raise NsLensError(f"unknown neuron kind {self.kind!r}; choose one of {', '.join(NEURON_KINDS)}")
+        check_neuron_kind(self.kind)
         for name in ("prompts", "neurons"):
             if getattr(self, name) < 1:
                 raise NsLensError(f"neg {name} must be >= 1, got {getattr(self, name)}")
         ig_alphas(self.ig_steps, self.ig_grid)  # the grid's name and the steps it needs
-        if self.lpi_norm not in LPI_NORMS:
-            raise NsLensError(f"unknown LPI norm {self.lpi_norm!r}; choose one of {', '.join(LPI_NORMS)}")
+        check_lpi_norm(self.lpi_norm)
         if self.queries is not None and self.queries < 1:
             raise NsLensError(f"queries must be >= 1, got {self.queries}")
-        if self.mceval is not None and self.mceval not in MCEVAL_TASKS:
-            raise NsLensError(f"unknown MCEval8K task {self.mceval!r}; choose one of {', '.join(MCEVAL_TASKS)}")
+        if self.mceval is not None:
+            check_mceval_task(self.mceval)
         if self.mceval_path is not None and self.mceval is None:
             raise NsLensError("mceval_path is a local copy of an MCEval8K task: name the task too (mceval)")
 

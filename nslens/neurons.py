@@ -17,8 +17,8 @@ import torch
 from .errors import NsLensError
 from .models import Site, family_of, read_site, resolve_site, site_module, write_site
 
-__all__ = ["NEURON_KINDS", "NeuronSite", "at_least_f32", "neuron_module", "read_neurons", "resolve_neuron_site",
-           "resolve_neuron_sites", "write_neurons"]
+__all__ = ["NEURON_KINDS", "NeuronSite", "at_least_f32", "check_neuron_kind", "neuron_module", "read_neurons",
+           "resolve_neuron_site", "resolve_neuron_sites", "write_neurons"]
 
 NEURON_KINDS = ("product", "up_proj", "act_fn", "residual")
 
@@ -32,11 +32,16 @@ class NeuronSite:
     width: int
 
 
+def check_neuron_kind(kind: str) -> None:
+    """``kind`` is one of ``NEURON_KINDS``; else a one-line error naming them."""
+    if kind not in NEURON_KINDS:
+        raise NsLensError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
+
+
 def resolve_neuron_site(model: Any, layer: int = -1, kind: str = "product") -> NeuronSite:
     """Layer ``layer``'s neurons of ``kind`` (``NEURON_KINDS``: the feed-forward product, up_proj or act_fn
     outputs, or the residual stream) and their width."""
-    if kind not in NEURON_KINDS:
-        raise NsLensError(f"unknown neuron kind {kind!r}; choose one of {', '.join(NEURON_KINDS)}")
+    check_neuron_kind(kind)
     site = resolve_site(model, layer)
     if kind == "residual":
         return NeuronSite(site, kind, site.d_model)

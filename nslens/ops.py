@@ -39,9 +39,10 @@ import torch
 from .errors import NsLensError
 from .registry import Names, Registry
 
-__all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_FITTERS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate", "Adaptive", "Dampen",
-           "MeanConcept", "MeanReplace", "Operator", "Steer", "Zero", "ablate_direction", "adaptive_dampen", "dampen",
-           "get_operator", "make_operator", "mean_replace", "register_operator", "steer", "zero"]
+__all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_FITTERS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate",
+           "Adaptive", "Dampen", "MeanConcept", "MeanReplace", "Operator", "Steer", "Zero", "ablate_direction",
+           "adaptive_dampen", "dampen", "get_operator", "make_operator", "mean_replace", "register_operator", "steer",
+           "zero"]
 
 
 @dataclass(frozen=True)

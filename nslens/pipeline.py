@@ -58,7 +58,8 @@ STEERING_KEYS = {"leace": "leace_full"}
 OPTIONAL_STEPS = ("side_effects", "analyses", "sweeps", "report", "explorer")
 
 __all__ = ["OPTIONAL_STEPS", "STEERING_RUNS", "PreparedData", "RunConfig", "RunResult", "analyze_run",
-           "check_layers", "load_concepts", "needs_fit", "prepare_data", "record_stats", "run_operators", "run_pipeline"]
+           "check_layers", "load_concepts", "needs_fit", "prepare_data", "record_stats", "run_operators",
+           "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 

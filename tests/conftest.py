@@ -91,16 +91,21 @@ def plain_forward(model, enc, hook=None, layer_module=None):
             handle.remove()
 
 
+def edit_by_hand(hs, mask, phi, gated):
+    """A mask's edit written out neuron by neuron (no nslens code): ``phi(x, mu, sigma)`` on each selected neuron,
+    where the value lies in the range when ``gated``; returns an edited copy of ``hs``."""
+    hs = hs.clone()
+    for k, j in enumerate(mask.neurons.tolist()):
+        col = hs[..., j]
+        new = phi(col, mask.mu[k], mask.sigma[k])
+        hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), new, col) if gated else new
+    return hs
+
+
 def hook_reference(embedded, site, enc, mask, phi, gated):
-    """A mask's edit written as a plain torch forward hook on the raw HF module (``phi(x, mu, sigma)`` per selected
-    neuron, applied where the value lies in the range when ``gated``); returns the logits."""
+    """A mask's edit (``edit_by_hand``) as a plain torch forward hook on the raw HF module; returns the logits."""
     def hook(module, args, output):
-        hs = output[0] if isinstance(output, tuple) else output
-        hs = hs.clone()
-        for k, j in enumerate(mask.neurons.tolist()):
-            col = hs[..., j]
-            new = phi(col, mask.mu[k], mask.sigma[k])
-            hs[..., j] = torch.where((col >= mask.lo[k]) & (col <= mask.hi[k]), new, col) if gated else new
+        hs = edit_by_hand(output[0] if isinstance(output, tuple) else output, mask, phi, gated)
         return (hs, *output[1:]) if isinstance(output, tuple) else hs
 
     layer = embedded._module.model.layers[site.layer]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import encode, plain_forward, run_cli
+from conftest import edit_by_hand, encode, plain_forward, run_cli
 
 import nslens
 from nslens.errors import NsLensError
@@ -52,15 +52,11 @@ def plain_edit(h, iv):
     """Zeroing and dampening written out neuron by neuron (where the value lies in the range when gated); the
     fitted and vector operators' own edits are checked against their peers' packages in test_steering and
     test_leace, so they go through ``edit_hidden`` here."""
-    if iv.operator.name not in ("zero", "dampen"):
-        return edit_hidden(h, iv)
-    h = h.clone()
-    m = iv.mask
-    for k, j in enumerate(m.neurons.tolist()):
-        col = h[..., j]
-        new = torch.zeros_like(col) if iv.operator.name == "zero" else col * iv.operator.alpha
-        h[..., j] = torch.where((col >= m.lo[k]) & (col <= m.hi[k]), new, col) if iv.gated else new
-    return h
+    if iv.operator.name == "zero":
+        return edit_by_hand(h, iv.mask, lambda x, mu, sigma: torch.zeros_like(x), iv.gated)
+    if iv.operator.name == "dampen":
+        return edit_by_hand(h, iv.mask, lambda x, mu, sigma: x * iv.operator.alpha, iv.gated)
+    return edit_hidden(h, iv)
 
 
 def interventions(name, synth_masks, synth_recorded):
