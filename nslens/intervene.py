@@ -68,9 +68,11 @@ class Intervention:
                 "positions": self.positions, "neurons": len(self.mask), "basis": "sae" if self.sae else "neurons"}
 
 
-def edit_hidden(h: torch.Tensor, iv: Intervention) -> torch.Tensor:
+def edit_hidden(h: torch.Tensor, iv: Intervention, ends: torch.Tensor | None = None) -> torch.Tensor:
     """The edited copy of hidden states ``h`` ``[batch, seq, d]`` (pure tensor code; local or remote).
 
+    ``ends`` ``[batch]``: each row's last real position, for right-padded batches (lm-eval's), where an edit of the
+    last position must reach the row's own last token; None: the last column (nnsight pads on the left).
     With an SAE the same gated edit applies to the selected *features*: f = encode(h), f' = edit(f), and
     decode(f') + (h - decode(f)) is returned, so unchanged features leave h unchanged up to float rounding."""
     m = iv.mask
@@ -78,14 +80,15 @@ def edit_hidden(h: torch.Tensor, iv: Intervention) -> torch.Tensor:
     if iv.sae is not None:
         f = iv.sae.encode(h)
         err = h.float() - iv.sae.decode(f)
-        y = _edit_selected(f.index_select(-1, idx), iv)
+        y = _edit_selected(f.index_select(-1, idx), iv, ends)
         return (iv.sae.decode(f.index_copy(-1, idx, y)) + err).to(h.dtype)
     x = h.index_select(-1, idx)
-    return h.index_copy(-1, idx, _edit_selected(x, iv).to(h.dtype))
+    return h.index_copy(-1, idx, _edit_selected(x, iv, ends).to(h.dtype))
 
 
-def _edit_selected(x: torch.Tensor, iv: Intervention) -> torch.Tensor:
-    """phi (gated or not, all or last positions) of the selected columns ``x`` ``[batch, seq, k]``."""
+def _edit_selected(x: torch.Tensor, iv: Intervention, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """phi (gated or not, all or last positions) of the selected columns ``x`` ``[batch, seq, k]``; ``ends``: as
+    in ``edit_hidden``."""
     m = iv.mask
     x32 = x.float()
     mu, sigma = m.mu.to(x.device), m.sigma.to(x.device)
@@ -94,13 +97,18 @@ def _edit_selected(x: torch.Tensor, iv: Intervention) -> torch.Tensor:
         inside = (x32 >= m.lo.to(x.device)) & (x32 <= m.hi.to(x.device))
         y = torch.where(inside, y, x32)
     y = y.to(x.dtype)
-    if iv.positions == "last":
+    if iv.positions == "last" and ends is None:
         y = torch.cat([x[:, :-1], y[:, -1:]], dim=1)
+    elif iv.positions == "last":
+        at = torch.arange(x.shape[1], device=x.device)[None, :] == ends.to(x.device)[:, None]
+        y = torch.where(at[..., None], y, x)
     return y
 
 
-def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequence[Intervention] | None) -> None:
-    """Call inside ``model.trace``: edit the site with one intervention, or a sequence applied in order."""
+def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequence[Intervention] | None,
+                   ends: torch.Tensor | None = None) -> None:
+    """Call inside ``model.trace``: edit the site with one intervention, or a sequence applied in order
+    (``ends``: each row's last real position in a right-padded batch, see ``edit_hidden``)."""
     if interventions is None:
         return
     ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
@@ -108,7 +116,7 @@ def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequenc
         return
     h = read_site(model, site)
     for iv in ivs:
-        h = edit_hidden(h, iv)
+        h = edit_hidden(h, iv, ends)
     write_site(model, site, h)
 
 

@@ -5,7 +5,9 @@ HFLM calls the raw HF module, where an nnsight ``edit()`` would be silently igno
 lm-eval's requests inside ``model.trace`` (``nslens.loglik.LoglikSweep``: the log-likelihoods are computed in the
 trace, two numbers per request leave it). lm-eval right-pads and sends no attention mask: the model is causal, so
 padding at the end never reaches the positions whose logits lm-eval reads, with or without an edit (padding
-columns are edited too, harmlessly). The numbers are lm-eval's own.
+columns are edited too, harmlessly). An edit of the last position alone (``positions="last"``) goes to each row's
+own last token, not to the batch's last column, which is padding in every shorter row. The numbers are lm-eval's
+own.
 
 lm-eval is an optional extra (``pip install 'nslens[eval]'``), imported only when an adapter is built or a
 quiet run starts.

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import NsLensError
-from .intervene import apply_in_trace
+from .intervene import Intervention, apply_in_trace
 from .models import Site, get_family, model_family, submodule
 from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch, returned_bytes
@@ -64,6 +64,7 @@ class LoglikPlan:
     spans: torch.Tensor  # [R, 2] each request's slice of M
     n_rows: int
     first_pos: int  # the first position any request needs (the replays compute logits from there on)
+    ends: torch.Tensor  # [n_rows] each row's last real position (input length - 1): where a last-position edit goes
     greedy: bool = True  # compute the is-greedy flags (an argmax over the vocabulary at every needed position)
 
     @classmethod
@@ -83,7 +84,7 @@ class LoglikPlan:
                 toks += cont
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return cls(t(r_idx), t(p_idx), t(lp_idx), t(g_idx), t(toks), t(spans).reshape(-1, 2), len(rows),
-                   min(p_idx) if p_idx else 0, greedy)
+                   min(p_idx) if p_idx else 0, t([inplen - 1 for inplen, _, _ in rows]), greedy)
 
     @property
     def n_requests(self) -> int:
@@ -269,12 +270,20 @@ class LoglikSweep:
         enc = {"input_ids": input_ids}
         args = plan.args(dtype, head)
         ivs = self.interventions
+        # the batch is right-padded: an edit of the last position goes to each row's last real token
+        ends = plan.ends if any(_edits_last(iv) for iv in ivs) else None
         if len(ivs) == 1:  # one evaluation: a plain (optionally intervened) forward is all it takes
             with torch.no_grad(), self.model.trace(enc, **trace_args(self.model, self.remote)):
                 if ivs[0] is not None:
-                    apply_in_trace(self.model, self.site, ivs[0])
+                    apply_in_trace(self.model, self.site, ivs[0], ends)
                 res = loglik_readout(self.model, *args).save()
             return (res, []) if ivs[0] is None else (None, [res])
         return replay_batch(self.model, self.site, enc, chunks, loglik_readout, args, remote=self.remote,
-                            logits_to_keep=keep, clean_readout=any(iv is None for iv in ivs))
+                            logits_to_keep=keep, clean_readout=any(iv is None for iv in ivs), ends=ends)
+
+
+def _edits_last(iv: Any) -> bool:
+    """``iv`` (an intervention, a sequence applied in order, or None) edits the last position alone somewhere."""
+    items = [] if iv is None else [iv] if isinstance(iv, Intervention) else list(iv)
+    return any(one.positions == "last" for one in items)
 

@@ -74,9 +74,9 @@ def pass_tiles(model: Any, site: Site, rows: int, positions: int) -> int | None:
     return max(1, CPU_PASS_BYTES // max(one, 1))
 
 
-def _edit_all(h: torch.Tensor, ivs: Any) -> torch.Tensor:
+def _edit_all(h: torch.Tensor, ivs: Any, ends: torch.Tensor | None = None) -> torch.Tensor:
     for one in [ivs] if isinstance(ivs, Intervention) else list(ivs):
-        h = edit_hidden(h, one)
+        h = edit_hidden(h, one, ends)
     return h
 
 
@@ -87,7 +87,8 @@ def _last_only(ivs: Any) -> bool:
 
 
 def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[Chunk], readout: Callable,
-            args: tuple, logits_to_keep: int, clean_readout: bool, in_session: bool) -> tuple[Any, list]:
+            args: tuple, logits_to_keep: int, clean_readout: bool, in_session: bool,
+            ends: torch.Tensor | None) -> tuple[Any, list]:
     import nnsight  # heavy (seconds): the modules that import this one load without it
 
     clean = None  # assigned before the trace: a local first set in a stopped trace is not handed back
@@ -96,9 +97,10 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
     offset = seq - keep if keep else 0
     # the last layer computes the kept positions only (its keys and values for all): nslens.lastpos
     last = last_positions(model, site, seq, keep)
-    # edits of the last position alone replay one position per layer from the clean keys and values
-    upper = upper_layers(model, site, seq) if keep == 1 and any(_last_only(ivs) for c in chunks
-                                                                  for _, ivs in c) else None
+    # edits of the last position alone replay one position per layer from the clean keys and values (where that
+    # position is the last column: not in a right-padded batch, whose rows end where ``ends`` says)
+    upper = upper_layers(model, site, seq) if keep == 1 and ends is None and any(
+        _last_only(ivs) for c in chunks for _, ivs in c) else None
     with model.trace(enc, logits_to_keep=keep) as tracer:
         cached = {"h": read_site(model, site), "is_tuple": isinstance(site_module(model, site).output, tuple)}
         if upper is not None:  # the last layer's keys and values come from its kept-positions computation
@@ -120,13 +122,14 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
         tiles = None if in_session else pass_tiles(model, site, rows, 1 if one_position else seq)
         parts = [chunk] if tiles is None else [chunk[j:j + tiles] for j in range(0, len(chunk), tiles)]
         got = [_replay(model, site, enc, part, cached, upper if one_position else None, last, readout, args, keep,
-                       offset) for part in parts]
+                       offset, ends) for part in parts]
         outs.append(got[0] if len(got) == 1 else {key: torch.cat([g[key] for g in got]) for key in got[0]})
     return clean, outs
 
 
 def _replay(model: Any, site: Site, enc: dict[str, torch.Tensor], part: Chunk, cached: dict[str, Any],
-            upper: Any, last: Any, readout: Callable, args: tuple, keep: int, offset: int) -> Any:
+            upper: Any, last: Any, readout: Callable, args: tuple, keep: int, offset: int,
+            ends: torch.Tensor | None = None) -> Any:
     """One replay pass of ``part``'s tiles from the clean pass's ``cached`` values: one position per layer with
     ``upper``, else every layer above the site (the last one at the kept positions with ``last``)."""
     h, is_tuple = cached["h"], cached["is_tuple"]
@@ -142,7 +145,7 @@ def _replay(model: Any, site: Site, enc: dict[str, torch.Tensor], part: Chunk, c
         return out[0]
     tiled = {key: v.repeat(k, 1) for key, v in enc.items()}
     with model.trace(tiled, logits_to_keep=keep):
-        value = torch.cat([_edit_all(h, ivs) for _, ivs in part])
+        value = torch.cat([_edit_all(h, ivs, ends) for _, ivs in part])
         value = (value,) if is_tuple else value
         for layer in range(site.layer + 1):
             layer_envoy(model, site, layer).skip(value)
@@ -163,21 +166,24 @@ def replay_batch(
     remote: bool | str = False,
     logits_to_keep: int = 0,
     clean_readout: bool = True,
+    ends: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]]]:
     """One batch: the clean pass and one replay per chunk; returns (clean readout or None, readout per chunk).
 
     The readout of a chunk holds its ``k`` tiles in chunk order (``tiles=k``). ``logits_to_keep`` (0 = all)
     limits the logits the clean pass and the replays compute to the last positions: the LM head over every
     position of a large vocabulary costs several decoder layers, and a readout of the last positions needs none
-    of the others. Without ``clean_readout`` the clean pass stops at the site.
+    of the others. Without ``clean_readout`` the clean pass stops at the site. ``ends``: each row's last real
+    position in a right-padded batch, where an edit of the last position applies (``edit_hidden``).
     """
     with torch.no_grad():
         if not remote:
-            return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False)
+            return _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout, in_session=False,
+                           ends=ends)
         with model.session(**trace_args(model, remote)):
             with torch.no_grad():  # inside the block too: the block is what runs on the server
                 clean, outs = _traces(model, site, enc, chunks, readout, args, logits_to_keep, clean_readout,
-                                      in_session=True)
+                                      in_session=True, ends=ends)
     return clean, list(outs)
 
 

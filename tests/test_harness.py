@@ -41,8 +41,8 @@ def evaluate(lm, tm, tasks=TASKS):
 def stock(model, **kw):
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model._module, tokenizer=model.tokenizer, batch_size=8, device="cpu",
-                softmax_dtype="float32", **kw)
+    kw.setdefault("batch_size", 8)
+    return HFLM(pretrained=model._module, tokenizer=model.tokenizer, device="cpu", softmax_dtype="float32", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +194,39 @@ def test_sweep_equals_one_evaluation_per_intervention_and_hooks(embedded, site, 
             assert one["clean"] == tab.clean
             for t in TASKS:
                 assert part[i][t] == pytest.approx(one.deltas()["x"][t], rel=1e-5, abs=1e-6)
+
+
+def test_an_edit_of_the_last_position_edits_each_requests_own_last_token(embedded, site, masks, inc):
+    """``positions="last"`` in lm-eval's right-padded batches edits each request's last input token, not the
+    batch's last column (padding in every shorter row, which no real token attends to). The sweep (batches of 8)
+    equals stock HFLM run one request a batch, where nothing is padded, with a plain hook on the last column."""
+    from lm_eval.tasks import TaskManager
+
+    def last_column(hook):
+        def edit(module, args, output):
+            out = output.clone()
+            out[:, -1] = hook(module, args, output)[:, -1]
+            return out
+        return edit
+
+    tab = side_effect_table(embedded, site, masks[:1], nslens.zero(), tasks=TASKS, include_path=inc,
+                            positions="last")
+    tm = TaskManager(include_path=str(inc), include_defaults=False)
+    for gated, part in ((False, tab.neuron), (True, tab.range)):
+        handle = embedded._module.model.layers[site.layer].register_forward_hook(last_column(hooked(masks[0], gated)))
+        try:
+            ref = evaluate(stock(embedded, batch_size=1), tm)
+        finally:
+            handle.remove()
+        for t in TASKS:
+            for k, v in ref[t].items():
+                assert tab.clean[t][k] + part[0][t][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (gated, t, k)
+        assert part[0]["nslens_synth_token_ppl"]["token_perplexity"] != 0.0  # the edit does something
+        if gated:  # one evaluation alone (no replay): the same numbers
+            iv = nslens.Intervention(masks[0], nslens.zero(), gated=True, positions="last")
+            one = evaluate(NsLensLM(embedded, site, iv, batch_size=8), tm)
+            for t in TASKS:
+                assert one[t] == pytest.approx(ref[t], rel=1e-5, abs=1e-6), t
 
 
 def test_side_effects_deltas_and_clean_cache(embedded, site, synth, inc, tmp_path, monkeypatch):
