@@ -48,3 +48,35 @@ def test_import_has_no_side_effects_and_all_is_true():
         mod = importlib.import_module(f"nslens.{p.stem}")
         for name in getattr(mod, "__all__", []):
             assert hasattr(mod, name), f"nslens.{p.stem}.__all__ names {name!r}, which does not exist"
+
+
+def test_every_nslens_name_the_text_mentions_exists():
+    """Every ``nslens.<name>[.<name>...]`` that the README, the docs, the docstrings, the messages and the
+    experiments mention resolves: a package attribute or a submodule, then attributes of it (the error for the mean
+    operator once sent users to an ``nslens.general_mean`` the package did not have). Format tags such as
+    ``nslens.rangemask/1`` are not names."""
+    import re
+    import types
+
+    import nslens
+
+    root = PKG.parent
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *PKG.rglob("*.py"), *(root / "experiments").glob("*.py")]
+    pattern = re.compile(r"(?<![\w./-])nslens((?:\.[A-Za-z_]\w*)+)(?![\w/])")
+    missing = set()
+    for f in files:
+        for m in pattern.finditer(f.read_text()):
+            obj, path = nslens, "nslens"
+            for part in m.group(1)[1:].split("."):
+                if not isinstance(obj, types.ModuleType):
+                    break  # an attribute of a class or function (a method, a field): not checked further
+                path += "." + part
+                if hasattr(obj, part):
+                    obj = getattr(obj, part)
+                    continue
+                try:
+                    obj = importlib.import_module(path)
+                except ImportError:
+                    missing.add(f"{m.group(0)} ({f.relative_to(root)})")
+                    break
+    assert not missing, sorted(missing)
