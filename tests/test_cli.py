@@ -72,6 +72,37 @@ def test_docs_bad_input_table_is_generated_from_the_cases():
     assert markdown() in page, "regenerate the table in docs/cli.md: python tests/cli_cases.py"
 
 
+def test_docs_option_table_names_the_commands_that_take_each_option():
+    """Each row of docs/cli.md's option table: every option it names (second names and --no-/--all- forms too) is
+    taken by exactly the commands its last column names ("every command that loads a model": those with
+    --model)."""
+    import re
+
+    import typer
+
+    from nslens.cli import app
+
+    commands = typer.main.get_command(app).commands
+
+    def takes(option):
+        return {n for n, c in commands.items()
+                if any(option in p.opts or option in getattr(p, "secondary_opts", ()) for p in c.params)}
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    table = page[page.index("| option | sets | on |"):]
+    table = table[:table.index("\n\n")]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) >= 15
+    loads_model = takes("--model")
+    for cells in rows:
+        options = [o for chunk in re.findall(r"`(--[^`]+)`", cells[0]) for o in chunk.split("/")]
+        on = cells[-1].strip(" |")
+        want = loads_model if on == "every command that loads a model" else set(on.split(", "))
+        assert want <= set(commands), on
+        for option in options:
+            assert takes(option) == want, (option, sorted(takes(option)), on)
+
+
 @pytest.mark.parametrize("exc", ["keyboard", "typer-exit-130"])
 def test_ctrl_c_exits_130_saying_what_and_how_to_resume(monkeypatch, capsys, tmp_path, exc):
     """Ctrl-C reaches main either as KeyboardInterrupt or, with typer >= 0.2x, as the exit code 130 that a
@@ -367,8 +398,10 @@ def test_every_flag_sets_one_config_field_and_means_it_on_every_command():
      {"steering.runs": ["steer"], "steering.alpha": -1.0, "steering.source": "mean", "steering.tau": 2.0,
       "side_effects.limit": 4.0, "side_effects.enabled": False, "layer": 2, "operators": ["zero"],
       "analyses": False}),
-    (["sae", "--sae-release", "r", "--sae-id", "i", "--ranges-over", "all", "--n", "8"], "nslens.pipeline.run_pipeline",
-     {"sae.release": "r", "sae.id": "i", "sae.ranges_over": "all", "n_per_class": 8, "side_effects.enabled": True}),
+    (["sae", "--sae-release", "r", "--sae-id", "i", "--ranges-over", "all", "--n", "8", "--max-words", "12"],
+     "nslens.pipeline.run_pipeline",
+     {"sae.release": "r", "sae.id": "i", "sae.ranges_over": "all", "n_per_class": 8, "side_effects.enabled": True,
+      "max_words": 12}),
     (["neg", "--kind", "up_proj", "--prompts", "3", "--one-layer", "--label-words", "a,b,c,d", "--layer", "1"],
      "nslens.negstudy.neg_linearity",
      {"neg.kind": "up_proj", "neg.prompts": 3, "neg.all_layers": False, "label_words": ["a", "b", "c", "d"],

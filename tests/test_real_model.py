@@ -333,6 +333,7 @@ def test_record_command_applies_the_models_protocol(tmp_path):
     # the calibrated readout's only-correct filter kept at least two training samples of every concept
     assert len(counts) == 3 and counts.min() >= 2
     r = run_cli("record", "--model", "smollm2-135m", "--dataset", topics, "--n-per-class", "8",
-                "--readout", "labels", "--all-samples", "--out", str(tmp_path / "b.safetensors"))
+                "--readout", "labels", "--max-words", "12", "--all-samples", "--out", str(tmp_path / "b.safetensors"))
     assert r.returncode == 0, r.stderr
-    assert "(k_shot 1, max_words 24;" in r.stderr and "readout calibrated" not in r.stderr
+    assert "its protocol's settings apply (k_shot 1;" in r.stderr
+    assert "max_words" not in r.stderr and "readout calibrated" not in r.stderr

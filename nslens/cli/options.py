@@ -197,7 +197,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def _protocol_defaults(ctx: typer.Context, core: dict[str, Any], fixed: set[str]) -> dict[str, Any]:
     """The model's registered classification protocol (``nslens.protocols``) for the settings the command line
-    left at their defaults (also those the command has no flag for, such as ``max_words``), announced in one line
+    left at their defaults (also those the command has no flag for), announced in one line
     on stderr; an explicit flag, and a field the command sets itself (``fixed``), always win."""
     from nslens.protocols import protocol_settings
 

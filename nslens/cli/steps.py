@@ -26,6 +26,7 @@ def record_cmd(
     remote: bool = option("--remote"), position: str = option("--position"), seed: int = option("--seed"),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
     readout: str = option("--readout"), k_shot: int = option("--k-shot"),
+    max_words: int = option("--max-words"),
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
     checkpoint: Path | None = typer.Option(None, help="Save partial statistics here; re-run to resume."),
 ) -> None:
@@ -60,6 +61,7 @@ def erase_cmd(
     beta: float = option("--beta"), positions: str = option("--positions"), seed: int = option("--seed"),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
     readout: str = option("--readout"), k_shot: int = option("--k-shot"),
+    max_words: int = option("--max-words"),
     allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as .md/.csv/.json here (several "
                                     "operators: <out>_<operator>)."),
@@ -91,6 +93,7 @@ def side_effects_cmd(
     seed: int = option("--seed"), only_correct: bool = option("--only-correct"),
     label_words: str | None = option("--label-words"),
     readout: str = option("--readout"), k_shot: int = option("--k-shot"),
+    max_words: int = option("--max-words"),
     operators: str = option("--operators"), alpha: float = option("--alpha"), beta: float = option("--beta"),
     tasks: str = option("--tasks"), limit: float | None = option("--lm-eval-limit"),
     include: Path | None = option("--include"), positions: str = option("--positions"),
@@ -158,6 +161,7 @@ def generate_cmd(
     n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
     readout: str = option("--readout"), k_shot: int = option("--k-shot"),
+    max_words: int = option("--max-words"),
     allow_other_model: bool = AllowOtherModelOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the continuations as JSON here."),
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
@@ -194,6 +198,7 @@ def bundle_cmd(
     n_per_class: int = option("--n-per-class", help="leace only: samples per concept before the split."),
     only_correct: bool = option("--only-correct"), label_words: str | None = option("--label-words"),
     readout: str = option("--readout"), k_shot: int = option("--k-shot"),
+    max_words: int = option("--max-words"),
     allow_other_model: bool = AllowOtherModelOpt,
     quantize: str | None = option("--quantize"), dtype: str | None = option("--dtype"),
 ) -> None:
