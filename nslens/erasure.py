@@ -1,8 +1,9 @@
 """Concept-erasure evaluation: the paper's Acc / Conf / CAcc / CConf table (Section 5.3, Table 3).
 
 For every concept c as the target: Acc (greedy next token == gold label's first token) and Conf (softmax
-probability of that token over the whole vocabulary) on c's test samples; CAcc and CConf on all other concepts'
-test samples pooled. Base values come from one clean pass; neuron masking (ungated) and range masking (gated)
+probability of that token over the whole vocabulary) on c's test samples; CAcc and CConf over the other concepts:
+the mean of each other concept's value (the paper's "average ... across other classes"; ``cacc_average="pooled"``
+pools their samples instead). Base values come from one clean pass; neuron masking (ungated) and range masking (gated)
 are reported as deltas from base. The dataset summary is the 10 % trimmed mean across concepts
 (``scipy.stats.trim_mean(x, 0.1)``: 10 % cut from *each* tail).
 

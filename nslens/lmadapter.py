@@ -37,6 +37,13 @@ __all__ = ["NsLensLM", "quiet_lm_eval", "traced_logits"]
 
 def _lm_class() -> type:
     require_lm_eval()
+    return _built_lm_class()
+
+
+@functools.cache
+def _built_lm_class() -> type:
+    """The adapter class, defined and registered with lm-eval once per process (a class per call would register a
+    new target under the same name every time)."""
     # optional extra [eval]: imported when the first adapter is built
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
@@ -181,8 +188,8 @@ def _lm_class() -> type:
 
     try:
         register_model("nslens")(NsLensLM)
-    except (AssertionError, ValueError):  # already registered in this process
-        pass
+    except (AssertionError, ValueError) as e:  # the name holds another package's model
+        raise NsLensError(f"lm-eval already has a model named 'nslens' that is not nslens's adapter: {e}") from None
     return NsLensLM
 
 

@@ -347,6 +347,15 @@ def test_clean_cache_key_tracks_weights_and_tasks(embedded, tmp_path):
     assert clean_cache_key(embedded, TASKS, 5, 0, inc) != key
 
 
+def test_the_adapter_is_one_class_registered_with_lm_eval_once(embedded):
+    """Every NsLensLM is an instance of one class, the one lm-eval's registry holds as 'nslens' (a class per call
+    registered a new target under the name each time, and lm-eval's refusal of that was silenced)."""
+    from lm_eval.api.registry import get_model
+
+    a, b = NsLensLM(embedded, batch_size=8), NsLensLM(embedded, batch_size=8)
+    assert type(a) is type(b) is get_model("nslens")
+
+
 def test_missing_lm_eval_names_the_extra(embedded, site, monkeypatch):
     import sys
 
