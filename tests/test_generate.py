@@ -49,13 +49,22 @@ def hooked_generate(model, site, prompts, interventions, settings):
 
 
 def plain_edit(h, iv):
-    """Zeroing and dampening written out neuron by neuron (where the value lies in the range when gated); the
-    fitted and vector operators' own edits are checked against their peers' packages in test_steering and
-    test_leace, so they go through ``edit_hidden`` here."""
-    if iv.operator.name == "zero":
+    """Zeroing, dampening and steering (x + alpha * r_j) written out neuron by neuron (where the value lies in the
+    range when gated); LEACE's edit is checked against concept-erasure's own eraser in test_leace, so it goes
+    through ``edit_hidden`` here."""
+    op = iv.operator
+    if op.name == "zero":
         return edit_by_hand(h, iv.mask, lambda x, mu, sigma: torch.zeros_like(x), iv.gated)
-    if iv.operator.name == "dampen":
-        return edit_by_hand(h, iv.mask, lambda x, mu, sigma: x * iv.operator.alpha, iv.gated)
+    if op.name == "dampen":
+        return edit_by_hand(h, iv.mask, lambda x, mu, sigma: x * op.alpha, iv.gated)
+    if op.name == "steer":
+        hs = h.clone()
+        for k, j in enumerate(iv.mask.neurons.tolist()):
+            col = hs[..., j]
+            inside = (col >= iv.mask.lo[k]) & (col <= iv.mask.hi[k]) if iv.gated else torch.ones_like(col, dtype=bool)
+            hs[..., j] = torch.where(inside, col + op.alpha * op.vector[j], col)
+        return hs
+    assert op.name == "leace", op.name
     return edit_hidden(h, iv)
 
 
