@@ -38,6 +38,7 @@ from .ranges import DEFAULT_TAU, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .readout import READOUTS
 from .record import POSITIONS
+from .sae import check_feature_selection
 
 __all__ = ["FLAT_KEYS", "STEERING_RUNS", "SWEEP_PARAMS", "RunConfig", "SaeConfig", "SideEffectsConfig",
            "SteeringConfig", "SweepConfig", "check_layers", "steering_runs"]
@@ -88,6 +89,7 @@ class SaeConfig:
             raise NsLensError("sae_release and sae_id go together ([sae] release and id)")
         if self.ranges_over not in ("firing", "all"):
             raise NsLensError(f"unknown sae_ranges_over {self.ranges_over!r}; choose firing or all")
+        check_feature_selection(self.min_fire, self.top)
 
 
 @dataclass

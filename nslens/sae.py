@@ -31,6 +31,7 @@ from .remote import maybe_retry, trace_args
 __all__ = [
     "NPZ_KEYS",
     "build_synthetic_sae",
+    "check_feature_selection",
     "FeatureStats",
     "JumpReLUSAE",
     "build_feature_masks",
@@ -240,11 +241,16 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
     return st
 
 
+def check_feature_selection(min_fire: float, top: float) -> None:
+    """``min_fire`` and ``top`` are shares in (0, 1]: checked with the configuration, before any model loads."""
+    if not 0 < min_fire <= 1 or not 0 < top <= 1:
+        raise NsLensError(f"min_fire and top must be in (0, 1], got {min_fire} and {top}")
+
+
 def select_features(st: FeatureStats, *, min_fire: float = 0.1, top: float = 0.2) -> list[np.ndarray]:
     """Per concept: candidates fire on >= ``min_fire`` of its samples; keep the top ``top`` of them by mean
     activation (over all the concept's samples), most active first."""
-    if not 0 < min_fire <= 1 or not 0 < top <= 1:
-        raise NsLensError(f"min_fire and top must be in (0, 1], got {min_fire} and {top}")
+    check_feature_selection(min_fire, top)
     out = []
     rate = st.fire_rate()
     for c, name in enumerate(st.label_names):

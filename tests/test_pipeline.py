@@ -385,6 +385,7 @@ def test_flat_keys_of_earlier_configs_still_read_with_a_notice_naming_the_new_ke
     ("[side_effects]\nlimit = 0\n", "lm-eval limit must be > 0, got 0"),
     ("sae = 3\n", "config key 'sae' must be a table ([sae]), got 3"),
     ("[sae]\npath = \"a.npz\"\nrelease = \"r\"\nid = \"i\"\n", "give either sae_path or sae_release + sae_id"),
+    ("[sae]\npath = \"a.npz\"\ntop = 0\n", "min_fire and top must be in (0, 1], got 0.1 and 0"),
 ])
 def test_config_sections_are_checked_by_their_own_validate(tmp_path, text, message):
     p = tmp_path / "c.toml"
