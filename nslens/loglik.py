@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import NsLensError
-from .intervene import Intervention, apply_in_trace
+from .intervene import apply_in_trace
 from .models import Site, get_family, model_family, submodule
 from .remote import maybe_retry, trace_args
 from .replay import chunked, replay_batch, returned_bytes
@@ -270,8 +270,7 @@ class LoglikSweep:
         enc = {"input_ids": input_ids}
         args = plan.args(dtype, head)
         ivs = self.interventions
-        # the batch is right-padded: an edit of the last position goes to each row's last real token
-        ends = plan.ends if any(_edits_last(iv) for iv in ivs) else None
+        ends = plan.ends  # the batch is right-padded: an edit of the last position goes to each row's last token
         if len(ivs) == 1:  # one evaluation: a plain (optionally intervened) forward is all it takes
             with torch.no_grad(), self.model.trace(enc, **trace_args(self.model, self.remote)):
                 if ivs[0] is not None:
@@ -280,10 +279,3 @@ class LoglikSweep:
             return (res, []) if ivs[0] is None else (None, [res])
         return replay_batch(self.model, self.site, enc, chunks, loglik_readout, args, remote=self.remote,
                             logits_to_keep=keep, clean_readout=any(iv is None for iv in ivs), ends=ends)
-
-
-def _edits_last(iv: Any) -> bool:
-    """``iv`` (an intervention, a sequence applied in order, or None) edits the last position alone somewhere."""
-    items = [] if iv is None else [iv] if isinstance(iv, Intervention) else list(iv)
-    return any(one.positions == "last" for one in items)
-

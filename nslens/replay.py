@@ -98,7 +98,8 @@ def _traces(model: Any, site: Site, enc: dict[str, torch.Tensor], chunks: list[C
     # the last layer computes the kept positions only (its keys and values for all): nslens.lastpos
     last = last_positions(model, site, seq, keep)
     # edits of the last position alone replay one position per layer from the clean keys and values (where that
-    # position is the last column: not in a right-padded batch, whose rows end where ``ends`` says)
+    # position is the last column: not in a right-padded batch, whose rows end where ``ends`` says; edits of every
+    # position never take this path, so ``ends`` changes nothing for them)
     upper = upper_layers(model, site, seq) if keep == 1 and ends is None and any(
         _last_only(ivs) for c in chunks for _, ivs in c) else None
     with model.trace(enc, logits_to_keep=keep) as tracer:

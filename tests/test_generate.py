@@ -57,13 +57,9 @@ def plain_edit(h, iv):
         return edit_by_hand(h, iv.mask, lambda x, mu, sigma: torch.zeros_like(x), iv.gated)
     if op.name == "dampen":
         return edit_by_hand(h, iv.mask, lambda x, mu, sigma: x * op.alpha, iv.gated)
-    if op.name == "steer":
-        hs = h.clone()
-        for k, j in enumerate(iv.mask.neurons.tolist()):
-            col = hs[..., j]
-            inside = (col >= iv.mask.lo[k]) & (col <= iv.mask.hi[k]) if iv.gated else torch.ones_like(col, dtype=bool)
-            hs[..., j] = torch.where(inside, col + op.alpha * op.vector[j], col)
-        return hs
+    if op.name == "steer":  # edit_by_hand visits the mask's neurons in order: r_j is the next of their entries
+        r = iter(op.vector[iv.mask.neurons])
+        return edit_by_hand(h, iv.mask, lambda x, mu, sigma: x + op.alpha * next(r), iv.gated)
     assert op.name == "leace", op.name
     return edit_hidden(h, iv)
 
