@@ -25,8 +25,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/nslens demo
 
+# two worker processes (pytest-xdist; tests/conftest.py says how the files are dealt out); TEST_WORKERS=0 runs the
+# suite in this one process
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: venv
 	$(VENV)/bin/ruff check nslens tests experiments benchmarks

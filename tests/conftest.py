@@ -22,6 +22,65 @@ os.environ.setdefault("NSLENS_REMOTE_TIMEOUT", "300")
 # The real NDIF server the remote tests run against (session fixture `ndif_stack`; see tests/ndif_stack/README.md).
 from ndif_stack.fixture import ndif_stack  # noqa: E402, F401
 
+# `make test` runs the suite in two worker processes (pytest-xdist, `-n 2 --dist loadfile`), each test file whole
+# in one worker so that its module fixtures are built once. Two refinements, below: the files of the NDIF server's
+# tests go to one worker together (one stack per session, started once, not one per worker), and the longest
+# groups are handed out first (the scheduler deals files in collection order), so that no long file starts last.
+# (Not `--dist loadgroup` with xdist_group marks: under pytest 9.2 the marks no longer reach xdist's scheduler, and
+# the tests are dealt out one by one.)
+NDIF_FILES = ("test_ndif_stack.py", "test_remote_faults.py", "test_remote_ndif.py")
+FIRST = NDIF_FILES + ("test_real_model.py",)  # the NDIF stack (a minute to start) and SmolLM2: the longest groups
+
+# One torch thread per worker: two workers on two cores would otherwise run four (torch's default is one per core).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the NDIF files as one group (see NDIF_FILES)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class NdifTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "ndif" if Path(path).name in NDIF_FILES else path
+
+    return NdifTogether(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config, specs):
+    """With workers, the embedded model is trained here, in the main process before they start (once per
+    NSLENS_HOME; a no-op when cached). Its training pins two threads (for bit-identical weights); sharing the two
+    cores with a busy worker made it three times slower (5.5 minutes, against under 2 alone)."""
+    from nslens.embedded import build_embedded_model, embedded_model_dir
+
+    if (embedded_model_dir() / "config.json").exists():
+        return
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def say(done: int, total: int) -> None:
+        if reporter is not None and (done % max(1, total // 10) == 0 or done == total):
+            reporter.write_line(f"training the embedded model before the workers start: {done}/{total} steps")
+
+    build_embedded_model(progress=say)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of the NDIF server lives in NDIF_FILES (else a second worker would start a second stack); the
+    FIRST files come first, every other file in its usual order."""
+    strays = [item.nodeid for item in items
+              if "ndif_stack" in getattr(item, "fixturenames", ()) and item.path.name not in NDIF_FILES]
+    if strays:
+        raise pytest.UsageError(f"{strays[0]} uses the ndif_stack fixture but its file is not in tests/conftest.py's "
+                                f"NDIF_FILES ({', '.join(NDIF_FILES)}): add it there, so that it runs in the worker "
+                                "that holds the one NDIF stack")
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def embedded():
