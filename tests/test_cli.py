@@ -447,3 +447,24 @@ def test_help_lists_what_the_registries_hold():
         r = get_ranking(name)
         if not (r.needs_model or r.needs_samples):
             assert name in FLAGS["--method"].help, name
+
+
+def test_help_shows_every_word_it_was_given():
+    """Typer renders help as rich markup, where a bracketed word reads as a style tag and vanishes ("tables
+    ([sae], ...)" printed "tables (, , , )") and ":name:" can become an emoji ("next:FAMILY:SOURCE" printed a
+    family emoji). Every word of each command's help and of its parameters' help must appear in its ``--help``
+    (written with ``\\[`` where a bracket must survive)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from nslens.cli import COMMANDS, app
+
+    group = typer.main.get_command(app)
+    for name in COMMANDS:
+        command = group.commands[name]
+        shown = CliRunner().invoke(app, [name, "--help"], terminal_width=1000, env={"COLUMNS": "1000"})
+        assert shown.exit_code == 0, (name, shown.output)
+        words = set(shown.output.replace("│", " ").split())
+        for text in [command.help or ""] + [p.help for p in command.params if getattr(p, "help", None)]:
+            for word in text.replace("\\[", "[").split():
+                assert word in words, (name, word, text)

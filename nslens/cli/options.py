@@ -113,7 +113,7 @@ COMMAND_OPTIONS = {
     "--checkpoint": "record: partial statistics to resume from",
     "--allow-other-model": "use masks recorded on another model id",
     "--values": "sweep: the values of the swept --param (sweeps.fractions, taus or layers)",
-    "--source": "nexttoken: the text source of the dataset next:FAMILY:SOURCE",
+    "--source": "nexttoken: the text source of the dataset next:<family>:<source>",
     "--min-words": "nexttoken: the shortest context extracted",
     "--bundle": "an intervention bundle directory a command reads (instead of --ranges)",
     "--concepts": "generate, bundle: the concepts whose masks apply",

@@ -16,8 +16,9 @@ OverwriteOpt = typer.Option(False, help="Replace an existing run directory.")
 
 
 def run_cmd(
+    # the help is rich markup: "\[" keeps a bracket that would otherwise read as a style tag and vanish
     config: Path = typer.Argument(..., help="Run config (.toml or .json): RunConfig's fields, and its sections as "
-                                  "tables ([sae], [steering], [sweeps], [side_effects])."),
+                                  "tables (\\[sae], \\[steering], \\[sweeps], \\[side_effects])."),
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory to create."),
     overwrite: bool = OverwriteOpt,
 ) -> None:

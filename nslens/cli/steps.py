@@ -130,7 +130,7 @@ def nexttoken_cmd(
                              help="Writes <out>.jsonl (the dataset) and <out>.md (the check sheet)."),
 ) -> None:
     """Extract next-token concept samples (paper App. K) for the manual check: contexts that end right before a
-    concept's token. Delete wrong rows from the .jsonl and use it as --dataset (or use next:FAMILY:SOURCE)."""
+    concept's token. Delete wrong rows from the .jsonl and use it as --dataset (or use next:<family>[:<source>])."""
     from nslens.workflows import export_next_token
 
     with progress_display() as cb:
