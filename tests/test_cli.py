@@ -468,3 +468,59 @@ def test_help_shows_every_word_it_was_given():
         for text in [command.help or ""] + [p.help for p in command.params if getattr(p, "help", None)]:
             for word in text.replace("\\[", "[").split():
                 assert word in words, (name, word, text)
+
+
+def test_a_terminal_shows_messages_as_they_are(tmp_path, monkeypatch):
+    """On a terminal nslens prints through rich, which reads "[word]" as a style tag and ":name:" as an emoji: an
+    error naming a config table printed "unknown keys ['bogus'] in ; valid keys: ...". Through a real terminal
+    (a pty), the error line keeps it; a "wrote" line keeps a path with brackets and colons, an erasure table a
+    concept's name."""
+    import importlib
+    import io
+    import pty
+    import re
+
+    cli_app = importlib.import_module("nslens.cli.app")  # the module (nslens.cli.app is also the typer app's name)
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "embedded"\n[sae]\nbogus = 1\n')
+    leader, follower = pty.openpty()
+    p = subprocess.run([sys.executable, "-m", "nslens.cli", "run", str(cfg)], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=follower, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    line = ansi.sub("", shown.decode()).strip()
+    assert p.returncode == 1
+    assert line.startswith("error: unknown keys ['bogus'] in [sae]; valid keys: "), line
+    assert "\x1b[" in shown.decode()  # it was a terminal: the label is coloured
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err, out = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    path = tmp_path / "[run]" / "a:smile:.md"
+    cli_app.done("wrote", path)
+    assert ansi.sub("", err.getvalue()).strip() == f"wrote {path}"
+
+    class Table:
+        operator, concepts, meta = "zero", ["[b]sports"], {}
+
+        def rows(self):
+            return [["[b]sports", *([0.5] * 12)]]
+
+    monkeypatch.setattr(cli_app.out_console, "width", 300)
+    cli_app.print_table(Table())
+    assert "[b]sports" in ansi.sub("", out.getvalue())

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
 from ..errors import internal_error_line, is_user_error, save_traceback
 from . import neurons, runs, steps
 from .app import app, console, out_console, progress_display
@@ -36,7 +38,7 @@ def _error(message: str) -> None:
     """One line on stderr, unwrapped (also without a terminal), coloured only on a terminal."""
     text = " ".join(str(message).split())
     if sys.stderr.isatty():
-        console.print(f"[red]error:[/] {text}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
     else:
         sys.stderr.write(f"error: {text}\n")
 

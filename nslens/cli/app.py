@@ -11,13 +11,22 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Range-based neuron attribution and intervention (NeuronLens) on nnsight.")
-console = Console(stderr=True)
-out_console = Console(width=None if sys.stdout.isatty() else 140)
+# rich reads "[word]" as a style tag and ":name:" as an emoji: no emoji anywhere, and text that is not nslens's own
+# markup (paths, concept names, messages) goes through rich.markup.escape
+console = Console(stderr=True, emoji=False)
+out_console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+
+
+def done(label: str, text: object) -> None:
+    """A green ``label`` and what was written, on stderr; the text is printed as it is (a path may hold
+    brackets)."""
+    console.print(f"[green]{label}[/] {escape(str(text))}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -28,8 +37,8 @@ def progress_display() -> Iterator:
         yield _line_progress()
         return
     tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
         def callback(desc: str, done: int, total: int) -> None:
             if desc not in tasks:
                 tasks[desc] = bar.add_task(desc, total=total)
@@ -71,7 +80,7 @@ def print_table(tab: Any) -> None:
               "R ΔAcc", "R ΔConf", "R ΔCAcc", "R ΔCConf"):
         t.add_column(h, justify="right" if h != "concept" else "left")
     for r in tab.rows():
-        t.add_row(str(r[0]), *(f"{v:.3f}" if j < 4 else f"{v:+.3f}" for j, v in enumerate(r[1:])))
+        t.add_row(escape(str(r[0])), *(f"{v:.3f}" if j < 4 else f"{v:+.3f}" for j, v in enumerate(r[1:])))
     out_console.print(t)
     out_console.print("N = neuron masking (ungated), R = range masking (gated); deltas vs base; CAcc/CConf "
                       f"{'pooled over' if tab.meta.get('cacc_average') == 'pooled' else 'averaged over'} the other "
@@ -84,5 +93,5 @@ def print_run(result: Any, names: list[str] | None = None) -> None:
         print_table(result.erasure(name))
         side = result.side_effects(name)
         if side is not None:
-            out_console.print(f"Side effects (lm-eval), operator {name}:")
+            out_console.print(f"Side effects (lm-eval), operator {name}:", markup=False)
             print_markdown(side.to_markdown())

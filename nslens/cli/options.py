@@ -210,7 +210,7 @@ def _protocol_defaults(ctx: typer.Context, core: dict[str, Any], fixed: set[str]
 
         listed = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in applied.items())
         console.print(f"{core['model']}: its protocol's settings apply ({listed}; docs/real-model.md)",
-                      highlight=False)
+                      highlight=False, markup=False)
     return applied
 
 

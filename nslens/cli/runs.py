@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..errors import NsLensError
-from .app import console, out_console, print_markdown, print_run, progress_display
+from .app import done, out_console, print_markdown, print_run, progress_display
 from .options import option, run_config
 
 OverwriteOpt = typer.Option(False, help="Replace an existing run directory.")
@@ -29,7 +29,7 @@ def run_cmd(
     with progress_display() as cb:
         result = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     print_run(result, cfg.operators)
-    console.print(f"[green]run written to[/] {result.path} (report: {result.report})")
+    done("run written to", f"{result.path} (report: {result.report})")
 
 
 def sae_cmd(
@@ -59,7 +59,7 @@ def sae_cmd(
     with progress_display() as cb:
         result = run_pipeline(cfg, out, progress=cb, overwrite=overwrite)
     print_markdown(section(result.path, "sae"))
-    console.print(f"[green]run written to[/] {result.path}")
+    done("run written to", result.path)
 
 
 def steer_cmd(
@@ -111,7 +111,7 @@ def sweep_cmd(
     with progress_display() as cb:
         result = sweep_run(cfg, param, vals, out, progress=cb, overwrite=overwrite)
     print_markdown((result.path / f"sweep_{param}.md").read_text())
-    console.print(f"[green]sweep written to[/] {result.path} (figure: {result.path / 'figures' / f'sweep_{param}.png'})")
+    done("sweep written to", f"{result.path} (figure: {result.path / 'figures' / f'sweep_{param}.png'})")
 
 
 def demo_cmd(
@@ -133,7 +133,7 @@ def demo_cmd(
                       f"({s['neurons_per_concept']} of {s['site']['d_model']} neurons) per concept, tau "
                       f"{result.config['tau']}, {s['n_test']} test samples")
     print_run(result)
-    console.print(f"[green]run written to[/] {result.path}")
+    done("run written to", result.path)
 
 
 def analyze_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`).")) -> None:
@@ -141,14 +141,14 @@ def analyze_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslen
     from nslens.pipeline import analyze_run
 
     report = analyze_run(run)
-    console.print(f"[green]analyses written to[/] {run} (report: {report})")
+    done("analyses written to", f"{run} (report: {report})")
 
 
 def report_cmd(run: Path = typer.Argument(..., help="Run directory.")) -> None:
     """(Re)write a run's report.md from what the run directory holds."""
     from nslens.report import write_report
 
-    console.print(f"[green]wrote[/] {write_report(run)}")
+    done("wrote", write_report(run))
 
 
 def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslens run`)."),
@@ -157,4 +157,4 @@ def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslen
     """(Re)write a run's explorer.html: one self-contained page to browse its tables, neurons and ranges."""
     from nslens.explorer import write_explorer
 
-    console.print(f"[green]wrote[/] {write_explorer(run, out)}")
+    done("wrote", write_explorer(run, out))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import console, print_markdown, print_table, progress_display
+from .app import done, print_markdown, print_table, progress_display
 from .options import option, run_config
 
 RangesOpt = typer.Option(..., "--ranges", "-r", help="Directory of range masks.")
@@ -36,7 +36,7 @@ def record_cmd(
     cfg = run_config(ctx)
     with progress_display() as cb:
         rec, site = record_to_file(cfg, out, checkpoint=checkpoint, progress=cb)
-    console.print(f"[green]wrote[/] {out} ({int(rec.stats.count.sum())} samples, {site.d_model} neurons, "
+    done("wrote", f"{out} ({int(rec.stats.count.sum())} samples, {site.d_model} neurons, "
                   f"{rec.stats.n_concepts} concepts, layer {site.layer})")
 
 
@@ -49,7 +49,7 @@ def ranges_cmd(
     from nslens.workflows import write_ranges
 
     masks = write_ranges(stats, out, method=method, fraction=fraction, tau=tau)
-    console.print(f"[green]wrote[/] {len(masks)} masks of {len(masks[0])} neurons to {out}")
+    done("wrote", f"{len(masks)} masks of {len(masks[0])} neurons to {out}")
 
 
 def erase_cmd(
@@ -137,7 +137,7 @@ def nexttoken_cmd(
         samples, concepts, paths = export_next_token(family, source, out, n_per_concept=n_per_class, seed=seed,
                                                      min_words=min_words, max_words=max_words, progress=cb)
     counts = ", ".join(f"{c.name} {sum(s.concept == c.name for s in samples)}" for c in concepts)
-    console.print(f"[green]wrote[/] {len(samples)} samples ({counts}) to {paths[0]} and the check sheet {paths[1]}")
+    done("wrote", f"{len(samples)} samples ({counts}) to {paths[0]} and the check sheet {paths[1]}")
 
 
 def generate_cmd(
@@ -211,7 +211,7 @@ def bundle_cmd(
     with progress_display() as cb:
         path, ivs = bundle_from_masks(cfg, ranges, out, concepts=wanted, gated=gated,
                                       allow_other_model=allow_other_model, progress=cb)
-    console.print(f"[green]wrote[/] {path} ({len(ivs)} interventions: "
+    done("wrote", f"{path} ({len(ivs)} interventions: "
                   f"{', '.join(iv.mask.concept for iv in ivs)}; {ivs[0].kind} masking, {ivs[0].operator.label})")
 
 
@@ -222,4 +222,4 @@ def export_steering_cmd(
     """Export a steering bundle to lm-eval's `steered` model file (lm_eval --model steered ... steer_path=FILE)."""
     from nslens.bundle import export_lm_eval_steering
 
-    console.print(f"[green]wrote[/] {export_lm_eval_steering(bundle, out)}")
+    done("wrote", export_lm_eval_steering(bundle, out))
