@@ -15,6 +15,7 @@ from typing import Any
 
 from .erasure import trim_note
 from .files import write_text
+from .mdtable import cell
 
 __all__ = ["METRIC_KEYS", "SideEffectTable", "SideEffects", "main_metric", "task_metrics"]
 
@@ -57,7 +58,7 @@ class SideEffects(dict):
             for t, ms in res.items():
                 for k, v in ms.items():
                     delta = "" if name == "clean" else f"{d[name][t].get(k, float('nan')):+.4f}"
-                    rows.append(f"| {name} | {t} | {k} | {v:.4f} | {delta} |")
+                    rows.append(f"| {cell(name)} | {t} | {k} | {v:.4f} | {delta} |")
         return "\n".join(rows) + "\n"
 
 
@@ -101,7 +102,7 @@ class SideEffectTable:
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows = [(c, self.neuron[i], self.range[i]) for i, c in enumerate(self.concepts)]
         for c, n, r in rows:
-            lines.append("| " + " | ".join([c, *(f"{n[t][k]:+.4f}" for t, k in cols),
+            lines.append("| " + " | ".join([cell(c), *(f"{n[t][k]:+.4f}" for t, k in cols),
                                             *(f"{r[t][k]:+.4f}" for t, k in cols)]) + " |")
         s = self.summary()
         lines.append("| trimmed mean (10%) | " + " | ".join(

@@ -26,6 +26,7 @@ import torch
 from .errors import NsLensError
 from .files import write_text
 from .intervene import Intervention, apply_in_trace
+from .mdtable import cell
 from .models import Site
 from .ops import Operator
 from .ranges import RangeMask
@@ -255,7 +256,7 @@ class ErasureTable:
                  "range masking (columns 10-13).", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows():
-            lines.append("| " + " | ".join([str(r[0]), *(f"{v:+.3f}" if j >= 4 else f"{v:.3f}"
+            lines.append("| " + " | ".join([cell(r[0]), *(f"{v:+.3f}" if j >= 4 else f"{v:.3f}"
                                                           for j, v in enumerate(r[1:]))]) + " |")
         pooled = self.meta.get("cacc_average", "class") == "pooled"
         how = "the other concepts' samples pooled" if pooled else "the mean over the other concepts (class average)"

@@ -47,6 +47,7 @@ import numpy as np
 from .concepts import ConceptDataset
 from .errors import NsLensError
 from .files import write_text
+from .mdtable import cell
 from .synthetic import synthetic_corpus
 
 __all__ = [
@@ -374,8 +375,8 @@ def write_check_sheet(samples: Sequence[NextTokenSample], stem: str | Path, *, c
         for i, s in enumerate(samples):
             if s.concept == concept:
                 tail = " ".join(s.context.split()[-context_words:])
-                cell = f"…{tail}⟦{s.target}⟧ {s.after}".replace("|", "\\|")
-                lines.append(f"| {i + 1} | {s.text_index} | {s.offset} | {cell} |")
+                sample = cell(f"…{tail}⟦{s.target}⟧ {s.after}")
+                lines.append(f"| {i + 1} | {s.text_index} | {s.offset} | {sample} |")
         lines.append("")
     md = stem.with_suffix(".md")
     write_text(md, "\n".join(lines))

@@ -9,6 +9,7 @@ from .effects import SideEffectTable
 from .erasure import METRICS, ErasureTable
 from .errors import NsLensError
 from .files import write_text
+from .mdtable import cell
 from .sae import table31_markdown
 from .sweeps import Sweep
 
@@ -116,7 +117,7 @@ def _analysis_sections(run: Path) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for name, v in norm["all_neurons"].items():
         w = norm["salient_neurons"][name]
-        lines.append(f"| {name} | {v['skewness']:+.3f} | {v['kurtosis']:.3f} | {v['practically_normal']:.3f} | "
+        lines.append(f"| {cell(name)} | {v['skewness']:+.3f} | {v['kurtosis']:.3f} | {v['practically_normal']:.3f} | "
                      f"{w['skewness']:+.3f} | {w['kurtosis']:.3f} | {w['practically_normal']:.3f} |")
     p = a["polysemanticity"]
     lines += ["", "## Polysemanticity", "",

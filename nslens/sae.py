@@ -24,6 +24,7 @@ import torch
 from .batching import Progress, batches, tokenize
 from .errors import NsLensError
 from .files import atomic_path, write_text
+from .mdtable import cell
 from .models import Site, model_id, read_site
 from .ranges import RangeMask, check_tau
 from .remote import maybe_retry, trace_args
@@ -297,7 +298,7 @@ def table31_markdown(t: dict[str, Any]) -> str:
     lines = ["| concept | active per sample | active for concept | consistent (>= 10 %) | ablated |",
              "|---|---|---|---|---|"]
     for name, r in [*t["per_concept"].items(), ("mean", t["mean"])]:
-        lines.append(f"| {name} | {r['active_per_sample']:.1f} | {r['per_concept']:.0f} | {r['consistent']:.0f} | "
+        lines.append(f"| {cell(name)} | {r['active_per_sample']:.1f} | {r['per_concept']:.0f} | {r['consistent']:.0f} | "
                      f"{r['ablated']:.0f} / {t['d_sae']} |")
     return "\n".join(lines) + "\n"
 

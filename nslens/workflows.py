@@ -23,6 +23,7 @@ from .files import slug, write_text
 from .generate import Continuation, GenerationSettings, generate
 from .harness import default_cache_dir, side_effect_tables, side_effects
 from .intervene import Intervention
+from .mdtable import cell
 from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
 from .pipeline import needs_fit, run_operators, run_pipeline, side_effect_tasks
@@ -314,7 +315,7 @@ class BundleEffect:
         rows = ["| concept | n | Acc clean | Acc edited | ΔAcc | Conf clean | Conf edited | in the bundle |",
                 "|---|---|---|---|---|---|---|---|"]
         for i, c in enumerate(self.concepts):
-            rows.append(f"| {c} | {self.n[i]} | {self.acc_clean[i]:.3f} | {self.acc_edited[i]:.3f} | "
+            rows.append(f"| {cell(c)} | {self.n[i]} | {self.acc_clean[i]:.3f} | {self.acc_edited[i]:.3f} | "
                         f"{self.acc_edited[i] - self.acc_clean[i]:+.3f} | {self.conf_clean[i]:.3f} | "
                         f"{self.conf_edited[i]:.3f} | {'yes' if c in self.edited else ''} |")
         return "\n".join(rows) + "\n"
