@@ -26,7 +26,7 @@ from .erasure import ErasureTable
 from .errors import NsLensError
 from .files import write_text
 
-__all__ = ["Run", "RunResult", "StepRecord"]
+__all__ = ["Run", "RunResult", "StepRecord", "is_run_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +42,28 @@ class StepRecord:
     error: str | None = None
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory a run wrote (``Run.start`` writes ``config.json`` then ``summary.json``)."""
+    path = Path(path)
+    return (path / "summary.json").is_file() or (path / "config.json").is_file()
+
+
 class Run:
     """The run directory ``path`` while a run writes it.
 
     ``Run(path, overwrite=...)`` refuses a non-empty directory unless ``overwrite`` (temporary files a killed
-    writer left behind do not count); ``with run:`` creates it afresh and sets the final status on the way out;
+    writer left behind do not count), and even then unless it is a run's own (it holds ``summary.json`` or
+    ``config.json``): replacing deletes the directory, and a user's folder given as ``--out`` must survive
+    the mistake; ``with run:`` creates it afresh and sets the final status on the way out;
     ``run.step(name)`` times a step; ``run.summary`` is the dict ``summary.json`` holds (``run.save()`` writes it)."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         kept = [p for p in self.path.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))] \
             if self.path.exists() else []
+        if kept and not is_run_dir(self.path):
+            raise NsLensError(f"{self.path} exists, is not empty and is not an nslens run directory (no "
+                              "summary.json); choose a new or empty directory as --out")
         if kept and not overwrite:
             raise NsLensError(f"run directory {self.path} exists and is not empty (pass --overwrite to replace it)")
         self.summary: dict[str, Any] = {"status": "running", "failed_steps": {}}

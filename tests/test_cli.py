@@ -524,3 +524,20 @@ def test_a_terminal_shows_messages_as_they_are(tmp_path, monkeypatch):
     monkeypatch.setattr(cli_app.out_console, "width", 300)
     cli_app.print_table(Table())
     assert "[b]sports" in ansi.sub("", out.getvalue())
+
+
+def test_demo_and_run_never_replace_a_folder_that_is_not_a_run(tmp_path):
+    """`demo` always replaces its --out and `run --overwrite` replaces one: both refuse a user's own folder (one
+    line, exit 1) and leave it as it was."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("important")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "embedded"\n')
+    for args in (["demo", "--out", mine, "--no-side-effects"], ["run", cfg, "--out", mine, "--overwrite"]):
+        r = nslens(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            f"error: {mine} exists, is not empty and is not an nslens run directory (no summary.json); choose a new "
+            "or empty directory as --out"], r.stderr
+        assert sorted(p.name for p in mine.iterdir()) == ["precious.txt"]
