@@ -43,7 +43,7 @@ from .models import Site, model_fingerprint, model_id, resolve_site, tokenizer_f
 from .ops import OPERATOR_REGISTRY, Operator, Steer
 from .ranges import RangeMask
 
-__all__ = ["BUNDLE_FORMAT", "Bundle", "export_lm_eval_steering", "load_bundle", "save_bundle"]
+__all__ = ["BUNDLE_FORMAT", "Bundle", "check_bundle_dir", "export_lm_eval_steering", "load_bundle", "save_bundle"]
 
 BUNDLE_FORMAT = "nslens.bundle/1"
 MANIFEST = "manifest.json"
@@ -101,6 +101,21 @@ def _operator_entry(i: int, op: Operator, tensors: dict[str, torch.Tensor]) -> d
     return {"name": name, "params": params}
 
 
+def check_bundle_dir(path: str | Path) -> None:
+    """A bundle is written into a new or empty directory, or over an earlier bundle: its two files among other
+    files (``bundle --out`` given the masks' own directory) made that directory unreadable as masks, since
+    ``tensors.safetensors`` is not a range mask."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NsLensError(f"bundle path {out} exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, TENSORS)
+                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise NsLensError(f"bundle directory {out} holds other files ({shown}); write the bundle to a new or empty "
+                          "directory")
+
+
 def save_bundle(path: str | Path, model: Any, site: Site,
                 interventions: Intervention | Sequence[Intervention], *,
                 concepts: Sequence[str] | None = None, dataset: str | None = None,
@@ -134,8 +149,7 @@ def save_bundle(path: str | Path, model: Any, site: Site,
     }
 
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise NsLensError(f"bundle path {out} exists and is not a directory")
+    check_bundle_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / TENSORS) as tmp:
         save_file(tensors, tmp, metadata={"format": BUNDLE_FORMAT})

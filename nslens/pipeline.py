@@ -25,7 +25,7 @@ from .erasure import erasure_table
 from .errors import NsLensError
 from .explorer import write_explorer
 from .figures import plot_sweep
-from .files import atomic_path, slug, write_text
+from .files import atomic_path, write_text
 from .general import general_mean
 from .harness import default_cache_dir, side_effect_tables
 from .leace import run_leace
@@ -33,7 +33,7 @@ from .lmtasks import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
 from .models import Site, load_model, model_id, resolve_site
 from .ops import FITTED_OPERATORS, OPERATOR_FITTERS, make_operator, zero
 from .prepare import PreparedData, load_concepts, prepare_data, record_stats
-from .ranges import RangeMask, build_range_masks, load_masks
+from .ranges import RangeMask, build_range_masks, load_masks, save_masks
 from .rank import get_ranking, rank
 from .record import Progress, RecordResult, record
 from .report import write_report
@@ -96,8 +96,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
                 run.summary["basis"] = "sae"
             else:
                 rec, scores, masks = _neuron_masks(model, site, data, cfg, run.path, progress)
-            for i, m in enumerate(masks):
-                m.save(run.path / "ranges" / f"{i:02d}_{slug(m.concept)}.safetensors")
+            save_masks(masks, run.path / "ranges")
             run.summary.update(neurons_per_concept=len(masks[0]), erasure={})
         with run.step("erasure"):
             ops = run_operators(model, site, cfg, progress, data=data, masks=masks, rec=rec)

@@ -20,12 +20,12 @@ import torch
 
 from . import __version__
 from .errors import NsLensError
-from .files import atomic_path, write_text
+from .files import atomic_path, slug, write_text
 from .models import model_id, tokenizer_fingerprint
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
-__all__ = ["DEFAULT_TAU", "RangeMask", "check_masks_fit", "build_range_masks", "check_tau", "load_masks"]
+__all__ = ["DEFAULT_TAU", "RangeMask", "check_masks_fit", "build_range_masks", "check_tau", "load_masks", "save_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,33 @@ def build_range_masks(
         }
         masks.append(RangeMask(torch.as_tensor(idx), mu - tau * sigma, mu + tau * sigma, mu, sigma, md))
     return masks
+
+
+def save_masks(masks: Sequence[RangeMask], directory: str | Path) -> list[Path]:
+    """Write ``masks`` as ``directory``'s range masks, one per concept (``00_<concept>.safetensors`` and its JSON),
+    and then remove the masks an earlier write left there: ``load_masks`` reads every mask of a directory, and a
+    directory of four concepts' masks rewritten with three held seven, which every later command read as seven
+    concepts. Files that are not range masks stay."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NsLensError(f"cannot write the range masks to {directory}: it exists and is not a directory")
+    earlier = [f for f in directory.glob("*.safetensors") if _is_mask_file(f)] if directory.is_dir() else []
+    written = [m.save(directory / f"{i:02d}_{slug(m.concept)}.safetensors") for i, m in enumerate(masks)]
+    for f in sorted(set(earlier) - set(written)):
+        f.unlink(missing_ok=True)
+        f.with_suffix(".json").unlink(missing_ok=True)
+    return written
+
+
+def _is_mask_file(path: Path) -> bool:
+    """Whether ``path`` is a range mask (its safetensors metadata says so), without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "nslens.rangemask/1"
+    except Exception:  # not a safetensors file, or damaged: not a mask this writer made
+        return False
 
 
 def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -> list[RangeMask]:

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle, save_bundle
+from .bundle import Bundle, check_bundle_dir, load_bundle, save_bundle
 from .config import SWEEP_PARAMS, RunConfig, check_layers
 from .embedded import build_embedded_model, embedded_model_dir
 from .erasure import ErasureTable, erasure_table, predict
 from .errors import NsLensError
-from .files import slug, write_text
+from .files import write_text
 from .generate import Continuation, GenerationSettings, generate
 from .harness import default_cache_dir, side_effect_tables, side_effects
 from .intervene import Intervention
@@ -28,7 +28,7 @@ from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
 from .pipeline import needs_fit, run_operators, run_pipeline, side_effect_tasks
 from .prepare import load_concepts, prepare_data, record_stats
-from .ranges import RangeMask, build_range_masks, check_masks_fit, load_masks
+from .ranges import RangeMask, build_range_masks, check_masks_fit, load_masks, save_masks
 from .record import Progress, RecordResult
 from .report import write_report
 from .run import RunResult
@@ -91,8 +91,7 @@ def write_ranges(stats: str | Path, out: str | Path, *, method: str, fraction: f
                  ) -> list[RangeMask]:
     """Rank the neurons of a statistics file and write one range mask per concept into ``out``."""
     masks = build_range_masks(ConceptStats.load(stats), method=method, fraction=fraction, tau=tau)
-    for i, mk in enumerate(masks):
-        mk.save(Path(out) / f"{i:02d}_{slug(mk.concept)}.safetensors")
+    save_masks(masks, out)
     return masks
 
 
@@ -291,6 +290,7 @@ def bundle_from_masks(cfg: RunConfig, ranges: str | Path, out: str | Path, *, co
                       progress: Progress | None = None) -> tuple[Path, list[Intervention]]:
     """A bundle (``nslens.bundle``) of the masks in ``ranges`` with the config's operator, for the config's
     model."""
+    check_bundle_dir(out)  # before the model loads
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, concepts=concepts, gated=gated,
                                            allow_other_model=allow_other_model, progress=progress)

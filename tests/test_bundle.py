@@ -13,7 +13,7 @@ from conftest import run_cli
 
 import nslens
 from nslens.batching import tokenize
-from nslens.bundle import export_lm_eval_steering, load_bundle, save_bundle
+from nslens.bundle import check_bundle_dir, export_lm_eval_steering, load_bundle, save_bundle
 from nslens.errors import NsLensError
 from nslens.intervene import intervention_fingerprint
 from nslens.steering import full_masks, steering_operators
@@ -125,6 +125,24 @@ def test_what_a_bundle_cannot_hold_is_refused(embedded, site, synth_masks, tmp_p
         save_bundle(tmp_path / "b", embedded, site, nslens.Intervention(synth_masks[0], Unregistered()))
     with pytest.raises(NsLensError, match="at least one"):
         save_bundle(tmp_path / "b", embedded, site, [])
+
+
+def test_a_bundle_goes_to_a_new_directory_or_over_a_bundle(embedded, site, synth_masks, tmp_path):
+    """`bundle --ranges r --out r` wrote the bundle among the masks, and `r` no longer read as masks; now the
+    masks' directory is refused (and stays readable), an earlier bundle is replaced."""
+    masks_dir = tmp_path / "ranges"
+    nslens.save_masks(synth_masks, masks_dir)
+    before = sorted(p.name for p in masks_dir.iterdir())
+    iv = nslens.Intervention(synth_masks[0], nslens.zero())
+    with pytest.raises(NsLensError, match=f"bundle directory {masks_dir} holds other files \\(00_"):
+        save_bundle(masks_dir, embedded, site, iv)
+    assert sorted(p.name for p in masks_dir.iterdir()) == before
+    assert len(nslens.load_masks(masks_dir)) == len(synth_masks)
+    b = tmp_path / "b"
+    save_bundle(b, embedded, site, iv)
+    check_bundle_dir(b)  # an earlier bundle may be replaced
+    save_bundle(b, embedded, site, [iv, nslens.Intervention(synth_masks[1], nslens.zero())])
+    assert len(load_bundle(b).interventions) == 2
 
 
 def test_lm_eval_steered_model_on_the_export_gives_the_adapters_numbers(embedded, site, synth_recorded, tmp_path):

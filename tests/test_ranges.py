@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nslens.ranges import RangeMask, build_range_masks, load_masks
+from nslens.ranges import RangeMask, build_range_masks, load_masks, save_masks
 from nslens.stats import ConceptStats
 
 
@@ -112,3 +112,26 @@ def test_check_masks_fit_refuses_what_would_print_under_the_wrong_name(embedded)
         check_masks_fit([mask("sports", tokenizer="0" * 16)], model=embedded, allow_other_model=True)
     with pytest.raises(ValueError, match="made from the dataset 'synthetic', not 'ag_news'"):
         check_masks_fit(masks, dataset="ag_news")
+
+
+def test_save_masks_leaves_exactly_the_new_masks(tmp_path, rng):
+    """Masks of four concepts rewritten with three: the directory reads back as the three (it held the four old
+    files beside them, and every command read seven concepts), and files that are not masks stay."""
+    x = rng.normal(size=(160, 10))
+    four = ConceptStats.from_samples(x, np.arange(160) % 4, ["a", "b", "c", "d"])
+    three = ConceptStats.from_samples(x[:120], np.arange(120) % 3, ["x", "y", "z"])
+    out = tmp_path / "ranges"
+    save_masks(build_range_masks(four, fraction=0.5), out)
+    (out / "notes.txt").write_text("mine")
+    (out / "stats.safetensors").write_bytes(b"the statistics beside the masks")
+    new = build_range_masks(three, fraction=0.3)
+    save_masks(new, out)
+    back = load_masks(out)
+    assert [m.concept for m in back] == ["x", "y", "z"]
+    assert all(torch.equal(a.neurons, b.neurons) and torch.equal(a.lo, b.lo) for a, b in zip(new, back))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["00_x.json", "00_x.safetensors", "01_y.json", "01_y.safetensors", "02_z.json", "02_z.safetensors",
+         "notes.txt", "stats.safetensors"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_masks(new, tmp_path / "file")
