@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import tomllib
 import types
 import typing
@@ -33,7 +34,7 @@ from .errors import NsLensError
 from .intervene import INTERVENE_POSITIONS
 from .leace import check_leace_config
 from .models import QUANTIZE_MODES, check_layer, local_n_layers
-from .ops import OPERATORS, VECTOR_OPERATORS
+from .ops import OPERATORS, VECTOR_OPERATORS, get_operator
 from .ranges import DEFAULT_TAU, check_tau
 from .rank import RANKING_METHODS, check_fraction
 from .readout import READOUTS
@@ -115,6 +116,8 @@ class SteeringConfig:
             raise NsLensError(f"unknown steering {unknown}; choose from {', '.join(steering_runs())}")
         if self.source not in ("last", "mean"):
             raise NsLensError(f"unknown steer_source {self.source!r}; choose last or mean")
+        if not math.isfinite(self.alpha):
+            raise NsLensError(f"steering alpha must be a finite number, got {self.alpha}")
         check_tau(self.tau)
 
 
@@ -315,6 +318,8 @@ class RunConfig:
                 raise NsLensError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
         if not self.operators:
             raise NsLensError("no operators given; choose from " + ", ".join(OPERATORS))
+        for op in self.operators:  # alpha and beta, before the model loads and the data are recorded
+            get_operator(op).check_options(alpha=self.alpha, beta=self.beta)
         if self.cacc_average not in CACC_AVERAGES:
             raise NsLensError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
         if self.readout not in READOUTS:

@@ -87,6 +87,11 @@ class Operator:
         return cls()
 
     @classmethod
+    def check_options(cls, *, alpha: float = 0.125, beta: float = 0.5, **options: Any) -> None:
+        """Refuse shared options ``from_options`` would refuse, without building the operator: a config is checked
+        before the model loads (``RunConfig.validate``). The base reads none."""
+
+    @classmethod
     def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Operator:
         """A vector operator (``build == "vector"``) from one concept's steering vector ``[d_model]`` (``alpha``:
         the steering strength, for the operators that take one): how ``nslens.steering`` builds them by name."""
@@ -151,6 +156,10 @@ class Dampen(Operator):
     @classmethod
     def from_options(cls, *, alpha: float = 0.125, **options: Any) -> Operator:
         return cls(alpha)
+
+    @classmethod
+    def check_options(cls, *, alpha: float = 0.125, **options: Any) -> None:
+        cls(alpha)
 
 
 def _replacement(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -256,6 +265,10 @@ class Adaptive(Operator):
     @classmethod
     def from_options(cls, *, beta: float = 0.5, **options: Any) -> Operator:
         return cls(beta)
+
+    @classmethod
+    def check_options(cls, *, beta: float = 0.5, **options: Any) -> None:
+        cls(beta)
 
 
 def _site_vector(vector: Any, what: str) -> torch.Tensor:

@@ -230,7 +230,9 @@ def test_config_values_are_type_checked(tmp_path, text, message):
 
 
 def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
-    """A bad sweep layer, layer, dataset or batch size fails before any model is loaded (it used to take minutes)."""
+    """A bad sweep layer, layer, dataset, batch size or operator option fails before any model is loaded and
+    before the run directory is made (it used to take minutes; a bad alpha or beta failed only after the data
+    were recorded, leaving a failed run behind)."""
     import nslens.pipeline as pl
 
     def no_loading(*a, **k):
@@ -241,9 +243,16 @@ def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
                         ({"layer": -5}, "layer -5 out of range"),
                         ({"dataset": "nope"}, "unknown dataset 'nope'"),
                         ({"dataset": "missing.csv"}, "dataset file not found: missing.csv"),
-                        ({"batch_size": 0}, "batch_size must be >= 1")):
+                        ({"batch_size": 0}, "batch_size must be >= 1"),
+                        ({"operators": ["zero", "dampen"], "alpha": -5.0},
+                         r"dampening factor alpha must be in \[0, 1\], got -5.0"),
+                        ({"operators": ["adaptive"], "beta": 7.0},
+                         r"adaptive dampening beta must be in \[0, 1\], got 7.0"),
+                        ({"operators": ["dampen"], "alpha": float("nan")}, "alpha must be in .* got nan")):
         with pytest.raises(ValueError, match=message):
             run_pipeline(RunConfig(**kw), tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    RunConfig(operators=["zero"], alpha=-5.0, beta=7.0).validate()  # options none of the run's operators reads
 
 
 def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path, monkeypatch, capsys):
@@ -382,6 +391,7 @@ def test_flat_keys_of_earlier_configs_still_read_with_a_notice_naming_the_new_ke
     ("[steering]\nstrength = 1\n", "unknown keys ['strength'] in [steering]; valid keys: runs, alpha, source, tau"),
     ("[sweeps]\ntaus = [1, true]\n", "config key 'sweeps.taus' must be a list of numbers, got [1, True]"),
     ("[steering]\nsource = \"first\"\n", "unknown steer_source 'first'; choose last or mean"),
+    ("[steering]\nalpha = nan\n", "steering alpha must be a finite number, got nan"),
     ("[side_effects]\nlimit = 0\n", "lm-eval limit must be > 0, got 0"),
     ("sae = 3\n", "config key 'sae' must be a table ([sae]), got 3"),
     ("[sae]\npath = \"a.npz\"\nrelease = \"r\"\nid = \"i\"\n", "give either sae_path or sae_release + sae_id"),
