@@ -40,12 +40,20 @@ __all__ = ["BundleEffect", "bundle_from_masks", "check_writable", "demo_run", "e
            "side_effects_with_masks", "steering_run", "sweep_run", "write_ranges"]
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail before any work when an output cannot be written (its folder is made if missing)."""
-    folder = Path(path).parent
+def check_writable(path: str | Path, *, file: bool = False) -> None:
+    """Fail before any work when an output cannot be written: a folder on its way is a file, the nearest folder
+    that exists takes no new file, or (``file``: the output is one file) the path is a directory. Nothing is made
+    here, so a command that fails later leaves no empty folders behind; the writers make the missing ones."""
+    path = Path(path)
+    if file and path.is_dir():
+        raise NsLensError(f"cannot write {path}: it is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NsLensError(f"cannot write {path}: {existing} is not a directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise NsLensError(f"cannot write {path}: {e.strerror or e}") from e
 
@@ -77,7 +85,7 @@ def record_to_file(cfg: RunConfig, out: str | Path, *, checkpoint: str | Path | 
                    progress: Progress | None = None) -> tuple[RecordResult, Site]:
     """Per-concept statistics of the training split at the site, saved to ``out``. With ``checkpoint`` the
     recording resumes from (and saves) partial statistics there; it is removed only once ``out`` is written."""
-    check_writable(out)
+    check_writable(out, file=True)
     model, site = _model_site(cfg)
     data = prepare_data(model, site, cfg, progress)
     rec = record_stats(model, site, data, cfg, progress, checkpoint=checkpoint, keep_checkpoint=True)
@@ -272,7 +280,7 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
     if not prompts:
         raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
     if out is not None:
-        check_writable(out)
+        check_writable(out, file=True)
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=bundle, concepts=concepts,
                                            gated=gated, allow_other_model=allow_other_model, progress=progress)

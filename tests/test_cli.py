@@ -541,3 +541,23 @@ def test_demo_and_run_never_replace_a_folder_that_is_not_a_run(tmp_path):
             f"error: {mine} exists, is not empty and is not an nslens run directory (no summary.json); choose a new "
             "or empty directory as --out"], r.stderr
         assert sorted(p.name for p in mine.iterdir()) == ["precious.txt"]
+
+
+def test_outputs_are_checked_first_and_a_failed_command_leaves_no_folders(embedded, tmp_path):
+    """A directory given where one file goes fails before any work, naming it (record's failed at the end,
+    naming its temporary file); a command refused after the output check leaves none of the folders its output
+    would have needed (the check used to make them)."""
+    folder = tmp_path / "ranges"
+    folder.mkdir()
+    r = nslens("record", "--out", folder, "--n-per-class", "8")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: cannot write {folder}: it is a directory; give a file name"], r.stderr
+    (tmp_path / "file.txt").write_text("")
+    r = nslens("record", "--out", tmp_path / "file.txt" / "x.safetensors", "--n-per-class", "8")
+    assert r.returncode == 1 and f"{tmp_path / 'file.txt'} is not a directory" in r.stderr, r.stderr
+    r = nslens("nexttoken", "pronouns", "--source", "synthetic", "--min-words", "-3", "-o", tmp_path / "nt" / "a")
+    assert r.returncode == 1, r.stderr
+    r = nslens("record", "--out", tmp_path / "nd" / "deep" / "x.safetensors", "--n-per-class", "8",
+               "--label-words", "sports,sports,business,politics")
+    assert r.returncode == 1, r.stderr
+    assert not (tmp_path / "nt").exists() and not (tmp_path / "nd").exists()

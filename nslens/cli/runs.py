@@ -156,5 +156,8 @@ def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslen
                                                 "<run>/explorer.html).")) -> None:
     """(Re)write a run's explorer.html: one self-contained page to browse its tables, neurons and ranges."""
     from nslens.explorer import write_explorer
+    from nslens.workflows import check_writable
 
+    if out is not None:
+        check_writable(out, file=True)
     done("wrote", write_explorer(run, out))
