@@ -9,13 +9,25 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "file_lock", "nslens_home", "slug", "write_text"]
+__all__ = ["OUTPUT_EXTENSIONS", "atomic_path", "file_lock", "nslens_home", "output_stem", "slug", "write_text"]
 
 
 def slug(name: str) -> str:
     """A file-name-safe form of a concept name (``he/his`` -> ``he_his``; ``?`` -> ``concept``): file names carry an
     index prefix, so slugs need not be unique."""
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "concept"
+
+
+#: the extensions of nslens's ``<stem>.<ext>`` outputs (tables, check sheets)
+OUTPUT_EXTENSIONS = (".md", ".csv", ".json", ".jsonl")
+
+
+def output_stem(path: str | Path) -> Path:
+    """The stem that ``<stem>.md``, ``.json``, ... are written under: ``path`` less one of ``OUTPUT_EXTENSIONS``
+    (``table.md`` -> ``table``), any other name whole (``run.v2`` stays ``run.v2``: dropping its last dot-part
+    wrote ``run.v1`` and ``run.v2`` to the same files)."""
+    p = Path(path)
+    return p.with_suffix("") if p.suffix.lower() in OUTPUT_EXTENSIONS else p
 
 
 def nslens_home() -> Path:

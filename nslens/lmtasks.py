@@ -201,12 +201,15 @@ def _cached_task_manager(include: tuple[str, ...], include_defaults: bool) -> An
 
 def include_paths(include_path: str | Path | Sequence[str | Path] | None) -> tuple[str, ...]:
     """``include_path`` (none, one directory or several) as a tuple of strings: the form the task index is
-    cached by."""
+    cached by. Each must be a directory: lm-eval indexes only what it finds below one, so a mistyped path was
+    silently no tasks at all."""
     if include_path is None:
         return ()
-    if isinstance(include_path, (str, Path)):
-        return (str(include_path),)
-    return tuple(str(p) for p in include_path)
+    paths = (include_path,) if isinstance(include_path, (str, Path)) else tuple(include_path)
+    for p in paths:
+        if not Path(p).is_dir():
+            raise NsLensError(f"lm-eval task directory not found: {p} (--include, side_effects.include)")
+    return tuple(str(p) for p in paths)
 
 
 def task_manager(include_path: str | Path | Sequence[str | Path] | None, tasks: Sequence[str] = ()) -> Any:

@@ -46,7 +46,7 @@ import numpy as np
 
 from .concepts import ConceptDataset
 from .errors import NsLensError
-from .files import write_text
+from .files import output_stem, write_text
 from .mdtable import cell
 from .synthetic import synthetic_corpus
 
@@ -362,10 +362,10 @@ def write_check_sheet(samples: Sequence[NextTokenSample], stem: str | Path, *, c
     """The manual check of App. K: ``<stem>.jsonl`` (text, label, target, provenance; delete bad rows and load it
     back as the dataset) and ``<stem>.md`` (per concept, the context's end with the target marked, and what
     followed)."""
-    stem = Path(stem)
+    stem = output_stem(stem)
     rows = [{"text": s.context, "label": s.concept, "target": s.target, **{k: v for k, v in asdict(s).items()
              if k in ("text_index", "offset", "after")}} for s in samples]
-    jsonl = stem.with_suffix(".jsonl")
+    jsonl = Path(f"{stem}.jsonl")
     write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     lines = [f"# Next-token samples to check ({len(samples)})", "",
              "Each row: the last words of the context, the target in brackets, then what followed. Delete the rows "
@@ -378,6 +378,6 @@ def write_check_sheet(samples: Sequence[NextTokenSample], stem: str | Path, *, c
                 sample = cell(f"…{tail}⟦{s.target}⟧ {s.after}")
                 lines.append(f"| {i + 1} | {s.text_index} | {s.offset} | {sample} |")
         lines.append("")
-    md = stem.with_suffix(".md")
+    md = Path(f"{stem}.md")
     write_text(md, "\n".join(lines))
     return [jsonl, md]

@@ -37,7 +37,7 @@ from .ranges import RangeMask, build_range_masks, load_masks, save_masks
 from .rank import get_ranking, rank
 from .record import Progress, RecordResult, record
 from .report import write_report
-from .run import Run, RunResult
+from .run import Run, RunResult, is_run_dir
 from .sae import (
     build_feature_masks,
     feature_table31,
@@ -311,6 +311,8 @@ def analyze_run(run_dir: str | Path) -> Path:
     """(Re)compute the analyses of an existing run from its saved raw samples, masks and training texts, then
     rewrite its report and explorer page."""
     run = Path(run_dir)
+    if not is_run_dir(run):
+        raise NsLensError(f"{run} is not an nslens run directory (no summary.json)")
     if not (run / "samples.safetensors").exists():
         raise NsLensError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
     cfg = json.loads((run / "config.json").read_text())

@@ -19,10 +19,11 @@ from .config import SWEEP_PARAMS, RunConfig, check_layers
 from .embedded import build_embedded_model, embedded_model_dir
 from .erasure import ErasureTable, erasure_table, predict
 from .errors import NsLensError
-from .files import write_text
+from .files import output_stem, write_text
 from .generate import Continuation, GenerationSettings, generate
 from .harness import default_cache_dir, side_effect_tables, side_effects
 from .intervene import Intervention
+from .lmtasks import include_paths
 from .mdtable import cell
 from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
@@ -122,7 +123,7 @@ def _written(out: str | Path | None, names: Sequence[str]) -> dict[str, Path | N
     """Where each table goes: ``out`` itself for one, ``<out>_<name>`` for several."""
     if out is None:
         return {n: None for n in names}
-    base = Path(out).with_suffix("")
+    base = output_stem(out)
     return {n: base if len(names) == 1 else base.with_name(f"{base.name}_{n}") for n in names}
 
 
@@ -156,6 +157,7 @@ def side_effects_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Pa
     operator (written to ``out`` as .md/.json when given). ``leace`` is fitted on the config's training split."""
     if out is not None:
         check_writable(out)
+    include_paths(cfg.side_effects.include)  # a task directory that is not one fails before the model loads
     model, site = _model_site(cfg)
     masks = load_masks(ranges, expect=site.describe())
     check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
@@ -329,9 +331,9 @@ class BundleEffect:
         return "\n".join(rows) + "\n"
 
     def write(self, path: str | Path) -> None:
-        base = Path(path).with_suffix("")
-        write_text(base.with_suffix(".md"), self.to_markdown())
-        write_text(base.with_suffix(".json"), json.dumps(asdict(self), indent=2) + "\n")
+        base = output_stem(path)
+        write_text(f"{base}.md", self.to_markdown())
+        write_text(f"{base}.json", json.dumps(asdict(self), indent=2) + "\n")
 
 
 def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | None = None,
@@ -377,7 +379,7 @@ def side_effects_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | P
                        include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,
                        remote=cfg.remote, progress=progress)
     if out is not None:
-        base = Path(out).with_suffix("")
-        write_text(base.with_suffix(".md"), res.to_markdown())
-        write_text(base.with_suffix(".json"), json.dumps(dict(res), indent=2) + "\n")
+        base = output_stem(out)
+        write_text(f"{base}.md", res.to_markdown())
+        write_text(f"{base}.json", json.dumps(dict(res), indent=2) + "\n")
     return res

@@ -561,3 +561,17 @@ def test_outputs_are_checked_first_and_a_failed_command_leaves_no_folders(embedd
                "--label-words", "sports,sports,business,politics")
     assert r.returncode == 1, r.stderr
     assert not (tmp_path / "nt").exists() and not (tmp_path / "nd").exists()
+
+
+def test_a_task_directory_that_is_not_one_fails_first(embedded, tmp_path):
+    """`side-effects --include nowhere` ran with the include silently ignored (lm-eval indexes only directories)."""
+    r = nslens("side-effects", "--ranges", tmp_path / "r", "--include", tmp_path / "nowhere", "--lm-eval-limit", "2")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: lm-eval task directory not found: {tmp_path / 'nowhere'} (--include, side_effects.include)"], r.stderr
+
+
+def test_analyze_names_a_missing_run_as_such(tmp_path):
+    """`analyze nowhere` said the run had no raw samples and to re-run with analyses = true."""
+    r = nslens("analyze", tmp_path / "nowhere")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'} is not an nslens run directory (no summary.json)"], r.stderr

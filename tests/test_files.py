@@ -5,6 +5,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,14 @@ def test_file_lock_makes_another_process_wait(tmp_path):
         released = time.monotonic()
     out, _ = child.communicate(timeout=60)
     assert child.returncode == 0 and float(out) >= released
+
+
+def test_output_stem_drops_only_an_output_extension():
+    """``--out table.md`` names the stem ``table``; ``--out run.v1`` and ``--out run.v2`` stay apart (dropping the
+    last dot-part wrote both to ``run.md``)."""
+    from nslens.files import output_stem
+
+    assert output_stem("er/table.md") == Path("er/table") and output_stem("x.JSONL") == Path("x")
+    assert output_stem("run.v2") == Path("run.v2") and output_stem("a.b/c") == Path("a.b/c")
+    assert output_stem("dir/table") == Path("dir/table")
+

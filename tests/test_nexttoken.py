@@ -329,3 +329,14 @@ def test_tables_18_to_22_experiment_smoke(embedded, tmp_path):
     assert "**Table 19: pronouns" in text and "**Table 20: punctuation" in text and "| she | 1.00 |" in text
     assert "**Table 18" in text and "| max |" in text and "| probeless |" in text
     assert (tmp_path / "pronouns_max" / "summary.json").exists()
+
+
+def test_the_check_sheet_keeps_a_dotted_name(tmp_path):
+    """Two next-token check sheets written as v1.1 and v1.2 are two pairs of files."""
+    from nslens.nexttoken import NextTokenSample, write_check_sheet
+
+    s = NextTokenSample(context="he said that", concept="he", target="he", text_index=0, offset=3, after="was")
+    a = write_check_sheet([s], tmp_path / "v1.1")
+    b = write_check_sheet([s], tmp_path / "v1.2")
+    assert [p.name for p in a] == ["v1.1.jsonl", "v1.1.md"] and [p.name for p in b] == ["v1.2.jsonl", "v1.2.md"]
+    assert [p.name for p in write_check_sheet([s], tmp_path / "sheet.md")] == ["sheet.jsonl", "sheet.md"]
