@@ -575,3 +575,13 @@ def test_analyze_names_a_missing_run_as_such(tmp_path):
     r = nslens("analyze", tmp_path / "nowhere")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'} is not an nslens run directory (no summary.json)"], r.stderr
+
+
+@pytest.mark.parametrize("method,needs", [("probe", "raw samples"), ("neurgrad", "the model")])
+def test_ranges_names_the_rankings_a_statistics_file_can_give(tmp_path, method, needs):
+    """`ranges --method probe` answered with Python advice (record with keep_samples=True) instead of the
+    command's choices."""
+    r = nslens("ranges", tmp_path / "stats.safetensors", "--out", tmp_path / "r", "--method", method)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: the {method} ranking needs {needs}, which a statistics file does not hold; choose max, probeless "
+        f"here, or run it with nslens run (method = \"{method}\")"], r.stderr
