@@ -329,6 +329,8 @@ class RunConfig:
                               "need readout argmax")
         if self.k_shot < 0:
             raise NsLensError(f"k_shot must be >= 0, got {self.k_shot}")
+        if self.label_words is not None and not self.label_words:  # `--label-words ,,,` fell back to the defaults
+            raise NsLensError("label_words lists no words; give one per concept (--label-words a,b,c) or leave it out")
         if self.record_position not in POSITIONS:
             raise NsLensError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
         if self.positions not in INTERVENE_POSITIONS:

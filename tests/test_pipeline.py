@@ -248,7 +248,8 @@ def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
                          r"dampening factor alpha must be in \[0, 1\], got -5.0"),
                         ({"operators": ["adaptive"], "beta": 7.0},
                          r"adaptive dampening beta must be in \[0, 1\], got 7.0"),
-                        ({"operators": ["dampen"], "alpha": float("nan")}, "alpha must be in .* got nan")):
+                        ({"operators": ["dampen"], "alpha": float("nan")}, "alpha must be in .* got nan"),
+                        ({"label_words": []}, "label_words lists no words")):
         with pytest.raises(ValueError, match=message):
             run_pipeline(RunConfig(**kw), tmp_path / "run")
         assert not (tmp_path / "run").exists()
