@@ -30,7 +30,7 @@ from typing import Any
 
 from .data import check_dataset_spec
 from .erasure import CACC_AVERAGES
-from .errors import NsLensError
+from .errors import NsLensError, check_choice
 from .intervene import INTERVENE_POSITIONS
 from .leace import check_leace_config
 from .models import QUANTIZE_MODES, check_layer, local_n_layers
@@ -311,19 +311,14 @@ class RunConfig:
             raise NsLensError(f"batch_size must be >= 1, got {self.batch_size}")
         check_fraction(self.fraction)
         check_tau(self.tau)
-        if self.method not in RANKING_METHODS:
-            raise NsLensError(f"unknown ranking method {self.method!r}; choose one of {', '.join(RANKING_METHODS)}")
+        check_choice("ranking method", self.method, RANKING_METHODS)
         for op in self.operators:
-            if op not in OPERATORS:
-                raise NsLensError(f"unknown operator {op!r}; choose one of {', '.join(OPERATORS)}")
+            check_choice("operator", op, OPERATORS)
+            get_operator(op).check_options(alpha=self.alpha, beta=self.beta)  # before the model loads
         if not self.operators:
             raise NsLensError("no operators given; choose from " + ", ".join(OPERATORS))
-        for op in self.operators:  # alpha and beta, before the model loads and the data are recorded
-            get_operator(op).check_options(alpha=self.alpha, beta=self.beta)
-        if self.cacc_average not in CACC_AVERAGES:
-            raise NsLensError(f"unknown cacc_average {self.cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
-        if self.readout not in READOUTS:
-            raise NsLensError(f"unknown readout {self.readout!r}; choose one of {', '.join(READOUTS)}")
+        check_choice("cacc_average", self.cacc_average, CACC_AVERAGES)
+        check_choice("readout", self.readout, READOUTS)
         if self.readout != "argmax" and self.dataset.startswith("next:"):
             raise NsLensError(f"readout {self.readout!r} compares label words; next-token datasets ({self.dataset}) "
                               "need readout argmax")
@@ -331,12 +326,10 @@ class RunConfig:
             raise NsLensError(f"k_shot must be >= 0, got {self.k_shot}")
         if self.label_words is not None and not self.label_words:  # `--label-words ,,,` fell back to the defaults
             raise NsLensError("label_words lists no words; give one per concept (--label-words a,b,c) or leave it out")
-        if self.record_position not in POSITIONS:
-            raise NsLensError(f"unknown record_position {self.record_position!r}; choose one of {', '.join(POSITIONS)}")
-        if self.positions not in INTERVENE_POSITIONS:
-            raise NsLensError(f"unknown positions {self.positions!r}; choose one of {', '.join(INTERVENE_POSITIONS)}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
-            raise NsLensError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        check_choice("record_position", self.record_position, POSITIONS)
+        check_choice("positions", self.positions, INTERVENE_POSITIONS)
+        if self.quantize is not None:
+            check_choice("quantize mode", self.quantize, QUANTIZE_MODES)
         if self.n_per_class < 4:
             raise NsLensError(f"n_per_class must be >= 4, got {self.n_per_class}")
         if not 0.0 < self.test_size < 1.0:

@@ -14,13 +14,20 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["NsLensError", "internal_error_line", "is_user_error", "save_traceback"]
+__all__ = ["NsLensError", "check_choice", "internal_error_line", "is_user_error", "save_traceback"]
 
 
 class NsLensError(ValueError):
     """A user error: its message is one line naming the problem and, where there are any, the valid choices."""
+
+
+def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
+    """``value`` is one of ``choices``, or the one-line error that names them all."""
+    if value not in choices:
+        raise NsLensError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 def is_user_error(e: BaseException) -> bool:

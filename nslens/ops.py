@@ -10,19 +10,15 @@ x's shape. Gating (apply only inside [lo, hi]) is not the operator's business: s
 - ``MeanReplace`` (``mean``): phi(x) = the neuron's mean over general text (paper App. G.2, Tables 13-15;
   ``nslens.general``), given for the whole site (``site_values``, ``[d_model]``) so one operator serves every
   concept's mask; or given values, one per selected neuron.
-- ``MeanConcept`` (``mean_concept``): phi(x) = the mask's concept mean mu (pulls the concept to its most typical
-  value).
-- ``Steer`` (``steer``): phi(x) = x + a * r, r a steering vector given for the whole site (difference-in-means
-  steering, App. M; a = -2 in the paper). Range-gated (App. M.2: "range-based steering") it adds a * r_j only to
-  components whose activation lies in the target concept's range.
-- ``Ablate`` (``ablate``): phi(x) = x - (x . r_hat) r_hat, directional ablation (Arditi et al.; App. M.1) of the unit
-  direction r_hat restricted to the selected neurons (all of them, for a full-width mask).
+- ``MeanConcept`` (``mean_concept``): phi(x) = mu, the mask's concept mean (the concept's most typical value).
+- ``Steer`` (``steer``): phi(x) = x + a * r, r a whole-site steering vector (difference-in-means, App. M; a = -2 in
+  the paper); range-gated ("range-based steering", App. M.2) it adds a * r_j only to components in the range.
+- ``Ablate`` (``ablate``): phi(x) = x - (x . r_hat) r_hat, directional ablation (Arditi et al.; App. M.1) of the
+  unit direction r_hat restricted to the selected neurons (all of them, for a full-width mask).
 - ``Adaptive`` (``adaptive``): phi(x) = a(x) * x with a(x) = beta * |x - mu| / (tau * sigma) (paper Appendix G):
-  full suppression at mu, dampening by beta at the range's edges. Where tau * sigma = 0 the range is the single
-  point mu and a = 0 there (no division by zero). Ungated, a(x) is capped at beta so values outside the range are
-  never amplified; inside the range the cap never binds, so range-gated use is exactly the paper's formula.
-- ``Leace`` (``leace``): LEACE (least-squares concept erasure), one eraser per concept fitted on the training split
-  (``nslens.leace``); ``make_operator`` cannot build it from a name.
+  full suppression at mu, dampening by beta at the range's edges, a = 0 where tau * sigma = 0. Ungated, a(x) is
+  capped at beta (values outside the range are never amplified); inside the range the cap never binds.
+- ``Leace`` (``leace``, in ``nslens.leace``): LEACE, one eraser per concept fitted on the training split.
 
 ``OPERATOR_REGISTRY`` maps each name to its class; ``make_operator`` builds one by name through the class's
 ``from_options``, and ``register_operator`` adds a class of one's own (``docs/extending.md``).
@@ -58,6 +54,8 @@ class Operator:
 
     name: ClassVar[str] = ""
     build: ClassVar[str] = "options"
+    #: the shared options (``alpha``, ``beta``) that ``from_options`` builds it from, checked by ``check_options``
+    options: ClassVar[tuple[str, ...]] = ()
     values: ClassVar[torch.Tensor | None] = None
     """Replacement values, one per selected neuron (only ``MeanReplace`` sets them)."""
     site_values: ClassVar[torch.Tensor | None] = None
@@ -87,9 +85,11 @@ class Operator:
         return cls()
 
     @classmethod
-    def check_options(cls, *, alpha: float = 0.125, beta: float = 0.5, **options: Any) -> None:
-        """Refuse shared options ``from_options`` would refuse, without building the operator: a config is checked
-        before the model loads (``RunConfig.validate``). The base reads none."""
+    def check_options(cls, **options: Any) -> None:
+        """Refuse the shared options this class is built from (``options``), as ``__post_init__`` would, before the
+        model loads (``RunConfig.validate``)."""
+        if cls.options:
+            cls(**{k: options[k] for k in cls.options})
 
     @classmethod
     def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Operator:
@@ -135,6 +135,7 @@ class Dampen(Operator):
     """phi(x) = alpha * x (Suau et al. 2024; the paper's alpha is 0.125)."""
 
     name: ClassVar[str] = "dampen"
+    options: ClassVar[tuple[str, ...]] = ("alpha",)
     alpha: float = 0.125
 
     def __post_init__(self) -> None:
@@ -156,10 +157,6 @@ class Dampen(Operator):
     @classmethod
     def from_options(cls, *, alpha: float = 0.125, **options: Any) -> Operator:
         return cls(alpha)
-
-    @classmethod
-    def check_options(cls, *, alpha: float = 0.125, **options: Any) -> None:
-        cls(alpha)
 
 
 def _replacement(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +237,7 @@ class Adaptive(Operator):
     suppression at mu, dampening by beta at the range's edges, a = 0 where tau * sigma = 0."""
 
     name: ClassVar[str] = "adaptive"
+    options: ClassVar[tuple[str, ...]] = ("beta",)
     beta: float = 0.5
 
     def __post_init__(self) -> None:
@@ -265,10 +263,6 @@ class Adaptive(Operator):
     @classmethod
     def from_options(cls, *, beta: float = 0.5, **options: Any) -> Operator:
         return cls(beta)
-
-    @classmethod
-    def check_options(cls, *, beta: float = 0.5, **options: Any) -> None:
-        cls(beta)
 
 
 def _site_vector(vector: Any, what: str) -> torch.Tensor:
