@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import NsLensError
-from .files import atomic_path, write_text
+from .files import atomic_path, is_leftover, write_text
 from .intervene import Intervention, intervention_fingerprint
 from .models import Site, model_fingerprint, model_id, resolve_site, tokenizer_fingerprint
 from .ops import OPERATOR_REGISTRY, Operator, Steer
@@ -108,8 +108,8 @@ def check_bundle_dir(path: str | Path) -> None:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise NsLensError(f"bundle path {out} exists and is not a directory")
-    others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, TENSORS)
-                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+    others = sorted(p.name for p in out.iterdir() if p.name not in (MANIFEST, TENSORS) and not is_leftover(p)) \
+        if out.is_dir() else []
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise NsLensError(f"bundle directory {out} holds other files ({shown}); write the bundle to a new or empty "

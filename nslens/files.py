@@ -9,7 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OUTPUT_EXTENSIONS", "atomic_path", "file_lock", "nslens_home", "output_stem", "slug", "write_text"]
+__all__ = ["OUTPUT_EXTENSIONS", "atomic_path", "file_lock", "is_leftover", "nslens_home", "output_stem", "slug",
+           "write_text"]
 
 
 def slug(name: str) -> str:
@@ -57,6 +58,13 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def is_leftover(path: str | Path) -> bool:
+    """Whether ``path`` is a temporary file ``atomic_path`` made (``.<name>.<random>.tmp``) that a killed writer
+    left behind: not a user's file, so it does not make a directory non-empty."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 @contextlib.contextmanager

@@ -25,9 +25,13 @@ from .models import model_id, tokenizer_fingerprint
 from .rank import check_fraction, rank, select_top
 from .stats import ConceptStats
 
-__all__ = ["DEFAULT_TAU", "RangeMask", "check_masks_fit", "build_range_masks", "check_tau", "load_masks", "save_masks"]
+__all__ = ["DEFAULT_TAU", "MASK_FORMAT", "RangeMask", "check_masks_fit", "build_range_masks", "check_tau", "load_masks",
+           "save_masks"]
 
 logger = logging.getLogger(__name__)
+
+#: the ``format`` a range mask's safetensors metadata carries
+MASK_FORMAT = "nslens.rangemask/1"
 
 DEFAULT_TAU = 2.5  # the paper's value (~98.76 % of a Gaussian); the authors' CLI defaulted to 2.0
 
@@ -79,7 +83,7 @@ class RangeMask:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
-        meta = {"nslens": json.dumps(self.meta, default=str), "format": "nslens.rangemask/1"}
+        meta = {"nslens": json.dumps(self.meta, default=str), "format": MASK_FORMAT}
         tensors = {"neurons": self.neurons.contiguous(), "lo": self.lo.contiguous(), "hi": self.hi.contiguous(),
                    "mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}
         with atomic_path(path) as tmp:
@@ -101,7 +105,7 @@ class RangeMask:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise NsLensError(f"cannot read range file {path}: {e}") from e
-        if md.get("format") != "nslens.rangemask/1":
+        if md.get("format") != MASK_FORMAT:
             raise NsLensError(f"{path} is not an nslens range mask (format {md.get('format')!r})")
         missing = sorted({"neurons", "lo", "hi", "mu", "sigma"} - set(tensors))
         if missing:
@@ -193,7 +197,7 @@ def _is_mask_file(path: Path) -> bool:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "nslens.rangemask/1"
+            return (f.metadata() or {}).get("format") == MASK_FORMAT
     except Exception:  # not a safetensors file, or damaged: not a mask this writer made
         return False
 

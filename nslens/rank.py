@@ -26,7 +26,7 @@ from .errors import NsLensError
 from .registry import Names, Registry
 from .stats import ConceptStats
 
-__all__ = ["RANKING_METHODS", "RANKING_REGISTRY", "MaxRanking", "ProbeRanking", "ProbelessRanking", "Ranking",
+__all__ = ["RANKING_METHODS", "RANKING_REGISTRY", "STATS_RANKINGS", "MaxRanking", "ProbeRanking", "ProbelessRanking", "Ranking",
            "check_fraction", "get_ranking", "rank", "rank_max", "rank_probe", "rank_probeless", "register_ranking",
            "select_top"]
 
@@ -171,6 +171,8 @@ RANKING_REGISTRY.register("neurgrad", "nslens.neurgrad:NeurGradRanking")  # need
 
 #: the registered ranking names, read at each use
 RANKING_METHODS: Names = RANKING_REGISTRY.view()
+#: those that need neither the model nor raw samples: what a statistics file alone can rank by
+STATS_RANKINGS: Names = RANKING_REGISTRY.view(lambda cls: not (cls.needs_model or cls.needs_samples))
 
 
 def rank(method: str, stats: ConceptStats, samples: np.ndarray | None = None,

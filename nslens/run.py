@@ -24,7 +24,7 @@ from typing import Any
 from .effects import SideEffectTable
 from .erasure import ErasureTable
 from .errors import NsLensError
-from .files import write_text
+from .files import is_leftover, write_text
 
 __all__ = ["Run", "RunResult", "StepRecord", "is_run_dir"]
 
@@ -59,7 +59,7 @@ class Run:
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
-        kept = [p for p in self.path.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))] \
+        kept = [p for p in self.path.iterdir() if not is_leftover(p)] \
             if self.path.exists() else []
         if kept and not is_run_dir(self.path):
             raise NsLensError(f"{self.path} exists, is not empty and is not an nslens run directory (no "

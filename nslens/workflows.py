@@ -30,7 +30,7 @@ from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_te
 from .pipeline import needs_fit, run_operators, run_pipeline, side_effect_tasks
 from .prepare import load_concepts, prepare_data, record_stats
 from .ranges import RangeMask, build_range_masks, check_masks_fit, load_masks, save_masks
-from .rank import RANKING_METHODS, get_ranking
+from .rank import STATS_RANKINGS, get_ranking
 from .record import Progress, RecordResult
 from .report import write_report
 from .run import RunResult
@@ -102,11 +102,10 @@ def write_ranges(stats: str | Path, out: str | Path, *, method: str, fraction: f
     """Rank the neurons of a statistics file and write one range mask per concept into ``out``. A ranking that
     needs the model or the raw samples is refused in the command's terms (which rankings a file can give)."""
     ranking = get_ranking(method)
-    if ranking.needs_model or ranking.needs_samples:
-        usable = [n for n in RANKING_METHODS if not (get_ranking(n).needs_model or get_ranking(n).needs_samples)]
+    if method not in STATS_RANKINGS:
         raise NsLensError(f"the {method} ranking needs {'the model' if ranking.needs_model else 'raw samples'}, "
-                          f"which a statistics file does not hold; choose {', '.join(usable)} here, or run it with "
-                          f"nslens run (method = \"{method}\")")
+                          f"which a statistics file does not hold; choose {', '.join(STATS_RANKINGS)} here, or run "
+                          f"it with nslens run (method = \"{method}\")")
     masks = build_range_masks(ConceptStats.load(stats), method=method, fraction=fraction, tau=tau)
     save_masks(masks, out)
     return masks
