@@ -72,6 +72,7 @@ class Bundle:
     interventions: list[Intervention]
     layer: int
     manifest: dict[str, Any] = field(repr=False)
+    source: str = "bundle"  # how messages name it: "bundle <path>"
 
     @property
     def concepts(self) -> list[str]:
@@ -80,6 +81,17 @@ class Bundle:
     def site(self, model: Any) -> Site:
         """The bundle's site on ``model`` (the layer it was made at)."""
         return resolve_site(model, self.layer)
+
+    def check_fits(self, model: Any, *, allow_other_model: bool = False) -> None:
+        """Refuse ``model`` if the bundle was made for another model (weights or config fingerprint; a fine-tuned
+        copy with ``allow_other_model``), tokenizer, width or depth."""
+        _check_model(self.manifest, model, self.source, allow_other_model)
+        site = self.manifest.get("site") or {}
+        here = resolve_site(model, self.layer).describe()
+        diffs = [f"{k}: bundle has {site.get(k)!r}, model has {here[k]!r}" for k in ("d_model", "n_layers")
+                 if site.get(k) != here[k]]
+        if diffs:
+            raise NsLensError(f"{self.source} does not fit this model: " + "; ".join(diffs))
 
 
 def _operator_entry(i: int, op: Operator, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -195,18 +207,12 @@ def _check_model(manifest: dict[str, Any], model: Any, source: str, allow_other_
 
 
 def load_bundle(path: str | Path, model: Any = None, *, allow_other_model: bool = False) -> Bundle:
-    """Read a bundle; with ``model``, refuse one made for another model, tokenizer or site shape (one line)."""
+    """Read a bundle; with ``model``, refuse one made for another model, tokenizer or site shape (one line).
+    Without it the files are still checked in full, so a command can refuse a bad bundle before it loads the
+    model and call ``Bundle.check_fits`` once it has."""
     path = Path(path)
     manifest, tensors = _read(path)
     source = f"bundle {path}"
-    site = manifest.get("site") or {}
-    if model is not None:
-        _check_model(manifest, model, source, allow_other_model)
-        here = resolve_site(model, int(site.get("layer", -1))).describe()
-        diffs = [f"{k}: bundle has {site.get(k)!r}, model has {here[k]!r}" for k in ("d_model", "n_layers")
-                 if site.get(k) != here[k]]
-        if diffs:
-            raise NsLensError(f"{source} does not fit this model: " + "; ".join(diffs))
     ivs = []
     try:
         for i, e in enumerate(manifest["interventions"]):
@@ -219,7 +225,10 @@ def load_bundle(path: str | Path, model: Any = None, *, allow_other_model: bool 
         raise NsLensError(f"{source} is incomplete: {err} missing") from err
     if intervention_fingerprint(ivs) != manifest.get("intervention_fingerprint"):
         raise NsLensError(f"{source} does not read back as written (its intervention fingerprint differs)")
-    return Bundle(ivs, int(site.get("layer", -1)), manifest)
+    bundle = Bundle(ivs, int((manifest.get("site") or {}).get("layer", -1)), manifest, source)
+    if model is not None:
+        bundle.check_fits(model, allow_other_model=allow_other_model)
+    return bundle
 
 
 def export_lm_eval_steering(bundle: Bundle | str | Path, out: str | Path) -> Path:

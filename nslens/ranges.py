@@ -214,12 +214,17 @@ def load_masks(directory: str | Path, *, expect: dict[str, Any] | None = None) -
 
 
 def check_masks_fit(masks: Sequence[RangeMask], *, label_names: Sequence[str] | None = None, model: Any = None,
-                    dataset: str | None = None, allow_other_model: bool = False, source: str = "the masks") -> None:
+                    dataset: str | None = None, site: dict[str, Any] | None = None, allow_other_model: bool = False,
+                    source: str = "the masks") -> None:
     """Refuse masks whose metadata says they were made for other concepts (names or order), another model,
-    tokenizer or dataset, so that no result is ever printed under the wrong name. ``allow_other_model`` lets a
-    fine-tuned copy of the model use them (the model id check only)."""
+    tokenizer, dataset or site (``site``: ``Site.describe()``, as ``RangeMask.validate``), so that no result is
+    ever printed under the wrong name. ``allow_other_model`` lets a fine-tuned copy of the model use them (the
+    model id check only). Commands read the masks before the model loads and check them here once it has."""
     if not masks:
         raise NsLensError(f"{source}: no masks")
+    if site is not None:
+        for m in masks:
+            m.validate(site, source=f"{source}: {m.concept!r}")
     concepts = [m.concept for m in masks]
     if label_names is not None and concepts != list(label_names):
         raise NsLensError(f"{source} are for the concepts {concepts} but the dataset has {list(label_names)}; "

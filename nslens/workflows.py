@@ -38,7 +38,7 @@ from .stats import ConceptStats
 
 __all__ = ["BundleEffect", "bundle_from_masks", "check_writable", "demo_run", "erase_with_bundle", "erase_with_masks",
            "export_next_token", "one_source", "read_prompts", "side_effects_with_bundle",
-           "generate_with_options", "interventions_from_options", "record_to_file", "refresh_report",
+           "generate_with_options", "interventions_from_options", "read_sources", "record_to_file", "refresh_report",
            "side_effects_with_masks", "steering_run", "sweep_run", "write_ranges"]
 
 
@@ -140,10 +140,10 @@ def erase_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Path | No
     ``out`` as .md/.csv/.json when given). Masks made for another site, model or concepts are refused."""
     if out is not None:
         check_writable(out)
-    ds = load_concepts(cfg)  # a bad dataset fails before the model loads
+    ds = load_concepts(cfg)  # a bad dataset or mask directory fails before the model loads
+    masks = load_masks(ranges)
     model, site = _model_site(cfg)
-    masks = load_masks(ranges, expect=site.describe())
-    check_masks_fit(masks, label_names=ds.label_names, model=model, dataset=cfg.dataset,
+    check_masks_fit(masks, label_names=ds.label_names, model=model, dataset=cfg.dataset, site=site.describe(),
                     allow_other_model=allow_other_model, source=f"the masks in {ranges}")
     data = prepare_data(model, site, cfg, progress, ds=ds)
     ops = run_operators(model, site, cfg, progress, data=data, masks=masks)
@@ -164,10 +164,11 @@ def side_effects_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Pa
     operator (written to ``out`` as .md/.json when given). ``leace`` is fitted on the config's training split."""
     if out is not None:
         check_writable(out)
-    include_paths(cfg.side_effects.include)  # a task directory that is not one fails before the model loads
+    include_paths(cfg.side_effects.include)  # a task or mask directory that is not one fails before the model loads
+    masks = load_masks(ranges)
     model, site = _model_site(cfg)
-    masks = load_masks(ranges, expect=site.describe())
-    check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
+    check_masks_fit(masks, model=model, site=site.describe(), allow_other_model=allow_other_model,
+                    source=f"the masks in {ranges}")
     data = prepare_data(model, site, cfg, progress) if needs_fit(cfg) else None  # the fitted operators' data
     ops = run_operators(model, site, cfg, data=data, masks=masks)
     tasks, include = side_effect_tasks(cfg)
@@ -230,6 +231,14 @@ def one_source(ranges: str | Path | None, bundle: str | Path | None) -> None:
         raise NsLensError("give the range masks (--ranges) or a bundle (--bundle), one of them")
 
 
+def read_sources(ranges: str | Path | None, bundle: str | Path | None) -> tuple[list[RangeMask] | None,
+                                                                             Bundle | None]:
+    """The one source of interventions a command names, read in full before the model loads (so that a typo in
+    ``--ranges`` or a damaged bundle costs no model load): the masks of ``ranges`` or the bundle."""
+    one_source(ranges, bundle)
+    return (load_masks(ranges) if ranges is not None else None), (load_bundle(bundle) if bundle is not None else None)
+
+
 def read_prompts(prompts: Sequence[str], path: str | Path | None) -> list[str]:
     """The prompts given one by one, then those of ``path`` (one per non-empty line; ``\\n`` stands for a
     newline inside a prompt)."""
@@ -260,19 +269,22 @@ def _select(masks: Sequence[RangeMask], concepts: Sequence[str] | None, source: 
 
 def interventions_from_options(cfg: RunConfig, model: Any, site: Site, *, ranges: str | Path | None = None,
                                bundle: str | Path | Bundle | None = None, concepts: Sequence[str] | None = None,
-                               gated: bool = True, allow_other_model: bool = False,
-                               progress: Progress | None = None) -> tuple[list[Intervention], Site]:
-    """The interventions a command applies, with their site: a bundle's (loaded against ``model``, at the
+                               gated: bool = True, allow_other_model: bool = False, progress: Progress | None = None,
+                               masks: Sequence[RangeMask] | None = None) -> tuple[list[Intervention], Site]:
+    """The interventions a command applies, with their site: a bundle's (checked against ``model``, at the
     bundle's layer), or the range masks in ``ranges`` of ``concepts`` with the config's one operator, gated (range
-    masking) or not (neuron masking). ``leace`` is fitted on the config's training split."""
+    masking) or not (neuron masking). ``masks`` are those of ``ranges`` already read (``read_sources``, before the
+    model loaded). ``leace`` is fitted on the config's training split."""
     one_source(ranges, bundle)
     if bundle is not None:
-        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, model, allow_other_model=allow_other_model)
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        b.check_fits(model, allow_other_model=allow_other_model)
         return b.interventions, b.site(model)
     if len(cfg.operators) != 1:
         raise NsLensError(f"one operator at a time here, got {', '.join(cfg.operators)}")
-    masks = load_masks(ranges, expect=site.describe())
-    check_masks_fit(masks, model=model, allow_other_model=allow_other_model, source=f"the masks in {ranges}")
+    masks = list(masks) if masks is not None else load_masks(ranges)
+    check_masks_fit(masks, model=model, site=site.describe(), allow_other_model=allow_other_model,
+                    source=f"the masks in {ranges}")
     data = prepare_data(model, site, cfg, progress) if needs_fit(cfg) else None  # the fitted operators' data
     op = next(iter(run_operators(model, site, cfg, progress, data=data, masks=masks).values()))
     chosen = _select(masks, concepts, str(ranges))
@@ -285,14 +297,15 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
                           concepts: Sequence[str] | None = None, gated: bool = True, allow_other_model: bool = False,
                           out: str | Path | None = None, progress: Progress | None = None) -> list[Continuation]:
     """Clean and intervened continuations of ``prompts`` (``nslens.generate``), written to ``out`` as JSON."""
-    one_source(ranges, bundle)  # before the model loads
     if not prompts:
         raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
     if out is not None:
         check_writable(out, file=True)
+    masks, read = read_sources(ranges, bundle)  # before the model loads
     model, site = _model_site(cfg)
-    ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=bundle, concepts=concepts,
-                                           gated=gated, allow_other_model=allow_other_model, progress=progress)
+    ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=read, concepts=concepts,
+                                           gated=gated, allow_other_model=allow_other_model, progress=progress,
+                                           masks=masks)
     result = generate(model, site, prompts, interventions=ivs, settings=settings, batch_size=cfg.batch_size,
                       remote=cfg.remote)
     if out is not None:
@@ -307,10 +320,11 @@ def bundle_from_masks(cfg: RunConfig, ranges: str | Path, out: str | Path, *, co
                       progress: Progress | None = None) -> tuple[Path, list[Intervention]]:
     """A bundle (``nslens.bundle``) of the masks in ``ranges`` with the config's operator, for the config's
     model."""
-    check_bundle_dir(out)  # before the model loads
+    check_bundle_dir(out)  # before the model loads, with the masks
+    masks = load_masks(ranges)
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, concepts=concepts, gated=gated,
-                                           allow_other_model=allow_other_model, progress=progress)
+                                           allow_other_model=allow_other_model, progress=progress, masks=masks)
     return save_bundle(out, model, site, ivs, concepts=[iv.mask.concept for iv in ivs], dataset=cfg.dataset), ivs
 
 
@@ -350,12 +364,13 @@ def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | N
     if out is not None:
         check_writable(out)
     ds = load_concepts(cfg)
-    model = _model(cfg)
-    b = load_bundle(bundle, model, allow_other_model=allow_other_model)
+    b = load_bundle(bundle)  # a bad bundle, or one for other concepts, fails before the model loads
     missing = [c for c in b.concepts if c not in ds.label_names]
     if missing:
         raise NsLensError(f"bundle {bundle} edits concepts {', '.join(missing)} that dataset {cfg.dataset} lacks "
                           f"(it has {', '.join(ds.label_names)})")
+    model = _model(cfg)
+    b.check_fits(model, allow_other_model=allow_other_model)
     site = b.site(model)
     data = prepare_data(model, site, cfg, progress, ds=ds)
     prompts, labels = data.prompts(data.test), np.asarray(data.test.labels)
@@ -379,8 +394,10 @@ def side_effects_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | P
 
     if out is not None:
         check_writable(out)
+    include_paths(cfg.side_effects.include)
+    b = load_bundle(bundle)  # a bad bundle or task directory fails before the model loads
     model = _model(cfg)
-    b = load_bundle(bundle, model, allow_other_model=allow_other_model)
+    b.check_fits(model, allow_other_model=allow_other_model)
     tasks, include = side_effect_tasks(cfg)
     res = side_effects(model, b.site(model), {"bundle": b.interventions}, tasks=tasks, limit=cfg.side_effects.limit,
                        include_path=include, cache_dir=default_cache_dir(), batch_size=cfg.batch_size,

@@ -76,6 +76,10 @@ def test_another_model_is_refused_in_one_line(embedded, site, synth_masks, tmp_p
         load_bundle(out, other)
     assert "\n" not in str(e.value)
     assert len(load_bundle(out, other, allow_other_model=True).interventions) == 1
+    read = load_bundle(out)  # the files alone (what a command reads before the model loads), the model later
+    read.check_fits(embedded)
+    with pytest.raises(NsLensError, match=rf"bundle {out} was made for model .* differs in its weights"):
+        read.check_fits(other)
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -106,6 +110,8 @@ def test_damaged_bundles_are_one_line_errors(embedded, site, synth_masks, tmp_pa
         save_file(t, out / "tensors.safetensors")
     with pytest.raises(NsLensError, match=words):
         load_bundle(out, embedded)
+    with pytest.raises(NsLensError, match=words):  # without the model too: the files alone are damaged
+        load_bundle(out)
 
 
 def test_what_a_bundle_cannot_hold_is_refused(embedded, site, synth_masks, tmp_path):

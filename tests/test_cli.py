@@ -585,3 +585,41 @@ def test_ranges_names_the_rankings_a_statistics_file_can_give(tmp_path, method, 
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: the {method} ranking needs {needs}, which a statistics file does not hold; choose max, probeless "
         f"here, or run it with nslens run (method = \"{method}\")"], r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["erase", "--ranges", "{t}/nowhere"], "no range masks (*.safetensors) in {t}/nowhere"),
+    (["side-effects", "--ranges", "{t}/nowhere"], "no range masks (*.safetensors) in {t}/nowhere"),
+    (["generate", "--ranges", "{t}/nowhere", "--prompt", "a"], "no range masks (*.safetensors) in {t}/nowhere"),
+    (["bundle", "--ranges", "{t}/nowhere", "--out", "{t}/b"], "no range masks (*.safetensors) in {t}/nowhere"),
+    (["erase", "--bundle", "{t}/nowhere"], "not an nslens bundle: {t}/nowhere/manifest.json not found"),
+    (["side-effects", "--bundle", "{t}/nowhere"], "not an nslens bundle: {t}/nowhere/manifest.json not found"),
+    (["generate", "--bundle", "{t}/nowhere", "--prompt", "a"],
+     "not an nslens bundle: {t}/nowhere/manifest.json not found"),
+    (["side-effects", "--bundle", "{t}/nowhere", "--include", "{t}/none"],
+     "lm-eval task directory not found: {t}/none (--include, side_effects.include)"),
+])
+def test_a_bad_source_fails_before_the_model_loads(args, message, tmp_path, monkeypatch):
+    """A typo in --ranges or --bundle, or a task directory that is not one, used to cost a whole model load
+    (seconds for the real model, minutes for a hub one) before the one-line error."""
+    from nslens import workflows
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the source was read")
+
+    monkeypatch.setattr(workflows, "load_model", no_loading)
+    r = nslens(*[a.format(t=tmp_path) for a in args], cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {message.format(t=tmp_path)}"], r.stderr
+
+
+def test_a_bundle_for_other_concepts_fails_before_the_model_loads(embedded, site, synth_masks, tmp_path, monkeypatch):
+    """erase --bundle reads the bundle's concepts before the model loads; the model checks follow it."""
+    from nslens import workflows
+    from nslens.bundle import save_bundle
+    from nslens.intervene import Intervention
+    from nslens.ops import Zero
+
+    save_bundle(tmp_path / "b", embedded, site, [Intervention(synth_masks[0], Zero())], concepts=["nope"])
+    monkeypatch.setattr(workflows, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    r = nslens("erase", "--bundle", tmp_path / "b", cwd=tmp_path)
+    assert r.returncode == 1 and "edits concepts nope that dataset synthetic lacks" in r.stderr, r.stderr
