@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -212,6 +214,23 @@ def NsLensLM(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory 
     return _lm_class()(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=8)
+def _git_hash_in(cwd: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always"], cwd=cwd, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git on the machine, or it hangs
+        return None
+    if out.returncode != 0:  # not a git checkout: lm-eval's own fallback then finds no commit either
+        return None
+    return out.stdout.decode().strip() or None
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` (the working directory's commit, or None), once per directory and
+    without git's stderr."""
+    return _git_hash_in(os.getcwd())
+
+
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
     """Silence lm-eval while it runs under nslens's own progress: its loggers (and datasets') at ERROR, its tqdm
@@ -220,7 +239,9 @@ def quiet_lm_eval() -> Iterator[None]:
     A side-effect table runs 2C + 1 evaluations, so two fixed costs of each are removed (results unchanged):
     ``add_env_info``, which shells out to pip for environment metadata that nslens discards (0.25 s each), and
     the compilation of every Jinja prompt template for every document (``apply_template``; compiled templates
-    are cached per template string instead). Everything is restored afterwards."""
+    are cached per template string instead). The results' ``git_hash`` is asked of git once, with its stderr
+    dropped: outside a git checkout each evaluation printed git's "fatal: not a git repository" to the terminal.
+    Everything is restored afterwards."""
     # lm-eval is the optional extra [eval]; datasets is heavy, tqdm comes with lm-eval
     import datasets.utils.logging as ds_logging
     import lm_eval.evaluator as lm_evaluator
@@ -241,9 +262,10 @@ def quiet_lm_eval() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in ("lm_eval", "datasets", "transformers", "evaluate")]
     levels = [lg.level for lg in loggers]
     bars_on = ds_logging.is_progress_bar_enabled()
-    env_info, template = lm_evaluator.add_env_info, lm_utils.apply_template
+    env_info, template, git_hash = lm_evaluator.add_env_info, lm_utils.apply_template, lm_evaluator.get_git_commit_hash
     try:
         lm_evaluator.add_env_info = lambda results: None
+        lm_evaluator.get_git_commit_hash = _quiet_git_hash
         lm_utils.apply_template = apply_template
         for m, _ in patched:
             m.tqdm = silent_tqdm
@@ -254,6 +276,7 @@ def quiet_lm_eval() -> Iterator[None]:
         yield
     finally:
         lm_evaluator.add_env_info, lm_utils.apply_template = env_info, template
+        lm_evaluator.get_git_commit_hash = git_hash
         for m, orig in patched:
             m.tqdm = orig
         for lg, lvl in zip(loggers, levels):
