@@ -21,11 +21,19 @@ Progress = Callable[[str, int, int], None]
 
 
 def tokenize(model: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded batch encoding (the last column is every row's last real token)."""
+    """Left-padded batch encoding (the last column is every row's last real token). A prompt of no tokens is
+    refused: the model cannot run on it (it failed as a reshape error deep in attention)."""
     tok = model.tokenizer
     if tok.padding_side != "left":
         raise NsLensError("the tokenizer must pad on the left; load the model with nslens.load_model")
-    return dict(tok(list(prompts), return_tensors="pt", padding=True))
+    prompts = list(prompts)
+    if not prompts:
+        raise NsLensError("no prompts given")
+    enc = dict(tok(prompts, return_tensors="pt", padding=True))
+    empty = [p for p, n in zip(prompts, enc["attention_mask"].sum(-1).tolist()) if n == 0]
+    if empty:
+        raise NsLensError(f"prompt {empty[0]!r} has no tokens; every prompt needs at least one")
+    return enc
 
 
 def batches(n: int, batch_size: int) -> list[slice]:

@@ -19,7 +19,23 @@ import numpy as np
 
 from .errors import NsLensError
 
-__all__ = ["ConceptDataset", "FewShotPrompter"]
+__all__ = ["ConceptDataset", "FewShotPrompter", "concept_labels"]
+
+
+def concept_labels(labels: Any, n_concepts: int) -> np.ndarray:
+    """``labels`` as int64 concept indices in [0, n_concepts), or the one-line error: a float label was silently
+    truncated (every 0.5 became concept 0) and one past the concepts failed deep inside the statistics."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)
+                             or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
+        raise NsLensError(f"labels must be a flat list of integer concept indices, got {arr.dtype} of shape "
+                          f"{arr.shape}")
+    out = arr.astype(np.int64)
+    bad = out[(out < 0) | (out >= n_concepts)]
+    if len(bad):
+        raise NsLensError(f"label {int(bad[0])} is not a concept index: {n_concepts} concepts take 0 to "
+                          f"{n_concepts - 1}")
+    return out
 
 
 @dataclass

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import tomllib
 import types
 import typing
@@ -30,7 +29,7 @@ from typing import Any
 
 from .data import check_dataset_spec
 from .erasure import CACC_AVERAGES
-from .errors import NsLensError, check_choice
+from .errors import NsLensError, check_choice, check_number
 from .intervene import INTERVENE_POSITIONS
 from .leace import check_leace_config
 from .models import QUANTIZE_MODES, check_layer, local_n_layers
@@ -116,8 +115,7 @@ class SteeringConfig:
             raise NsLensError(f"unknown steering {unknown}; choose from {', '.join(steering_runs())}")
         if self.source not in ("last", "mean"):
             raise NsLensError(f"unknown steer_source {self.source!r}; choose last or mean")
-        if not math.isfinite(self.alpha):
-            raise NsLensError(f"steering alpha must be a finite number, got {self.alpha}")
+        check_number("steering alpha", self.alpha)
         check_tau(self.tau)
 
 

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .concepts import concept_labels
 from .errors import NsLensError
 from .files import write_text
-from .intervene import Intervention, apply_in_trace
+from .intervene import Intervention, apply_in_trace, check_site
 from .mdtable import cell
 from .models import Site
 from .ops import Operator
@@ -52,11 +53,19 @@ class Predictions:
     pred: np.ndarray  # int [N] predicted token id
 
 
-def _gold_tensor(prompts: Sequence[str], gold_token_ids: Sequence[int] | np.ndarray,
-                 remote: bool | str) -> torch.Tensor:
+def _gold_tensor(model: Any, prompts: Sequence[str],
+                 gold_token_ids: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """The gold token per prompt, refused when it cannot index the logits (it failed inside the trace)."""
+    if not len(prompts):
+        raise NsLensError("no prompts given")
     gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
     if len(gold) != len(prompts):
         raise NsLensError(f"{len(prompts)} prompts but {len(gold)} gold labels")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    bad = gold[(gold < 0) | (gold >= vocab)] if isinstance(vocab, int) else gold[gold < 0]
+    if len(bad):
+        size = f" of {vocab} tokens" if isinstance(vocab, int) else ""
+        raise NsLensError(f"gold token id {int(bad[0])} is outside the vocabulary{size}")
     return gold
 
 
@@ -84,7 +93,8 @@ def predict(
 ) -> Predictions:
     """Greedy next-token predictions at the last position, optionally under interventions at the site; with a
     ``readout`` (``nslens.readout``) the prediction is the best label token by that rule instead."""
-    gold = _gold_tensor(prompts, gold_token_ids, remote)
+    check_site(site, interventions)
+    gold = _gold_tensor(model, prompts, gold_token_ids)
     rule = _rule(readout)
     conf, pred = [], []
     parts = batches(len(prompts), batch_size)
@@ -140,8 +150,9 @@ def predict_many(
     and only the last position's logits are computed (``logits_to_keep=1``). The results equal ``predict`` run
     once per intervention (tested), at a fraction of the cost. ``None`` in ``interventions`` means the clean model.
     """
+    check_site(site, interventions)
     chunks = chunked(interventions, per_pass)
-    gold = _gold_tensor(prompts, gold_token_ids, remote)
+    gold = _gold_tensor(model, prompts, gold_token_ids)
     rule = _rule(readout)
     conf: list[list[torch.Tensor]] = [[] for _ in interventions]
     pred: list[list[torch.Tensor]] = [[] for _ in interventions]
@@ -174,16 +185,16 @@ def predict_many(
 def sample_gold(labels: np.ndarray, label_token_ids: Sequence[int] | None,
                 gold_token_ids: Sequence[int] | np.ndarray | None = None, *, n_concepts: int) -> np.ndarray:
     """Each sample's gold token: its own (``gold_token_ids``) or its concept's label token."""
-    labels = np.asarray(labels, dtype=np.int64)
+    if gold_token_ids is None and label_token_ids is None:
+        raise NsLensError("give label_token_ids (one per concept) or gold_token_ids (one per sample)")
+    if gold_token_ids is None and len(label_token_ids) != n_concepts:
+        raise NsLensError(f"{n_concepts} masks for {len(label_token_ids)} concepts")
+    labels = concept_labels(labels, n_concepts)
     if gold_token_ids is not None:
         gold = np.asarray(gold_token_ids, dtype=np.int64)
         if gold.shape != labels.shape:
             raise NsLensError(f"{len(gold)} gold tokens for {len(labels)} samples")
         return gold
-    if label_token_ids is None:
-        raise NsLensError("give label_token_ids (one per concept) or gold_token_ids (one per sample)")
-    if len(label_token_ids) != n_concepts:
-        raise NsLensError(f"{n_concepts} masks for {len(label_token_ids)} concepts")
     return np.asarray(list(label_token_ids), dtype=np.int64)[labels]
 
 
@@ -320,8 +331,8 @@ def erasure_table(
         raise NsLensError(f"{len(ops)} operators for {len(masks)} masks")
     if cacc_average not in CACC_AVERAGES:
         raise NsLensError(f"unknown cacc_average {cacc_average!r}; choose one of {', '.join(CACC_AVERAGES)}")
-    labels = np.asarray(labels, dtype=np.int64)
     gold = sample_gold(labels, label_token_ids, gold_token_ids, n_concepts=len(masks))
+    labels = concept_labels(labels, len(masks))
     concepts = [m.concept for m in masks]
 
     ivs = [Intervention(mask, op, gated=gated, positions=positions, sae=sae)

@@ -9,6 +9,7 @@ bad input.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["NsLensError", "check_choice", "internal_error_line", "is_user_error", "save_traceback"]
+__all__ = ["NsLensError", "check_choice", "check_number", "internal_error_line", "is_user_error", "save_traceback"]
 
 
 class NsLensError(ValueError):
@@ -28,6 +29,19 @@ def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
     """``value`` is one of ``choices``, or the one-line error that names them all."""
     if value not in choices:
         raise NsLensError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_number(what: str, value: object, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``value`` as a finite float in [lo, hi], or the one-line error: a string, None, NaN or inf given as an
+    operator's strength otherwise failed deep in a comparison or ran and returned NaN logits."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(value, (str, bool)) or not (math.isfinite(x) and lo <= x <= hi):
+        bounds = "a finite number" if (lo, hi) == (-math.inf, math.inf) else f"in [{lo:g}, {hi:g}]"
+        raise NsLensError(f"{what} must be {bounds}, got {value!r}")
+    return x
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -23,7 +23,7 @@ import torch
 
 from .batching import batches, tokenize
 from .errors import NsLensError
-from .intervene import Intervention, apply_in_trace
+from .intervene import Intervention, apply_in_trace, check_site
 from .models import Site
 from .remote import maybe_retry, trace_args
 
@@ -117,6 +117,7 @@ def generate_ids(model: Any, site: Site, prompts: Sequence[str], *,
     prompts = list(prompts)
     if not prompts:
         raise NsLensError("no prompts to generate from")
+    check_site(site, interventions)
     tok = model.tokenizer
     kwargs = settings.generate_kwargs(tok)
     eos = set([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])

@@ -26,7 +26,7 @@ from .ops import Operator
 from .ranges import RangeMask
 from .sae import NPZ_KEYS
 
-__all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "edit_hidden",
+__all__ = ["INTERVENE_POSITIONS", "Intervention", "applied", "apply_in_trace", "check_site", "edit_hidden",
            "intervention_fingerprint"]
 
 INTERVENE_POSITIONS = ("all", "last")
@@ -44,6 +44,9 @@ class Intervention:
     """A ``JumpReLUSAE``: the mask then selects SAE features, edited in the SAE's basis with the error term kept."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mask, RangeMask) or not isinstance(self.operator, Operator):
+            raise NsLensError(f"an Intervention takes a RangeMask and an operator (nslens.zero(), nslens.dampen(a), "
+                              f"...), got {type(self.mask).__name__} and {type(self.operator).__name__}")
         is_sae_mask = self.mask.meta.get("basis") == "sae"
         if is_sae_mask and self.sae is None:
             raise NsLensError("this mask selects SAE features: pass the SAE (Intervention(..., sae=sae))")
@@ -66,6 +69,20 @@ class Intervention:
     def describe(self) -> dict[str, Any]:
         return {"concept": self.mask.concept, "kind": self.kind, "operator": self.operator.describe(),
                 "positions": self.positions, "neurons": len(self.mask), "basis": "sae" if self.sae else "neurons"}
+
+
+def check_site(site: Site | None, interventions: Any) -> None:
+    """Refuse, before any trace runs, an intervention whose mask was made for another site (its layer, width or
+    depth, as ``RangeMask.validate``) or selects a neuron the site lacks: applied at the wrong layer a mask ran
+    and gave a table that looked right, and a neuron past the width failed inside the trace. ``interventions``:
+    one, a sequence of them (or of sequences, or None for the clean model) or a mapping of them."""
+    if site is None or interventions is None:
+        return
+    if isinstance(interventions, Intervention):
+        interventions.mask.validate(site.describe(), source=f"the mask of concept {interventions.mask.concept!r}")
+        return
+    for iv in interventions.values() if isinstance(interventions, dict) else interventions:
+        check_site(site, iv)
 
 
 def edit_hidden(h: torch.Tensor, iv: Intervention, ends: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,6 +141,7 @@ def apply_in_trace(model: Any, site: Site, interventions: Intervention | Sequenc
 def applied(model: Any, site: Site, interventions: Intervention | Sequence[Intervention]) -> Iterator[Any]:
     """Persistently edit ``model`` for the block (every trace inside sees the intervention); the edit is removed
     in ``finally``, so afterwards the model is exactly the clean model again."""
+    check_site(site, interventions)
     with model.edit(inplace=True):
         apply_in_trace(model, site, interventions)
     try:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .registry import Names, Registry
 
 __all__ = ["FITTED_OPERATORS", "OPERATORS", "OPERATOR_FITTERS", "OPERATOR_REGISTRY", "VECTOR_OPERATORS", "Ablate",
@@ -139,9 +139,7 @@ class Dampen(Operator):
     alpha: float = 0.125
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise NsLensError(f"dampening factor alpha must be in [0, 1], got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_number("dampening factor alpha", self.alpha, 0.0, 1.0))
 
     def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
                  neurons: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,10 +177,9 @@ class MeanReplace(Operator):
             raise NsLensError("mean replacement needs values (per selected neuron) or site_values (per site "
                               "neuron); MeanConcept replaces by the concept mean mu")
         if self.site_values is not None:
-            object.__setattr__(self, "site_values",
-                               torch.as_tensor(self.site_values, dtype=torch.float32).flatten())
-        if self.values is not None:
-            object.__setattr__(self, "values", torch.as_tensor(self.values, dtype=torch.float32))
+            object.__setattr__(self, "site_values", _site_vector(self.site_values, "mean replacement vector (site_values)"))
+        if self.values is not None:  # NaN values ran and read as a perfect erasure (NaN logits)
+            object.__setattr__(self, "values", _site_vector(self.values, "mean replacement vector (values)"))
 
     def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
                  neurons: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,9 +238,7 @@ class Adaptive(Operator):
     beta: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise NsLensError(f"adaptive dampening beta must be in [0, 1], got {self.beta}")
-        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "beta", check_number("adaptive dampening beta", self.beta, 0.0, 1.0))
 
     def __call__(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tau: float,
                  neurons: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,7 +261,10 @@ class Adaptive(Operator):
 
 
 def _site_vector(vector: Any, what: str) -> torch.Tensor:
-    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    try:
+        v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise NsLensError(f"the {what} must be numbers (a tensor or array), got {type(vector).__name__}") from e
     if not torch.isfinite(v).all():
         raise NsLensError(f"the {what} has NaN/inf values")
     return v
@@ -284,7 +282,7 @@ class Steer(Operator):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", _site_vector(self.vector, "steering vector"))
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_number("steering alpha", self.alpha))
 
     @classmethod
     def from_vector(cls, vector: torch.Tensor, *, alpha: float = -2.0) -> Steer:

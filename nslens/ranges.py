@@ -63,6 +63,8 @@ class RangeMask:
                 raise NsLensError(f"RangeMask.{name} has shape {tuple(getattr(self, name).shape)}, expected ({k},)")
         if k == 0:
             raise NsLensError("RangeMask selects no neurons")
+        if int(self.neurons.min()) < 0:
+            raise NsLensError(f"RangeMask selects neuron {int(self.neurons.min())}; indices start at 0")
         if bool((self.lo > self.hi).any()):
             raise NsLensError("RangeMask has lo > hi for some neurons")
 
@@ -120,8 +122,9 @@ class RangeMask:
         return mask
 
     def validate(self, expect: dict[str, Any], source: str = "range mask") -> None:
-        diffs = [f"{k}: mask has {self.meta.get(k)!r}, model has {expect[k]!r}"
-                 for k in ("d_model", "n_layers", "layer") if k in expect and self.meta.get(k) != expect[k]]
+        diffs = [f"{k}: mask has {self.meta[k]!r}, model has {expect[k]!r}"  # a hand-made mask names no site
+                 for k in ("d_model", "n_layers", "layer") if k in expect and k in self.meta
+                 and self.meta[k] != expect[k]]
         if diffs:
             raise NsLensError(f"{source} was made for another model/site: " + "; ".join(diffs))
         if self.meta.get("basis") == "sae":

@@ -20,6 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 from .batching import Progress, batches, tokenize
+from .concepts import concept_labels
 from .errors import NsLensError
 from .files import atomic_path
 from .models import Site, model_id, read_site, tokenizer_fingerprint
@@ -109,7 +110,7 @@ def record(
     """
     if position not in POSITIONS:
         raise NsLensError(f"unknown position {position!r}; choose one of {', '.join(POSITIONS)}")
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = concept_labels(labels, len(label_names))
     if len(prompts) != len(labels):
         raise NsLensError(f"{len(prompts)} prompts but {len(labels)} labels")
     if len(prompts) == 0:

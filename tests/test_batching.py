@@ -44,3 +44,12 @@ def test_the_old_home_still_names_them():
     record_module = sys.modules[nslens.record.__module__]
     assert (record_module.batches, record_module.tokenize, record_module.Progress) == \
         (home.batches, home.tokenize, home.Progress)
+
+
+def test_a_prompt_of_no_tokens_and_no_prompts_are_refused():
+    """An empty prompt failed deep in attention as a reshape error (``generate -p ""``, ``record``)."""
+    model = SimpleNamespace(tokenizer=build_tokenizer())
+    with pytest.raises(nslens.NsLensError, match="prompt '' has no tokens; every prompt needs at least one"):
+        tokenize(model, ["the game", ""])
+    with pytest.raises(nslens.NsLensError, match="no prompts given"):
+        tokenize(model, [])

@@ -113,3 +113,23 @@ def test_footer_says_what_the_trimmed_mean_cut():
     x = np.arange(14.0) ** 2
     assert trim_mean(x, 0.1) == pytest.approx(np.mean(np.sort(x)[1:-1]))  # what the footer claims
     assert trim_mean(x[:9], 0.1) == pytest.approx(np.mean(x[:9]))
+
+
+def test_bad_labels_gold_tokens_and_no_prompts_are_one_line_errors(embedded, site, synth):
+    """Each failed deep inside: torch.cat of nothing, an IndexError, a RuntimeError from the logits' gather."""
+    te = synth["test"]
+    m = nslens.RangeMask([1], [0.0], [1.0], [0.5], [0.1], {"concept": "a"})
+    masks = [m, nslens.RangeMask([2], [0.0], [1.0], [0.5], [0.1], {"concept": "b"})]
+    prompts = synth["test_prompts"][:3]
+    with pytest.raises(nslens.NsLensError, match="no prompts given"):
+        erasure_table(embedded, site, [], [], [5, 6], masks, nslens.zero())
+    with pytest.raises(nslens.NsLensError, match="label 2 is not a concept index: 2 concepts take 0 to 1"):
+        erasure_table(embedded, site, prompts, [0, 1, 2], [5, 6], masks, nslens.zero())
+    with pytest.raises(nslens.NsLensError, match="labels must be a flat list of integer concept indices"):
+        erasure_table(embedded, site, prompts, [0.5, 1, 0], [5, 6], masks, nslens.zero())
+    vocab = embedded.config.vocab_size
+    with pytest.raises(nslens.NsLensError, match=f"gold token id {vocab} is outside the vocabulary of {vocab}"):
+        erasure_table(embedded, site, prompts, [0, 1, 0], [5, vocab], masks, nslens.zero())
+    with pytest.raises(nslens.NsLensError, match="gold token id -1 is outside the vocabulary"):
+        predict(embedded, site, prompts, [-1, 5, 5])
+    assert len(te.labels)  # the fixture's own labels still run

@@ -144,3 +144,34 @@ def test_general_mean_replacement_equals_plain_hook(embedded, site, batch, gated
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mean has 10 site values for a mask over"):
         Intervention(mask, mean_replace(site_values=torch.zeros(10)))
+
+
+def test_an_intervention_for_another_site_or_of_wrong_parts_is_refused_before_any_trace(embedded, site, synth, batch):
+    """Applied at another layer, a mask ran and gave a table that looked right; a neuron past the width failed in
+    the trace as a bare IndexError; a string operator failed there as a TypeError."""
+    from nslens.erasure import erasure_table, predict, predict_many
+    from nslens.generate import generate
+
+    _, h = batch
+    m = mask_for(h, [1, 2])
+    m.meta.update(site.describe())  # made at the site, as build_range_masks records it
+    with pytest.raises(nslens.NsLensError, match="takes a RangeMask and an operator .*got RangeMask and str"):
+        Intervention(m, "zero")
+    with pytest.raises(nslens.NsLensError, match="RangeMask selects neuron -1; indices start at 0"):
+        RangeMask([-1], [0.0], [1.0], [0.5], [0.1])
+    below = nslens.resolve_site(embedded, 0)
+    prompts, gold = synth["test_prompts"][:4], [1, 2, 3, 4]
+    other_layer = f"made for another model/site: layer: mask has {site.layer}, model has 0"
+    with pytest.raises(nslens.NsLensError, match=other_layer):
+        predict(embedded, below, prompts, gold, interventions=Intervention(m, zero()))
+    with pytest.raises(nslens.NsLensError, match=other_layer):
+        predict_many(embedded, below, prompts, gold, [None, [Intervention(m, zero())]])
+    with pytest.raises(nslens.NsLensError, match=other_layer):
+        erasure_table(embedded, below, prompts, [0, 0, 0, 0], [5], [m], zero())
+    with pytest.raises(nslens.NsLensError, match=other_layer):
+        generate(embedded, below, prompts[:1], interventions=Intervention(m, zero()))
+    wide = RangeMask([site.d_model], [0.0], [1.0], [0.5], [0.1], {"concept": "w"})
+    with pytest.raises(nslens.NsLensError, match=f"selects neuron {site.d_model} >= d_model {site.d_model}"):
+        with applied(embedded, site, Intervention(wide, zero())):
+            pass
+    predict(embedded, site, prompts, gold, interventions=Intervention(m, zero()))  # its own site is fine

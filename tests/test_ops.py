@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nslens.ops import adaptive_dampen, dampen, make_operator, mean_replace, zero
+from nslens.ops import adaptive_dampen, dampen, make_operator, mean_replace, steer, zero
 
 
 @pytest.fixture
@@ -177,3 +177,20 @@ def test_operators_are_frozen_and_check_their_own_parameters():
         from nslens.ops import steer
 
         steer(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: dampen("0.5"), r"dampening factor alpha must be in \[0, 1\], got '0.5'"),
+    (lambda: dampen(float("nan")), r"alpha must be in \[0, 1\], got nan"),
+    (lambda: dampen(True), r"alpha must be in \[0, 1\], got True"),
+    (lambda: adaptive_dampen(None), r"beta must be in \[0, 1\], got None"),
+    (lambda: steer(torch.ones(4), float("inf")), "steering alpha must be a finite number, got inf"),
+    (lambda: steer(torch.ones(4), float("nan")), "steering alpha must be a finite number, got nan"),
+    (lambda: mean_replace(site_values=torch.full((4,), float("nan"))), r"vector \(site_values\) has NaN/inf"),
+    (lambda: mean_replace(values=[1.0, float("inf")]), r"vector \(values\) has NaN/inf"),
+    (lambda: mean_replace(values="abc"), r"vector \(values\) must be numbers"),
+])
+def test_a_strength_or_vector_that_is_no_finite_number_is_refused_when_built(build, words):
+    """A NaN mean-replacement vector or steering strength ran, gave NaN logits, and read as a perfect erasure."""
+    with pytest.raises(ValueError, match=words):
+        build()

@@ -113,3 +113,17 @@ def test_raw_samples_are_a_balanced_sample_of_every_concept_on_class_grouped_dat
     assert np.bincount(lab[idx]).tolist() == [3, 20, 20]
     assert np.array_equal(idx, sample_per_concept(lab, 43, seed=1))
     assert np.array_equal(sample_per_concept(lab, 500), np.arange(len(lab)))
+
+
+@pytest.mark.parametrize("labels, words", [
+    ([0.5, 0.5, 0.5], "labels must be a flat list of integer concept indices, got float64"),
+    (["a", "b", "c"], "labels must be a flat list of integer concept indices"),
+    ([0, 1, 9], "label 9 is not a concept index: 4 concepts take 0 to 3"),
+    ([0, -1, 2], "label -1 is not a concept index"),
+])
+def test_labels_that_are_no_concept_indices_are_refused(embedded, site, synth, labels, words):
+    """A float label was truncated (every sample became concept 0); one past the names failed in the statistics."""
+    with pytest.raises(nslens.NsLensError, match=words):
+        record(embedded, site, synth["train_prompts"][:3], labels, synth["train"].label_names)
+    assert record(embedded, site, synth["train_prompts"][:3], [0.0, 1.0, 3.0],  # whole floats are indices
+                  synth["train"].label_names).stats.count.tolist() == [1, 1, 0, 1]
