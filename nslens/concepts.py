@@ -10,6 +10,7 @@ context and its target is the token that followed it, so every sample has its ow
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 
 __all__ = ["ConceptDataset", "FewShotPrompter", "concept_labels"]
 
@@ -120,8 +121,14 @@ class ConceptDataset:
         """Seeded stratified train/test split (scikit-learn)."""
         from sklearn.model_selection import train_test_split  # heavy (about 1 s): only the split needs it
 
-        if not 0.0 < test_size < 1.0:
+        if not 0.0 < check_number("test_size", test_size) < 1.0:
             raise NsLensError(f"test_size must be in (0, 1), got {test_size}")
+        check_number("seed", seed, 0, integer=True)
+        n, c = len(self), len(np.unique(self.labels))
+        n_test = math.ceil(test_size * n)  # scikit-learn's count; each side needs a sample of every concept
+        if min(n_test, n - n_test) < c:
+            raise NsLensError(f"a test_size of {test_size:g} splits {n} samples into {n - n_test} train and {n_test} "
+                              f"test, fewer than the {c} concepts; raise n_per_class or move test_size toward 0.5")
         idx = np.arange(len(self))
         tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=self.labels)
         return self.subset(np.sort(tr)), self.subset(np.sort(te))

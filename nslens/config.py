@@ -83,6 +83,8 @@ class SaeConfig:
         return bool(self.path or self.release)
 
     def validate(self) -> None:
+        if "" in (self.path, self.release, self.id):  # an unset shell variable: it ran a plain neuron run
+            raise NsLensError("an empty SAE setting names no SAE ([sae] path, release, id); give one or leave it out")
         if self.path and (self.release or self.id):
             raise NsLensError("give either sae_path or sae_release + sae_id, not both ([sae] path, or release + id)")
         if bool(self.release) != bool(self.id):
@@ -136,6 +138,9 @@ class SweepConfig:
         unknown = sorted(set(self.params) - set(SWEEP_PARAMS))
         if unknown:
             raise NsLensError(f"unknown sweeps {unknown}; choose from {', '.join(SWEEP_PARAMS)}")
+        empty = [p for p in self.params if getattr(self, f"{p}s") is not None and not len(getattr(self, f"{p}s"))]
+        if empty:  # found only at the sweep step, which then skipped the other sweeps too
+            raise NsLensError(f"the {empty[0]} sweep has no values (sweeps.{empty[0]}s, --values)")
         for f in self.fractions:
             check_fraction(f)
         for t in self.taus:
@@ -158,6 +163,8 @@ class SideEffectsConfig:
     def validate(self) -> None:
         if self.limit is not None and not self.limit > 0:
             raise NsLensError(f"lm-eval limit must be > 0, got {self.limit} (side_effects.limit, --lm-eval-limit)")
+        if not self.tasks or not all(isinstance(t, str) and t.strip() for t in self.tasks):
+            raise NsLensError(f"side_effects.tasks must name lm-eval tasks, got {self.tasks!r} (--tasks)")
 
 
 #: the config's sections: the key a config file writes them under, and their class
@@ -305,8 +312,9 @@ class RunConfig:
     def validate(self) -> None:
         """Everything that can be checked without the model; ``check_layers`` adds what its config tells."""
         check_dataset_spec(self.dataset)
-        if self.batch_size < 1:
-            raise NsLensError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name, least in (("batch_size", 1), ("n_per_class", 4), ("k_shot", 0), ("max_words", 1), ("seed", 0),
+                            ("max_correct_per_class", 2), ("max_samples", int(self.method == "probe"))):
+            check_number(name, getattr(self, name), least, integer=True)
         check_fraction(self.fraction)
         check_tau(self.tau)
         check_choice("ranking method", self.method, RANKING_METHODS)
@@ -320,22 +328,14 @@ class RunConfig:
         if self.readout != "argmax" and self.dataset.startswith("next:"):
             raise NsLensError(f"readout {self.readout!r} compares label words; next-token datasets ({self.dataset}) "
                               "need readout argmax")
-        if self.k_shot < 0:
-            raise NsLensError(f"k_shot must be >= 0, got {self.k_shot}")
         if self.label_words is not None and not self.label_words:  # `--label-words ,,,` fell back to the defaults
             raise NsLensError("label_words lists no words; give one per concept (--label-words a,b,c) or leave it out")
         check_choice("record_position", self.record_position, POSITIONS)
         check_choice("positions", self.positions, INTERVENE_POSITIONS)
         if self.quantize is not None:
             check_choice("quantize mode", self.quantize, QUANTIZE_MODES)
-        if self.n_per_class < 4:
-            raise NsLensError(f"n_per_class must be >= 4, got {self.n_per_class}")
-        if not 0.0 < self.test_size < 1.0:
+        if not 0.0 < check_number("test_size", self.test_size) < 1.0:
             raise NsLensError(f"test_size must be in (0, 1), got {self.test_size}")
-        if self.max_words < 1:
-            raise NsLensError(f"max_words must be >= 1, got {self.max_words}")
-        if self.max_correct_per_class < 2:  # the training split needs two samples of each concept
-            raise NsLensError(f"max_correct_per_class must be >= 2, got {self.max_correct_per_class}")
         for section in SECTIONS:
             getattr(self, section).validate()
         # leace reads the flat names of its settings
@@ -343,6 +343,9 @@ class RunConfig:
                                                  sae_path=self.sae.path, sae_release=self.sae.release))
         if self.steering.runs and self.sae.enabled:
             raise NsLensError("steering baselines act on the site's neurons; run them without an SAE")
+        if self.sae.enabled and "mean" in self.operators:  # found after the SAE features were recorded
+            raise NsLensError("the mean operator replaces the site's neurons by their general-text mean, not SAE "
+                              "features; use mean_concept with an SAE")
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes``: core fields by name, a section by its object or by a dict of the fields to change

@@ -31,15 +31,22 @@ def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
         raise NsLensError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def check_number(what: str, value: object, lo: float = -math.inf, hi: float = math.inf) -> float:
-    """``value`` as a finite float in [lo, hi], or the one-line error: a string, None, NaN or inf given as an
-    operator's strength otherwise failed deep in a comparison or ran and returned NaN logits."""
+def check_number(what: str, value: object, lo: float = -math.inf, hi: float = math.inf, *,
+                 integer: bool = False) -> float:
+    """``value`` as a finite float in [lo, hi] (a whole one with ``integer``), or the one-line error: a string,
+    None, NaN or inf given as an operator's strength otherwise failed deep in a comparison or ran and returned
+    NaN logits, and a string count failed as a TypeError."""
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         x = math.nan
-    if isinstance(value, (str, bool)) or not (math.isfinite(x) and lo <= x <= hi):
-        bounds = "a finite number" if (lo, hi) == (-math.inf, math.inf) else f"in [{lo:g}, {hi:g}]"
+    wrong_kind = isinstance(value, (str, bool)) or not math.isfinite(x) or (integer and not x.is_integer())
+    if wrong_kind or not lo <= x <= hi:
+        # the kind is named only where the value is not of it: "must be >= 1, got 0", "an integer >= 1, got 2.5"
+        kind = "an integer" if integer else "a finite number"
+        said = f"{kind} " if wrong_kind else ""
+        bounds = (f"in [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else f"{said}>= {lo:g}"
+                  if math.isfinite(lo) else f"{said}<= {hi:g}" if math.isfinite(hi) else kind)
         raise NsLensError(f"{what} must be {bounds}, got {value!r}")
     return x
 

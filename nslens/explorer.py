@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 from .effects import SideEffectTable, main_metric
 from .erasure import METRICS, ErasureTable
 from .errors import NsLensError
-from .files import write_text
+from .files import read_json, write_text
 from .ranges import RangeMask, load_masks
 from .stats import ConceptStats
 
@@ -60,8 +60,8 @@ def explorer_data(run_dir: str | Path, *, grid: int = 64, k_bounds: int = 3) -> 
         raise NsLensError(f"{run} is not an nslens run directory (no summary.json)")
     if grid < 8:
         raise NsLensError(f"grid must be >= 8 points, got {grid}")
-    summary = json.loads((run / "summary.json").read_text())
-    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    summary = read_json(run / "summary.json")
+    cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
     masks = load_masks(run / "ranges") if (run / "ranges").is_dir() else []
     sae = summary.get("basis") == "sae"  # feature masks: the site's samples and statistics are not their basis
     samples = _samples(run) if not sae else None
@@ -113,7 +113,7 @@ def _erasure_tables(run: Path) -> list[dict[str, Any]] | None:
     """Every ``erasure_*.json``: per concept the base values then the neuron- and range-masking deltas."""
     tables = []
     for path in sorted(run.glob("erasure_*.json")):
-        tab = ErasureTable.from_json(path.read_text())
+        tab = read_json(path, ErasureTable.from_json)
         names = [LABELS.get(k, k) for k in METRICS]
         columns = [*names, *(f"neuron Δ{n}" for n in names), *(f"range Δ{n}" for n in names)]
         rows = tab.rows()
@@ -129,7 +129,7 @@ def _side_effect_tables(run: Path) -> list[dict[str, Any]] | None:
     """Every ``side_effects_*.json``: per concept each task's main metric, deltas vs the clean model."""
     tables = []
     for path in sorted(run.glob("side_effects_*.json")):
-        tab = SideEffectTable.from_json(path.read_text())
+        tab = read_json(path, SideEffectTable.from_json)
         cols = [(t, main_metric(tab.clean[t])) for t in tab.tasks]
         s = tab.summary()
         tables.append({
@@ -235,7 +235,7 @@ def _overlap(run: Path) -> dict[str, Any] | None:
     path = run / "analysis.json"
     if not path.exists():
         return None
-    a = json.loads(path.read_text())
+    a = read_json(path)
     p = a["polysemanticity"]
     d = a.get("distribution_overlap", {})
     return {"names": p["names"], "matrix": p["overlap"], "fraction": p["fraction"],

@@ -4,13 +4,17 @@ only when complete. Shared by every module that writes (statistics, masks, sampl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["OUTPUT_EXTENSIONS", "atomic_path", "file_lock", "is_leftover", "nslens_home", "output_stem", "slug",
-           "write_text"]
+from .errors import NsLensError
+
+__all__ = ["OUTPUT_EXTENSIONS", "atomic_path", "file_lock", "is_leftover", "nslens_home", "output_stem", "read_json",
+           "slug", "write_text"]
 
 
 def slug(name: str) -> str:
@@ -88,3 +92,21 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
+
+
+def read_json(path: str | Path, build: Callable[[str], Any] | None = None) -> Any:
+    """A JSON file nslens wrote (a run's summary or config, a table), parsed by ``build`` (a ``from_json``) or
+    as a JSON object. A truncated, edited or foreign file is one line naming it: it was an internal error deep in
+    the decoder or a constructor. A missing file stays the operating system's error."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        value = build(text) if build is not None else json.loads(text)
+    except NsLensError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise NsLensError(f"{path} is damaged or not what nslens wrote there ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]}); write it again") from e
+    if build is None and not isinstance(value, dict):
+        raise NsLensError(f"{path} holds a JSON {type(value).__name__}, not the object nslens writes there")
+    return value

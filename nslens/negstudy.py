@@ -84,6 +84,8 @@ class NegConfig:
             check_mceval_task(self.mceval)
         if self.mceval_path is not None and self.mceval is None:
             raise NsLensError("mceval_path is a local copy of an MCEval8K task: name the task too (mceval)")
+        if self.mceval_path is not None and not Path(self.mceval_path).exists():  # found after the model loaded
+            raise NsLensError(f"MCEval8K task copy not found: {self.mceval_path} (--mceval-path, neg.mceval_path)")
 
 
 def neg_linearity(cfg: RunConfig, neg: NegConfig, out: str | Path, *, progress: Progress | None = None

@@ -120,7 +120,9 @@ def parse_concepts(spec: str) -> tuple[NextTokenConcept, ...]:
     if "," not in spec:
         raise NsLensError(f"unknown next-token family {spec!r}; choose one of {', '.join(FAMILIES)} or list "
                          "concepts as w1,w2/w3,...")
-    concepts = tuple(_concept(s.strip()) for s in spec.split(",") if s.strip())
+    if not all(s.strip() for s in spec.split(",")):  # `a,,b` dropped the empty piece without a word
+        raise NsLensError(f"next-token concepts {spec!r}: an empty concept between commas")
+    concepts = tuple(_concept(s.strip()) for s in spec.split(","))
     words = [w.lower() for c in concepts for w in c.words]
     dup = sorted({w for w in words if words.count(w) > 1})
     if dup:

@@ -25,11 +25,19 @@ from .erasure import erasure_table
 from .errors import NsLensError
 from .explorer import write_explorer
 from .figures import plot_sweep
-from .files import atomic_path, write_text
+from .files import atomic_path, read_json, write_text
 from .general import general_mean
 from .harness import default_cache_dir, side_effect_tables
 from .leace import run_leace
-from .lmtasks import DEFAULT_TASKS, LOCAL_TASKS, local_tasks_dir
+from .lmtasks import (
+    DEFAULT_TASKS,
+    LOCAL_TASKS,
+    WIKIPEDIA_PPL_TASK,
+    check_tasks,
+    include_paths,
+    local_tasks_dir,
+    task_manager,
+)
 from .models import Site, load_model, model_id, resolve_site
 from .ops import FITTED_OPERATORS, OPERATOR_FITTERS, make_operator, zero
 from .prepare import PreparedData, load_concepts, prepare_data, record_stats
@@ -74,13 +82,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, *, progress: Progress | No
     failing optional step (side effects, analyses, sweeps, report, the explorer page) is recorded under
     ``failed_steps`` and in the report, and the run goes on.
     """
-    cfg.validate()
-    check_layers(cfg)
+    checked(cfg)
     run = Run(out_dir, overwrite=overwrite)  # refuses a non-empty directory before the model loads
+    sae = load_run_sae(cfg)  # a missing SAE fails before the model loads, a mismatched one before any model pass
     if model is None:
         model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, remote=cfg.remote)
     site = resolve_site(model, cfg.layer)
-    sae = load_run_sae(cfg)  # fail fast on a missing or mismatched SAE, before any model pass
     if sae is not None:
         sae.check(site)
     with run:
@@ -158,17 +165,37 @@ def _erasure(run: Run, name: str, model: Any, site: Site, data: PreparedData, ma
     run.save()
 
 
-def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], str | None]:
-    """The lm-eval tasks and include path a run uses. On the embedded model each default task (MMLU, Wikipedia
-    token perplexity) is replaced by its offline synthetic stand-in, and the offline tasks (``nslens_synth_*``,
-    ``nslens.lmtasks.local_tasks_dir``) can be named without an include path."""
+def checked(cfg: RunConfig) -> RunConfig:
+    """``cfg`` validated, its layers checked against the model's depth where that is known locally, and the
+    side-effect tasks it will evaluate found: all before the model loads. A misspelled task was found only at the
+    side-effect step, hours in, which the run then skipped and still called complete."""
+    cfg.validate()
+    check_layers(cfg)
+    if cfg.side_effects.enabled:
+        check_side_effect_tasks(cfg)
+    return cfg
+
+
+def check_side_effect_tasks(cfg: RunConfig) -> None:
+    """The config's side-effect tasks exist (lm-eval's index, the include directories, nslens's offline tasks);
+    the token-perplexity task is cut with the model's tokenizer, so it is written only once the model is loaded."""
+    tasks, include = side_effect_tasks(cfg)
+    check_tasks(task_manager(include, tasks), [t for t in tasks if t != WIKIPEDIA_PPL_TASK])
+
+
+def side_effect_tasks(cfg: RunConfig) -> tuple[list[str], tuple[str, ...]]:
+    """The lm-eval tasks and include directories a run uses. On the embedded model each default task (MMLU,
+    Wikipedia token perplexity) is replaced by its offline synthetic stand-in, and the offline tasks
+    (``nslens_synth_*``, ``nslens.lmtasks.local_tasks_dir``) can be named without an include path. The config's
+    own include is kept (and checked) beside them: it was dropped when the defaults were replaced."""
     se = cfg.side_effects
+    own = include_paths(se.include)
     if cfg.model == "embedded" and set(se.tasks) & set(DEFAULT_TASKS):
         stand_in = dict(zip(DEFAULT_TASKS, LOCAL_TASKS))
-        return [stand_in.get(t, t) for t in se.tasks], str(local_tasks_dir())
-    if cfg.model == "embedded" and se.include is None and any(t.startswith("nslens_synth_") for t in se.tasks):
-        return list(se.tasks), str(local_tasks_dir())
-    return list(se.tasks), se.include
+        return [stand_in.get(t, t) for t in se.tasks], (str(local_tasks_dir()), *own)
+    if cfg.model == "embedded" and not own and any(t.startswith("nslens_synth_") for t in se.tasks):
+        return list(se.tasks), (str(local_tasks_dir()),)
+    return list(se.tasks), own
 
 
 def load_run_sae(cfg: RunConfig) -> Any:
@@ -315,8 +342,13 @@ def analyze_run(run_dir: str | Path) -> Path:
         raise NsLensError(f"{run} is not an nslens run directory (no summary.json)")
     if not (run / "samples.safetensors").exists():
         raise NsLensError(f"{run} has no raw samples (samples.safetensors); re-run with analyses = true")
-    cfg = json.loads((run / "config.json").read_text())
-    raw = load_file(str(run / "samples.safetensors"))
+    cfg = read_json(run / "config.json")
+    try:
+        raw = load_file(str(run / "samples.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for a truncated file
+        raise NsLensError(f"cannot read {run / 'samples.safetensors'}: {e}") from e
+    if not {"samples", "labels"} <= set(raw):
+        raise NsLensError(f"{run / 'samples.safetensors'} is not a run's raw samples (no samples and labels)")
     stats = ConceptStats.load(run / "stats.safetensors")
     masks = load_masks(run / "ranges")
     with (run / "train.jsonl").open() as f:
@@ -327,7 +359,7 @@ def analyze_run(run_dir: str | Path) -> Path:
               else rank(cfg["method"], stats, raw["samples"], labels))
     write_analyses(run, raw["samples"], labels, [texts[i] for i in index], stats.label_names, masks, scores,
                    overlap_fraction=cfg["fraction"])
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json")
     summary["analyses"] = True
     summary.get("failed_steps", {}).pop("analyses", None)
     write_text(run / "summary.json", json.dumps(summary, indent=2))

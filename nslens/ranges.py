@@ -155,10 +155,11 @@ def build_range_masks(
     stats.check(min_samples=2)
     if not (np.isfinite(stats.mean).all() and np.isfinite(stats.m2).all()):
         raise NsLensError("statistics contain NaN/inf; re-record with finite activations")
-    if scores is None:
-        scores = rank(method, stats, samples, sample_labels)
-    elif np.shape(scores) != stats.mean.shape:
+    scores = rank(method, stats, samples, sample_labels) if scores is None else scores
+    if np.shape(scores) != stats.mean.shape:
         raise NsLensError(f"scores have shape {np.shape(scores)}, expected {stats.mean.shape}")
+    if np.isnan(scores).any():  # all-NaN scores took neurons 0, 1, 2, ... (-inf is how a neuron is left out)
+        raise NsLensError("scores contain NaN; give every neuron a saliency (-inf keeps it out of the masks)")
     sigma_all = stats.std()
     masks = []
     for c, name in enumerate(stats.label_names):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .concepts import concept_labels
 from .errors import NsLensError
 from .registry import Names, Registry
 from .stats import ConceptStats
@@ -144,6 +145,11 @@ class ProbeRanking(Ranking):
                labels: np.ndarray | None = None) -> np.ndarray:
         if samples is None or labels is None:
             raise NsLensError("the probe ranking needs raw samples: record with keep_samples=True")
+        samples, d = np.asarray(samples), stats.mean.shape[1]
+        if samples.ndim != 2 or samples.shape[1] != d or len(samples) != len(labels):  # found by sklearn, or not
+            raise NsLensError(f"the probe ranking needs samples [n, {d}] (the statistics' width) and one label "
+                              f"each, got samples of shape {samples.shape} and {len(labels)} labels")
+        labels = concept_labels(labels, stats.n_concepts)
         return rank_probe(samples, labels, stats.n_concepts, l1_ratio=self.l1_ratio, C=self.C, seed=self.seed,
                           max_iter=self.max_iter)
 

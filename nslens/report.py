@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .effects import SideEffectTable
 from .erasure import METRICS, ErasureTable
 from .errors import NsLensError
-from .files import write_text
+from .files import read_json, write_text
 from .mdtable import cell
 from .sae import table31_markdown
 from .sweeps import Sweep
@@ -21,8 +20,8 @@ def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not (run / "summary.json").exists():
         raise NsLensError(f"{run} is not an nslens run directory (no summary.json)")
-    summary = json.loads((run / "summary.json").read_text())
-    cfg = json.loads((run / "config.json").read_text())
+    summary = read_json(run / "summary.json")
+    cfg = read_json(run / "config.json")
     site = summary["site"]
     lines = [
         "# nslens run report", "",
@@ -67,7 +66,7 @@ def section(run_dir: str | Path, name: str) -> str:
 
 
 def _erasure_tables(run: Path) -> list[ErasureTable]:
-    return [ErasureTable.from_json(path.read_text()) for path in sorted(run.glob("erasure_*.json"))]
+    return [read_json(path, ErasureTable.from_json) for path in sorted(run.glob("erasure_*.json"))]
 
 
 def _steering_sections(run: Path) -> list[str]:
@@ -95,7 +94,7 @@ def _side_effect_sections(run: Path) -> list[str]:
              "clean model (paper Table 4). PPL is token perplexity where the task has it (the paper's PPL, "
              "task `nslens_wikipedia_ppl`), else word perplexity.", ""]
     for path in side:
-        tab = SideEffectTable.from_json(path.read_text())
+        tab = read_json(path, SideEffectTable.from_json)
         name = path.stem.removeprefix("side_effects_")
         title = f"Operator `{tab.operator}`" if name in (tab.operator, tab.operator.split("(")[0]) \
             else f"`{name}` ({tab.operator})"
@@ -107,7 +106,7 @@ def _analysis_sections(run: Path) -> list[str]:
     path = run / "analysis.json"
     if not path.exists():
         return []
-    a = json.loads(path.read_text())
+    a = read_json(path)
     norm = a["normality"]
     lines = ["## Normality of concept-conditioned activations", "",
              "Skewness, Pearson kurtosis (normal = 3) and the share of practically normal neurons (KS statistic of "
@@ -150,7 +149,7 @@ def _sweep_sections(run: Path) -> list[str]:
     lines = ["## Sweeps", "", "Accuracy after intervention (10 % trimmed means across concepts): target concept "
              "(Acc) and the other concepts (CAcc).", ""]
     for f in files:
-        sw = Sweep.from_json(f.read_text())
+        sw = read_json(f, Sweep.from_json)
         lines += [f"### {sw.param}", "", sw.to_markdown(), f"![sweep](figures/sweep_{sw.param}.png)", ""]
     return lines
 
@@ -160,7 +159,7 @@ def _sae_sections(run: Path) -> list[str]:
     if not path.exists():
         return []
 
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     src = meta["sae"].get("release", "") + " " + meta["sae"].get("sae_id", meta["sae"].get("source", ""))
     lines = ["## SAE features (paper Appendix N)", "",
              f"SAE `{src.strip()}`: d_in {meta['d_in']}, {meta['d_sae']} features. Feature selection statistics "
@@ -168,7 +167,7 @@ def _sae_sections(run: Path) -> list[str]:
              "Feature masking (every value of the selected features) vs range masking (values in the concept's "
              "range), 10 % trimmed means across concepts (paper Table 32):", "",
              "| operator | masking | ΔAcc | ΔConf | ΔCAcc | ΔCConf | ΔPPL |", "|---|---|---|---|---|---|---|"]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json")
     for op, s in summary["erasure"].items():
         side = summary.get("side_effects", {}).get(op, {})
         for part, label in (("neuron", "feature"), ("range", "range")):

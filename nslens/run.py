@@ -24,7 +24,7 @@ from typing import Any
 from .effects import SideEffectTable
 from .erasure import ErasureTable
 from .errors import NsLensError
-from .files import is_leftover, write_text
+from .files import is_leftover, read_json, write_text
 
 __all__ = ["Run", "RunResult", "StepRecord", "is_run_dir"]
 
@@ -149,7 +149,7 @@ class RunResult:
     @property
     def config(self) -> dict[str, Any]:
         """The run's ``config.json`` (the ``RunConfig`` as a dict, sections as sub-dicts)."""
-        return json.loads((self.path / "config.json").read_text())
+        return read_json(self.path / "config.json")
 
     @property
     def report(self) -> Path:
@@ -157,7 +157,7 @@ class RunResult:
 
     def erasure(self, name: str) -> Any:
         """Erasure table ``name`` (an operator or a steering run) as an ``ErasureTable``."""
-        return ErasureTable.from_json((self.path / f"erasure_{name}.json").read_text())
+        return read_json(self.path / f"erasure_{name}.json", ErasureTable.from_json)
 
     def side_effects(self, name: str) -> Any:
         """Side-effect table ``name`` as a ``SideEffectTable``, or None when the run measured none for it."""
@@ -165,7 +165,7 @@ class RunResult:
         if not path.exists():
             return None
 
-        return SideEffectTable.from_json(path.read_text())
+        return read_json(path, SideEffectTable.from_json)
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, check_bundle_dir, load_bundle, save_bundle
-from .config import SWEEP_PARAMS, RunConfig, check_layers
+from .config import SWEEP_PARAMS, RunConfig, steering_runs
 from .embedded import build_embedded_model, embedded_model_dir
 from .erasure import ErasureTable, erasure_table, predict
 from .errors import NsLensError
@@ -23,11 +24,17 @@ from .files import output_stem, write_text
 from .generate import Continuation, GenerationSettings, generate
 from .harness import default_cache_dir, side_effect_tables, side_effects
 from .intervene import Intervention
-from .lmtasks import include_paths
 from .mdtable import cell
 from .models import Site, load_model, resolve_site
 from .nexttoken import extract_next_token, parse_concepts, parse_spec, source_texts, write_check_sheet
-from .pipeline import needs_fit, run_operators, run_pipeline, side_effect_tasks
+from .pipeline import (
+    check_side_effect_tasks,
+    checked,
+    needs_fit,
+    run_operators,
+    run_pipeline,
+    side_effect_tasks,
+)
 from .prepare import load_concepts, prepare_data, record_stats
 from .ranges import RangeMask, build_range_masks, check_masks_fit, load_masks, save_masks
 from .rank import STATS_RANKINGS, get_ranking
@@ -42,10 +49,14 @@ __all__ = ["BundleEffect", "bundle_from_masks", "check_writable", "demo_run", "e
            "side_effects_with_masks", "steering_run", "sweep_run", "write_ranges"]
 
 
-def check_writable(path: str | Path, *, file: bool = False) -> None:
+def check_writable(path: str | Path, *, file: bool = False, stem: bool = False) -> None:
     """Fail before any work when an output cannot be written: a folder on its way is a file, the nearest folder
-    that exists takes no new file, or (``file``: the output is one file) the path is a directory. Nothing is made
+    that exists takes no new file, or the path is a directory where the output is one file (``file``) or
+    ``<stem>.md``, ``.json``, ... files (``stem``: ``-o nt/`` wrote ``nt.md`` beside the folder). Nothing is made
     here, so a command that fails later leaves no empty folders behind; the writers make the missing ones."""
+    if stem and (Path(path).is_dir() or str(path).endswith(("/", os.sep))):
+        raise NsLensError(f"cannot write {path}: it is a directory; give a name for the files in it, such as "
+                          f"{Path(path) / 'table'} (for table.md, table.json, ...)")
     path = Path(path)
     if file and path.is_dir():
         raise NsLensError(f"cannot write {path}: it is a directory; give a file name")
@@ -64,13 +75,6 @@ def refresh_report(out: str | Path) -> None:
     """When results are written into a run directory, its report picks them up."""
     if (Path(out) / "summary.json").exists():
         write_report(out)
-
-
-def checked(cfg: RunConfig) -> RunConfig:
-    """``cfg`` validated, with its layers checked against the model's depth where that is known locally."""
-    cfg.validate()
-    check_layers(cfg)
-    return cfg
 
 
 def _model(cfg: RunConfig) -> Any:
@@ -119,10 +123,15 @@ def export_next_token(family: str, source: str, out: str | Path, *, n_per_concep
     parse_spec(f"next:{family}:{source}")
     if n_per_concept < 1:
         raise NsLensError(f"--n-per-class must be >= 1, got {n_per_concept}")
-    check_writable(out)
+    check_writable(out, stem=True)
     concepts = parse_concepts(family)
     samples = extract_next_token(source_texts(source, seed=seed), concepts, n_per_concept=n_per_concept, seed=seed,
                                  min_words=min_words, max_words=max_words, progress=progress)
+    found = {s.concept for s in samples}
+    missing = [c.name for c in concepts if c.name not in found]
+    if missing:  # the dataset was written anyway and failed only when a run read it
+        raise NsLensError(f"no sample of next-token concept {', '.join(map(repr, missing))} in {source}; check "
+                          "the words or choose another source (nothing written)")
     return samples, concepts, write_check_sheet(samples, out)
 
 
@@ -139,7 +148,7 @@ def erase_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Path | No
     """Neuron vs range masking with saved masks on the config's test split, one table per operator (written to
     ``out`` as .md/.csv/.json when given). Masks made for another site, model or concepts are refused."""
     if out is not None:
-        check_writable(out)
+        check_writable(out, stem=True)
     ds = load_concepts(cfg)  # a bad dataset or mask directory fails before the model loads
     masks = load_masks(ranges)
     model, site = _model_site(cfg)
@@ -163,8 +172,8 @@ def side_effects_with_masks(cfg: RunConfig, ranges: str | Path, *, out: str | Pa
     """lm-eval side effects of neuron vs range masking of every concept's saved mask, one ``SideEffectTable`` per
     operator (written to ``out`` as .md/.json when given). ``leace`` is fitted on the config's training split."""
     if out is not None:
-        check_writable(out)
-    include_paths(cfg.side_effects.include)  # a task or mask directory that is not one fails before the model loads
+        check_writable(out, stem=True)
+    check_side_effect_tasks(cfg)  # a task, task directory or mask directory that is not one fails before the load
     masks = load_masks(ranges)
     model, site = _model_site(cfg)
     check_masks_fit(masks, model=model, site=site.describe(), allow_other_model=allow_other_model,
@@ -186,6 +195,8 @@ def steering_run(cfg: RunConfig, out: str | Path, *, middle_layer: bool = False,
                  overwrite: bool = False) -> RunResult:
     """A run of the config's steering baselines; ``middle_layer`` puts the site at the model's middle block (the
     paper steers at layer 14 of Llama-3.2-3B's 28), read from the model that the run then uses."""
+    if not cfg.steering.runs:  # `--steering ""` ran a run without any baseline
+        raise NsLensError("no steering baselines given; choose from " + ", ".join(steering_runs()))
     checked(cfg)
     model = _model(cfg)
     if middle_layer:
@@ -301,7 +312,9 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
         raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
     if out is not None:
         check_writable(out, file=True)
-    masks, read = read_sources(ranges, bundle)  # before the model loads
+    masks, read = read_sources(ranges, bundle)  # before the model loads, with the concepts asked for
+    if masks is not None:
+        _select(masks, concepts, str(ranges))
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=read, concepts=concepts,
                                            gated=gated, allow_other_model=allow_other_model, progress=progress,
@@ -320,8 +333,9 @@ def bundle_from_masks(cfg: RunConfig, ranges: str | Path, out: str | Path, *, co
                       progress: Progress | None = None) -> tuple[Path, list[Intervention]]:
     """A bundle (``nslens.bundle``) of the masks in ``ranges`` with the config's operator, for the config's
     model."""
-    check_bundle_dir(out)  # before the model loads, with the masks
+    check_bundle_dir(out)  # before the model loads, with the masks and the concepts asked for
     masks = load_masks(ranges)
+    _select(masks, concepts, str(ranges))
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, concepts=concepts, gated=gated,
                                            allow_other_model=allow_other_model, progress=progress, masks=masks)
@@ -362,7 +376,7 @@ def erase_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | Path | N
     """A bundle's effect on every concept of the config's test split (``BundleEffect``), written to ``out`` as
     .md/.json when given. The bundle is refused for another model; its concepts must be the dataset's."""
     if out is not None:
-        check_writable(out)
+        check_writable(out, stem=True)
     ds = load_concepts(cfg)
     b = load_bundle(bundle)  # a bad bundle, or one for other concepts, fails before the model loads
     missing = [c for c in b.concepts if c not in ds.label_names]
@@ -393,9 +407,9 @@ def side_effects_with_bundle(cfg: RunConfig, bundle: str | Path, *, out: str | P
     ``out`` as .md/.json when given."""
 
     if out is not None:
-        check_writable(out)
-    include_paths(cfg.side_effects.include)
-    b = load_bundle(bundle)  # a bad bundle or task directory fails before the model loads
+        check_writable(out, stem=True)
+    check_side_effect_tasks(cfg)
+    b = load_bundle(bundle)  # a bad bundle, task or task directory fails before the model loads
     model = _model(cfg)
     b.check_fits(model, allow_other_model=allow_other_model)
     tasks, include = side_effect_tasks(cfg)

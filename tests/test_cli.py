@@ -237,6 +237,23 @@ def test_analyze_sweep_report_commands(embedded, tmp_path):
     r = nslens("report", str(tmp_path))
     assert r.returncode == 1 and "not an nslens run directory" in r.stderr
     assert nslens("report", str(tmp_path / "sw")).returncode == 0
+    # damaged files of a run: one line naming the file (each was an internal error)
+    run2 = tmp_path / "run2"
+    table = run2 / "erasure_zero.json"
+    table.write_text(table.read_text()[:40])
+    for command in ("report", "explore"):
+        r = nslens(command, str(run2))
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {table} is damaged or not what nslens wrote"), \
+            r.stderr
+    (run2 / "samples.safetensors").write_bytes(b"truncated")
+    r = nslens("analyze", str(run2))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: cannot read {run2 / 'samples.safetensors'}"), r.stderr
+    next(iter((run2 / "ranges").glob("*.safetensors"))).replace(run2 / "samples.safetensors")  # a mask in its place
+    r = nslens("analyze", str(run2))
+    assert r.returncode == 1 and "is not a run's raw samples" in r.stderr, r.stderr
+    (run2 / "summary.json").write_text("[1, 2]")
+    r = nslens("report", str(run2))
+    assert r.returncode == 1 and "summary.json holds a JSON list" in r.stderr, r.stderr
 
 
 def test_real_sigint_during_record(embedded, tmp_path):
@@ -623,3 +640,13 @@ def test_a_bundle_for_other_concepts_fails_before_the_model_loads(embedded, site
     monkeypatch.setattr(workflows, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     r = nslens("erase", "--bundle", tmp_path / "b", cwd=tmp_path)
     assert r.returncode == 1 and "edits concepts nope that dataset synthetic lacks" in r.stderr, r.stderr
+
+
+def test_steer_with_no_baselines_is_refused(tmp_path):
+    """`--steering ""` (an unset shell variable) ran a steering run without any baseline and exited 0."""
+    from nslens.config import steering_runs
+
+    r = nslens("steer", "--steering", "", "--out", tmp_path / "s")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: no steering baselines given; choose from {', '.join(steering_runs())}"], r.stderr
+    assert not (tmp_path / "s").exists()

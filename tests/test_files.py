@@ -1,5 +1,6 @@
 """Atomic artifact writes: all or nothing, with the permissions an ordinary open() would give; the build lock."""
 
+import json
 import os
 import stat
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nslens.files import atomic_path, file_lock, write_text
+from nslens.errors import NsLensError
+from nslens.files import atomic_path, file_lock, read_json, write_text
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -57,3 +59,25 @@ def test_output_stem_drops_only_an_output_extension():
     assert output_stem("run.v2") == Path("run.v2") and output_stem("a.b/c") == Path("a.b/c")
     assert output_stem("dir/table") == Path("dir/table")
 
+
+
+def test_read_json_names_a_damaged_or_foreign_file(tmp_path):
+    """A truncated summary.json or table was an internal error (JSONDecodeError, a constructor's TypeError)."""
+    p = tmp_path / "summary.json"
+    p.write_text(json.dumps({"status": "complete", "steps": {}}))
+    assert read_json(p) == {"status": "complete", "steps": {}}
+    p.write_text('{"status": "compl')
+    with pytest.raises(NsLensError, match=r"summary.json is damaged or not what nslens wrote there \(JSONDecodeError"):
+        read_json(p)
+    p.write_text("[1, 2]")
+    with pytest.raises(NsLensError, match="summary.json holds a JSON list, not the object nslens writes there"):
+        read_json(p)
+    p.write_text('{"nope": 1}')
+    with pytest.raises(NsLensError, match=r"damaged or not what nslens wrote there \(TypeError"):
+        read_json(p, lambda text: dict_only(**json.loads(text)))
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "missing.json")
+
+
+def dict_only(*, status: str) -> dict:
+    return {"status": status}

@@ -169,7 +169,8 @@ def test_specs_and_concepts_are_checked():
                           ("next:he,He", r"\['he'\] belong to more than one concept"),
                           ("next:he's,she", "neither a word"),
                           ("next:pronouns:books", "unknown next-token source 'books'"),
-                          ("next:pronouns:missing.txt", "source file not found")):
+                          ("next:pronouns:missing.txt", "source file not found"),
+                          ("next:a,,b", "an empty concept between commas")):
         with pytest.raises(ValueError, match=message):
             parse_spec(spec)
     with pytest.raises(ValueError, match="no occurrences of \\['x', 'y'\\]"):
@@ -306,12 +307,19 @@ def test_nexttoken_cli_writes_the_check_sheet(tmp_path):
     assert "## {" in (tmp_path / "d" / "x.md").read_text()
 
 
-def test_embedded_side_effect_tasks_map_each_default_to_its_stand_in():
+def test_embedded_side_effect_tasks_map_each_default_to_its_stand_in(tmp_path):
     from nslens.harness import LOCAL_TASKS
+    from nslens.lmtasks import local_tasks_dir
     from nslens.pipeline import RunConfig, side_effect_tasks
 
     tasks, include = side_effect_tasks(RunConfig(side_effect_tasks=["nslens_wikipedia_ppl"]))
-    assert tasks == [LOCAL_TASKS[1]] and include
+    assert tasks == [LOCAL_TASKS[1]] and include == (str(local_tasks_dir()),)
+    # the config's own include stays beside the stand-ins' (it was dropped) and is checked
+    se = {"tasks": ["mmlu", "mine"], "include": str(tmp_path)}
+    assert side_effect_tasks(RunConfig(side_effects=se)) == ([LOCAL_TASKS[0], "mine"],
+                                                             (str(local_tasks_dir()), str(tmp_path)))
+    with pytest.raises(ValueError, match="lm-eval task directory not found"):
+        side_effect_tasks(RunConfig(side_effects={**se, "include": str(tmp_path / "none")}))
     assert side_effect_tasks(RunConfig(model="org/m", side_effect_tasks=["nslens_wikipedia_ppl"]))[0] == [
         "nslens_wikipedia_ppl"]
 
@@ -340,3 +348,18 @@ def test_the_check_sheet_keeps_a_dotted_name(tmp_path):
     b = write_check_sheet([s], tmp_path / "v1.2")
     assert [p.name for p in a] == ["v1.1.jsonl", "v1.1.md"] and [p.name for p in b] == ["v1.2.jsonl", "v1.2.md"]
     assert [p.name for p in write_check_sheet([s], tmp_path / "sheet.md")] == ["sheet.jsonl", "sheet.md"]
+
+
+def test_nexttoken_cli_refuses_a_concept_without_samples_and_a_directory_out(tmp_path):
+    """Both wrote files and exited 0: a dataset a run could not use, and `-o nt/` wrote nt.jsonl beside nt."""
+    from conftest import run_cli
+
+    r = run_cli("nexttoken", "he,zzzqq", "--source", "synthetic", "--n-per-class", "8", "-o", tmp_path / "f")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: no sample of next-token concept 'zzzqq' in synthetic; check the words or choose another source "
+        "(nothing written)"], r.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "nt").mkdir()
+    r = run_cli("nexttoken", "delimiters", "--source", "synthetic", "--n-per-class", "8", "-o", tmp_path / "nt")
+    assert r.returncode == 1 and f"cannot write {tmp_path / 'nt'}: it is a directory" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "nt"] and not list((tmp_path / "nt").iterdir())

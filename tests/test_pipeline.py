@@ -249,7 +249,15 @@ def test_bad_inputs_are_reported_before_the_model_loads(tmp_path, monkeypatch):
                         ({"operators": ["adaptive"], "beta": 7.0},
                          r"adaptive dampening beta must be in \[0, 1\], got 7.0"),
                         ({"operators": ["dampen"], "alpha": float("nan")}, "alpha must be in .* got nan"),
-                        ({"label_words": []}, "label_words lists no words")):
+                        ({"label_words": []}, "label_words lists no words"),
+                        ({"seed": -1}, "seed must be >= 0, got -1"),
+                        ({"n_per_class": "8"}, "n_per_class must be an integer >= 4, got '8'"),
+                        ({"side_effects": {"enabled": True, "tasks": ["mmlux"]}},
+                         "unknown lm-eval task 'mmlux'; close matches: mmlu"),
+                        ({"side_effects": {"enabled": True, "tasks": ["nslens_synth_mc"], "include": "/nowhere"}},
+                         "lm-eval task directory not found: /nowhere"),
+                        ({"sae": {"path": "missing.npz"}}, "missing.npz"),
+                        ({"sae": {"path": "a.npz"}, "operators": ["mean"]}, "the mean operator .* not SAE features")):
         with pytest.raises(ValueError, match=message):
             run_pipeline(RunConfig(**kw), tmp_path / "run")
         assert not (tmp_path / "run").exists()
@@ -397,6 +405,9 @@ def test_flat_keys_of_earlier_configs_still_read_with_a_notice_naming_the_new_ke
     ("sae = 3\n", "config key 'sae' must be a table ([sae]), got 3"),
     ("[sae]\npath = \"a.npz\"\nrelease = \"r\"\nid = \"i\"\n", "give either sae_path or sae_release + sae_id"),
     ("[sae]\npath = \"a.npz\"\ntop = 0\n", "min_fire and top must be in (0, 1], got 0.1 and 0"),
+    ("[sae]\npath = \"\"\n", "an empty SAE setting names no SAE ([sae] path, release, id)"),
+    ("[side_effects]\ntasks = [\"\"]\n", "side_effects.tasks must name lm-eval tasks, got ['']"),
+    ("[sweeps]\nparams = [\"tau\", \"layer\"]\ntaus = []\n", "the tau sweep has no values (sweeps.taus"),
 ])
 def test_config_sections_are_checked_by_their_own_validate(tmp_path, text, message):
     p = tmp_path / "c.toml"

@@ -97,3 +97,21 @@ def test_rankings_are_registered_classes_with_their_flags(rng):
         neurgrad.scores(st)
     with pytest.raises(ValueError, match="computed from a recording's statistics"):
         get_ranking("max").scores_from_model(None, None, [], y, None)
+
+
+def test_probe_samples_of_another_width_or_labels_past_the_concepts_are_refused(rng):
+    """Samples narrower than the statistics gave masks drawn from their first columns only; labels past the
+    concepts trained a probe with an extra class; mismatched lengths were sklearn's error."""
+    from nslens.errors import NsLensError
+    from nslens.ranges import build_range_masks
+
+    x, y, _ = planted(rng)
+    st = ConceptStats.from_samples(x, y, ["a", "b", "c"])
+    with pytest.raises(NsLensError, match=r"samples \[n, 20\] .* got samples of shape \(300, 10\) and 300 labels"):
+        build_range_masks(st, method="probe", samples=x[:, :10], sample_labels=y)
+    with pytest.raises(NsLensError, match=r"got samples of shape \(300, 20\) and 299 labels"):
+        rank("probe", st, samples=x, labels=y[1:])
+    with pytest.raises(NsLensError, match="label 3 is not a concept index: 3 concepts take 0 to 2"):
+        rank("probe", st, samples=x, labels=y + 1)
+    with pytest.raises(NsLensError, match="scores contain NaN"):  # NaN sorted first: neurons 0, 1, 2, ...
+        build_range_masks(st, scores=np.full((3, 20), np.nan))

@@ -120,9 +120,11 @@ def test_an_edit_of_the_last_position_replays_one_position_on_the_server(wire, d
 
     ds, prompts = data
     ids = np.asarray(nslens.label_token_ids(wire[0].tokenizer, ds.label_names))
-    ivs = [None] + [nslens.Intervention(m, nslens.zero(), gated=g, positions="last") for m in masks[1][:2]
-                    for g in (False, True)]
     lower = (nslens.resolve_site(wire[0], 0), nslens.resolve_site(wire[1], 0))
+    at_0 = [nslens.RangeMask(m.neurons, m.lo, m.hi, m.mu, m.sigma, {**m.meta, **lower[0].describe()})
+            for m in masks[1][:2]]  # the layer-2 masks' ranges, applied at layer 0 under that layer's name
+    ivs = [None] + [nslens.Intervention(m, nslens.zero(), gated=g, positions="last") for m in at_0
+                    for g in (False, True)]
     assert upper_layers(wire[1], lower[1], 8) is not None
     a = predict_many(wire[0], lower[0], prompts, ids[ds.labels], ivs, batch_size=8, per_pass=4)
     b = predict_many(wire[1], lower[1], prompts, ids[ds.labels], ivs, batch_size=8, per_pass=4, remote=True)

@@ -95,7 +95,8 @@ def steer_cmd(
 def sweep_cmd(
     config: Path = typer.Argument(..., help="Run config (.toml or .json)."),
     param: str = option("--param", ...),
-    values: str = typer.Option("", "--values", help="Comma-separated values (default: the config's sweep values)."),
+    values: str | None = typer.Option(None, "--values", help="Comma-separated values (default: the config's sweep "
+                                      "values)."),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Run directory to create."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
@@ -104,9 +105,11 @@ def sweep_cmd(
     from nslens.workflows import sweep_run
 
     try:
-        vals = [float(v) for v in values.split(",") if v.strip()]
+        vals = [float(v) for v in values.split(",") if v.strip()] if values is not None else []
     except ValueError:
-        raise NsLensError(f"--values must be comma-separated numbers, got {values!r}") from None
+        vals = []
+    if values is not None and not vals:  # an empty --values fell back to the config's values
+        raise NsLensError(f"--values must be comma-separated numbers, got {values!r}")
     cfg = RunConfig.from_file(config)
     with progress_display() as cb:
         result = sweep_run(cfg, param, vals, out, progress=cb, overwrite=overwrite)
