@@ -650,3 +650,10 @@ def test_steer_with_no_baselines_is_refused(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: no steering baselines given; choose from {', '.join(steering_runs())}"], r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_an_unknown_sae_release_is_one_line_in_a_fresh_process(tmp_path):
+    """bitsandbytes' import-time warning about an optional CPU kernel package came first, so two lines."""
+    r = nslens_process("sae", "--sae-release", "nope", "--sae-id", "x", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown SAE release 'nope'"), r.stderr

@@ -129,3 +129,6 @@ def _quiet_libraries() -> None:
     else:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes warns at import on a CPU machine that an optional kernel package is missing: a command that only
+    # imports it (sae-lens does) printed that line above its own one-line error
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
