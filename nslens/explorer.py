@@ -30,7 +30,7 @@ from .files import read_json, write_text
 from .ranges import RangeMask, load_masks
 from .stats import ConceptStats
 
-__all__ = ["explorer_data", "render", "write_explorer"]
+__all__ = ["check_page_path", "explorer_data", "render", "write_explorer"]
 
 #: column names of the erasure metrics, as the report writes them
 LABELS = {"acc": "Acc", "conf": "Conf", "cacc": "CAcc", "cconf": "CConf"}
@@ -48,7 +48,28 @@ def write_explorer(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return its path. Reads only the run's files, so it also works on a run copied from elsewhere."""
     run = Path(run_dir)
     path = Path(out) if out is not None else run / "explorer.html"
+    check_page_path(path)
     return write_text(path, render(explorer_data(run)))
+
+
+#: what every page carries (page.html, since the first one): an existing file without it is not ours to replace
+PAGE_MARK = '<script type="application/json" id="nslens-data">'
+
+
+def check_page_path(path: str | Path) -> None:
+    """The page replaces only an earlier page: ``-o r1/summary.json`` or ``-o data.csv`` overwrote that file with
+    HTML (a run's own files, a user's dataset)."""
+    path = Path(path)
+    if path.is_dir():
+        raise NsLensError(f"cannot write {path}: it is a directory; give a file name")
+    if path.exists():
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise NsLensError(f"cannot write {path}: {e.strerror or e}") from e
+        if PAGE_MARK.encode() not in text:
+            raise NsLensError(f"{path} exists and is not an nslens explorer page; give a new file name (the page "
+                              "replaces only an earlier page)")
 
 
 def explorer_data(run_dir: str | Path, *, grid: int = 64, k_bounds: int = 3) -> dict[str, Any]:

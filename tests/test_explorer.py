@@ -248,3 +248,24 @@ def test_a_run_writes_its_page_and_the_command_rewrites_it(run_dir, tmp_path, ca
         main(["explore", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "not an nslens run directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_page_replaces_only_an_earlier_page(run_dir, tmp_path):
+    """`explore RUN -o RUN/summary.json` (or a user's data.csv) overwrote that file with the page: the run was
+    destroyed. An existing file must be an earlier page."""
+    from conftest import run_cli
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\na,b\n")
+    summary = (run_dir / "summary.json").read_text()
+    for target in (data, run_dir / "summary.json"):
+        r = run_cli("explore", run_dir, "-o", target)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"error: {target} exists and is not an nslens explorer page; give a new file name (the page replaces "
+            "only an earlier page)"], r.stderr
+    assert data.read_text() == "text,label\na,b\n" and (run_dir / "summary.json").read_text() == summary
+    with pytest.raises(NsLensError, match="is not an nslens explorer page"):
+        write_explorer(run_dir, data)
+    assert run_cli("explore", run_dir).returncode == 0  # its own page, again
+    assert run_cli("explore", run_dir, "-o", tmp_path / "p.html").returncode == 0
+    assert run_cli("explore", run_dir, "-o", tmp_path / "p.html").returncode == 0  # over an earlier page

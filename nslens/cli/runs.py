@@ -158,9 +158,10 @@ def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslen
                 out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default: "
                                                 "<run>/explorer.html).")) -> None:
     """(Re)write a run's explorer.html: one self-contained page to browse its tables, neurons and ranges."""
-    from nslens.explorer import write_explorer
+    from nslens.explorer import check_page_path, write_explorer
     from nslens.workflows import check_writable
 
     if out is not None:
         check_writable(out, file=True)
+        check_page_path(out)
     done("wrote", write_explorer(run, out))
