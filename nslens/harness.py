@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .effects import METRIC_KEYS, SideEffects, SideEffectTable, main_metric, task_metrics
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .files import nslens_home, write_text
 from .intervene import Intervention, intervention_fingerprint
 from .lmadapter import NsLensLM, quiet_lm_eval, traced_logits
@@ -120,14 +120,21 @@ def side_effects(
     ``progress(desc, done, total)`` counts lm-eval requests answered.
     """
     lm_eval = require_lm_eval()
-    if limit is not None and not (limit > 0):
+    if limit is not None and not (check_number("lm-eval limit", limit) > 0):
         raise NsLensError(f"limit must be > 0, got {limit}")
-    if not tasks:
-        raise NsLensError("no tasks given")
+    if not tasks or isinstance(tasks, str):  # a string was its letters: "unknown lm-eval task 'n'"
+        raise NsLensError(f"tasks is a list of lm-eval task names, got {tasks!r}")
     include_path = with_generated_tasks(model, include_path, tasks)
     tm = task_manager(include_path, tuple(tasks))
     check_tasks(tm, tasks)
+    if not isinstance(interventions, Mapping) or "clean" in interventions:  # "clean" held the edited model's metrics
+        raise NsLensError("interventions is a mapping of names (any but 'clean', the clean model's) to an "
+                          "Intervention or a list of them")
     for name, ivs in interventions.items():
+        if not isinstance(ivs, Intervention) and not (isinstance(ivs, (list, tuple))
+                                                      and all(isinstance(iv, Intervention) for iv in ivs)):
+            raise NsLensError(f"interventions[{name!r}] must be an Intervention or a list of them, got "
+                              f"{type(ivs).__name__}")
         for iv in [ivs] if isinstance(ivs, Intervention) else list(ivs):
             if site is None:
                 raise NsLensError("interventions need the site")
@@ -202,6 +209,11 @@ def side_effect_tables(
     per_mask = [list(op) if isinstance(op, (list, tuple)) else [op] * len(masks) for op in operators]
     if any(len(p) != len(masks) for p in per_mask):
         raise NsLensError(f"an operator list must hold one operator per mask ({len(masks)})")
+    if not masks:
+        raise NsLensError("no masks given")
+    concepts = [m.concept for m in masks]
+    if len(set(concepts)) != len(concepts):  # rows are keyed by concept: one mask's result showed in both rows
+        raise NsLensError(f"one mask per concept, got {', '.join(concepts)}")
     labels = [p[0].label for p in per_mask]
     if len(set(labels)) != len(labels):
         raise NsLensError(f"operators must differ, got {', '.join(labels)}")

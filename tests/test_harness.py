@@ -10,6 +10,7 @@ import torch
 
 import nslens
 from nslens.effects import task_metrics
+from nslens.errors import NsLensError
 from nslens.harness import side_effect_table, side_effects
 from nslens.lmadapter import NsLensLM
 from nslens.lmtasks import local_tasks_dir
@@ -508,3 +509,25 @@ def test_several_operators_share_one_sweep(embedded, site, masks, inc):
                     assert a[t] == pytest.approx(b[t], rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="operators must differ"):
         side_effect_tables(embedded, site, masks[:1], [nslens.zero(), nslens.zero()], tasks=TASKS, include_path=inc)
+
+
+def test_results_are_never_filed_under_another_name(embedded, site, masks, inc):
+    """Two masks of one concept showed the second's result in both rows; an intervention named "clean" returned
+    the edited model's metrics as the clean ones; a task name given as a string was run letter by letter."""
+    twin = RangeMask(masks[1].neurons, masks[1].lo, masks[1].hi, masks[1].mu, masks[1].sigma,
+                     {**masks[1].meta, "concept": masks[0].concept})
+    with pytest.raises(NsLensError, match=f"one mask per concept, got {masks[0].concept}, {masks[0].concept}"):
+        side_effect_table(embedded, site, [masks[0], twin], nslens.zero(), tasks=TASKS, include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="no masks given"):
+        side_effect_table(embedded, site, [], nslens.zero(), tasks=TASKS, include_path=inc, limit=2)
+    iv = nslens.Intervention(masks[0], nslens.zero())
+    with pytest.raises(NsLensError, match="any but 'clean'"):
+        side_effects(embedded, site, {"clean": iv}, tasks=TASKS, include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="any but 'clean'"):
+        side_effects(embedded, site, [iv], tasks=TASKS, include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match=r"interventions\['a'\] must be an Intervention or a list of them, got"):
+        side_effects(embedded, site, {"a": masks[0]}, tasks=TASKS, include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="tasks is a list of lm-eval task names, got 'nslens_synth_mc'"):
+        side_effects(embedded, site, {"a": iv}, tasks="nslens_synth_mc", include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="lm-eval limit must be a finite number, got '4'"):
+        side_effects(embedded, site, {"a": iv}, tasks=TASKS, include_path=inc, limit="4")
