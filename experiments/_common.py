@@ -10,6 +10,66 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's usage error: a short usage line and one ``error:`` line, exit 2 (argparse printed
+    the whole usage, several lines, and ``<script>: error:``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"Usage: {self.prog} [OPTIONS] (--help lists them)\nerror: {message}\n")
+        sys.exit(2)
+
+
+def parser(doc: str | None) -> Parser:
+    """The scripts' argument parser (their docstring as its description)."""
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def check_out(out: Path) -> Path:
+    """``--out`` (a directory) can be written, checked before any work: a file there failed only at the end, with
+    every result lost."""
+    from nslens.errors import NsLensError
+    from nslens.workflows import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise NsLensError(f"--out {out} is a file; give a directory for the results")
+    check_writable(out / "results")
+    return out
+
+
+def check_datasets(specs: list[str], out: Path) -> None:
+    """Every dataset is known and has a run directory of its own, checked before the first run: a typo in the
+    third dataset cost the first two runs, and ``a/data.csv b/data.csv`` wrote both into ``out/data``."""
+    from nslens.errors import NsLensError
+
+    seen: dict[Path, str] = {}
+    for spec in specs:
+        check_dataset(spec)
+        where = run_dir(out, spec)
+        if where in seen:
+            raise NsLensError(f"datasets {seen[where]!r} and {spec!r} would share the run directory {where}; "
+                              "rename one of the files")
+        seen[where] = spec
+
+
+def check_dataset(spec: str) -> None:
+    """A dataset spec is known (or its file exists), checked before the model loads."""
+    from nslens.data import check_dataset_spec
+
+    check_dataset_spec(spec)
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type: comma-separated seeds, each an integer >= 0 (``--seeds a`` was an internal error after the
+    model had loaded)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0, got {text!r}")
+    return seeds
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``--limit 0`` is an error, not "no limit")."""
     try:
@@ -51,8 +111,13 @@ def progress() -> object:
 def run(main: Callable[[list[str] | None], object]) -> None:
     """Call ``main`` like the CLI: bad input is one ``error:`` line and exit 1, Ctrl-C one line and exit 130, any
     other exception one line saying it is internal and where its traceback was saved (``--debug`` prints it)."""
+    import logging
+
+    from nslens.cli import quiet_libraries
     from nslens.errors import internal_error_line, is_user_error, save_traceback
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # no weight-loading bar before a one-line error, as in the CLI
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
@@ -76,7 +141,7 @@ def run_parser(doc: str | None, config: object, out: str, *, lm_eval: bool = Fal
                dataset_help: str | None = None) -> argparse.ArgumentParser:
     """The arguments the run-based scripts share: model, dataset, samples, remote, batch size, output (and the
     lm-eval limit where side effects are measured)."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(doc)
     ap.add_argument("--model", default=config.model)
     ap.add_argument("--dataset", default=None,
                     help=dataset_help or f"default: {config.dataset} (synthetic for the embedded model)")

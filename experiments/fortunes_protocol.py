@@ -15,7 +15,6 @@ test: what the filter keeps from both), chance, and how often each label was pre
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import positive_int, progress, run  # noqa: E402
+from _common import check_out, parser, positive_int, progress, run, seed_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,14 +33,14 @@ def main(argv: list[str] | None = None) -> dict:
     from nslens.protocols import protocol_for
     from nslens.readout import READOUTS, make_readout
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default=None, help="default: the model's protocol dataset")
     ap.add_argument("--k-shot", type=int, default=None)
     ap.add_argument("--max-words", type=positive_int, default=None)
     ap.add_argument("--label-words", default=None, help="comma-separated, one per concept")
     ap.add_argument("--limit", type=positive_int, default=40, help="samples per class")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds (>= 0)")
     ap.add_argument("--readouts", default=",".join(READOUTS), help="comma-separated, of " + ", ".join(READOUTS))
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/fortunes_protocol"))
@@ -56,16 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [r for r in readouts if r not in READOUTS]
     if bad:
         ap.error(f"unknown readout {bad[0]!r}; choose from {', '.join(READOUTS)}")
-    model = nslens.load_model(args.model)
-    site = nslens.resolve_site(model, -1)
-    base = nslens.load_dataset(dataset)
+    check_out(args.out)
+    base = nslens.load_dataset(dataset)  # the data and its label words before the model loads
     if args.label_words:
         base.label_words = [w.strip() for w in args.label_words.split(",")]
         base.__post_init__()
+    model = nslens.load_model(args.model)
+    site = nslens.resolve_site(model, -1)
     ids = nslens.label_token_ids(model.tokenizer, base.label_words)
     results = []
     with progress() as cb:
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in args.seeds:
             ds = base.balanced(args.limit, seed=seed)
             train, _ = ds.split(0.3, seed=seed)
             prompter = nslens.FewShotPrompter.from_dataset(train, k=k, seed=seed, max_words=max_words)

@@ -7,7 +7,6 @@ real model. Zero-shot prompts over a concept dataset: the options are its label 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,11 +17,11 @@ from nslens.neg import linearity_report, neurgrad, resolve_neuron_site, resolve_
 from nslens.probes import evaluate_probes, probe_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_dataset, positive_int, run  # noqa: E402
+from _common import check_dataset, check_out, default_dataset, parser, positive_int, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="meta-llama/Llama-3.2-3B")
     ap.add_argument("--dataset", default=None, help="default: ag_news (synthetic for the embedded model)")
     ap.add_argument("--layer", type=int, default=-1, help="the probes' layer; NEG sweeps sample all layers")
@@ -34,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/neg_tables"))
     args = ap.parse_args(argv)
     args.dataset = default_dataset(args.model, args.dataset, "ag_news")
+    check_out(args.out)
+    check_dataset(args.dataset)  # before the model loads
     if args.smoke:
         args.n_per_class, args.sweep_prompts = 12, 2
     model = nslens.load_model(args.model)

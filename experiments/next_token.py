@@ -24,7 +24,7 @@ from nslens.config import RunConfig, SideEffectsConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_dataset, progress, run, run_parser  # noqa: E402
+from _common import check_dataset, check_out, default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="next:pronouns", layer=-1, method="probeless", fraction=0.2, tau=2.5,
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-table18", action="store_true", help="skip the max-ranking run on pronouns (Table 18)")
     args = ap.parse_args(argv)
     source = default_dataset(args.model, args.dataset, "wikitext")
+    check_out(args.out)
+    for family in args.families:  # the text source before the model loads
+        check_dataset(f"next:{family}:{source}")
     base = CONFIG.replace(model=args.model, remote=args.remote, only_correct=not args.all_samples,
                           side_effects={"limit": args.lm_eval_limit}, batch_size=args.batch_size,
                    dtype=None if args.model == "embedded" else CONFIG.dtype,

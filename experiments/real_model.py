@@ -25,7 +25,6 @@ time and the filter would halve a small dataset); the report gives the clean acc
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import progress, run  # noqa: E402
+from _common import check_out, parser, progress, run  # noqa: E402
 
 
 @dataclass
@@ -322,11 +321,12 @@ def run_experiment(rc: RealModelConfig, out: Path, model: Any = None, log: Any =
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds, not minutes)")
     ap.add_argument("--out", type=Path, default=Path("runs/real_model"))
     ap.add_argument("--no-quantized", action="store_true", help="skip the nf4/int8 runs")
     args = ap.parse_args(argv)
+    check_out(args.out)
     rc = replace(SMOKE if args.smoke else RealModelConfig())
     if args.no_quantized:
         rc.quantize = []

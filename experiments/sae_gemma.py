@@ -7,7 +7,6 @@ DBPedia-14, residual SAEs at layer 25 (width 16k / L0 285 and width 65k / L0 197
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from nslens.config import RunConfig, SaeConfig, SideEffectsConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_sample_args, progress, run  # noqa: E402
+from _common import add_sample_args, check_out, parser, progress, run  # noqa: E402
 
 CONFIG = RunConfig(
     model="google/gemma-2-2b", dataset="dbpedia_14", layer=25, operators=["zero"], n_per_class=1000,
@@ -28,12 +27,15 @@ SAE_IDS = ["layer_25/width_16k/average_l0_285", "layer_25/width_65k/average_l0_1
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--smoke", action="store_true", help="embedded model and a synthetic SAE, offline")
     add_sample_args(ap)
     ap.add_argument("--lm-eval-limit", type=float, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/sae_gemma"))
     args = ap.parse_args(argv)
+    check_out(args.out)
+    if args.lm_eval_limit is not None and not args.lm_eval_limit > 0:  # 0 became 8; -2 failed after recording
+        ap.error(f"--lm-eval-limit must be > 0, got {args.lm_eval_limit:g}")
     if args.smoke:
         import nslens
         from nslens.sae import build_synthetic_sae
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         path = build_synthetic_sae(rec.samples).save_npz(args.out / "synthetic_sae.npz")
         runs = {"synthetic": RunConfig(
             sae=SaeConfig(path=str(path)), n_per_class=args.limit or 24, batch_size=32,
-            side_effects=SideEffectsConfig(enabled=True, limit=args.lm_eval_limit or 8), analyses=False,
+            side_effects=SideEffectsConfig(enabled=True, limit=8 if args.lm_eval_limit is None else args.lm_eval_limit), analyses=False,
             only_correct=not args.all_samples)}
     else:
         runs = {sid.split("/")[1]: CONFIG.replace(sae={"id": sid}, side_effects={"limit": args.lm_eval_limit},

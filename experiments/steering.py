@@ -17,7 +17,7 @@ from nslens.config import RunConfig, SideEffectsConfig, SteeringConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_dataset, progress, run, run_parser  # noqa: E402
+from _common import check_dataset, check_out, default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=14, operators=["zero"], n_per_class=3000,
@@ -28,6 +28,8 @@ CONFIG = RunConfig(
 
 def main(argv: list[str] | None = None) -> None:
     args = run_parser(__doc__, CONFIG, "runs/steering", lm_eval=True).parse_args(argv)
+    check_out(args.out)
+    check_dataset(default_dataset(args.model, args.dataset, CONFIG.dataset))  # before the model loads
     model = nslens.load_model(args.model, dtype=None if args.model == "embedded" else CONFIG.dtype, remote=args.remote)
     layer = nslens.resolve_site(model).n_layers // 2  # the middle block (14 of Llama-3.2-3B's 28)
     base = CONFIG.replace(model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),

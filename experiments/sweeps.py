@@ -14,7 +14,7 @@ from nslens.config import RunConfig, SweepConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_dataset, progress, run, run_parser  # noqa: E402
+from _common import check_out, default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = run_parser(__doc__, CONFIG, "runs/sweeps")
     ap.add_argument("--sweeps", nargs="+", default=CONFIG.sweeps.params)
     args = ap.parse_args(argv)
+    check_out(args.out)
     cfg = CONFIG.replace(model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
                          sweeps={"params": args.sweeps}, remote=args.remote, batch_size=args.batch_size,
                          dtype=None if args.model == "embedded" else CONFIG.dtype, only_correct=not args.all_samples)

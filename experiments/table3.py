@@ -9,7 +9,6 @@ model classifies correctly, up to 2000 per class).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,16 @@ from nslens.config import RunConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_sample_args, progress, run, run_dir  # noqa: E402
+from _common import (  # noqa: E402
+    add_sample_args,
+    check_datasets,
+    check_out,
+    parser,
+    positive_int,
+    progress,
+    run,
+    run_dir,
+)
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B",
@@ -39,14 +47,16 @@ DATASETS = ["ag_news", "emotion", "dbpedia_14"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default=CONFIG.model)
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
     add_sample_args(ap)
     ap.add_argument("--out", type=Path, default=Path("runs/table3"))
     ap.add_argument("--remote", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=CONFIG.batch_size)
+    ap.add_argument("--batch-size", type=positive_int, default=CONFIG.batch_size)
     args = ap.parse_args(argv)
+    check_out(args.out)
+    check_datasets(args.datasets, args.out)  # all of them before the first run
     summary = {}
     for ds in args.datasets:
         cfg = CONFIG.replace(model=args.model, dataset=ds, remote=args.remote, batch_size=args.batch_size,

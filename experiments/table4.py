@@ -17,7 +17,7 @@ from nslens.config import RunConfig, SideEffectsConfig
 from nslens.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_dataset, progress, run, run_parser  # noqa: E402
+from _common import check_out, default_dataset, progress, run, run_parser  # noqa: E402
 
 CONFIG = RunConfig(
     model="meta-llama/Llama-3.2-3B", dataset="ag_news", layer=-1, method="max", fraction=0.3, tau=2.5,
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = run_parser(__doc__, CONFIG, "runs/table4", lm_eval=True)
     ap.add_argument("--operators", nargs="+", default=CONFIG.operators)
     args = ap.parse_args(argv)
+    check_out(args.out)
     cfg = CONFIG.replace(model=args.model, dataset=default_dataset(args.model, args.dataset, CONFIG.dataset),
                   operators=args.operators, remote=args.remote, side_effects={"limit": args.lm_eval_limit},
                   batch_size=args.batch_size, dtype=None if args.model == "embedded" else CONFIG.dtype,

@@ -288,6 +288,23 @@ def test_experiment_scripts_behave_like_the_cli(embedded, tmp_path, monkeypatch,
     code, err = script("table3.py", "--model", "embedded", "--datasets", "nope")
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: unknown dataset 'nope'")
     assert "Traceback" not in err
+    # the CLI's usage error (one usage line, one error line), every dataset and --out checked before any work
+    code, err = script("fortunes_protocol.py", "--seeds", "a")
+    assert code == 2 and err.strip().splitlines() == [
+        "Usage: fortunes_protocol.py [OPTIONS] (--help lists them)",
+        "error: argument --seeds: expected comma-separated integers, got 'a'"], err
+    code, err = script("table3.py", "--model", "embedded", "--datasets", "synthetic", "nope")
+    assert code == 1 and err.strip().splitlines() == [err.strip().splitlines()[0]] and "'nope'" in err, err
+    assert not (tmp_path / "runs").exists()  # the first dataset did not run
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "data.csv").write_text("text,label\n")
+    code, err = script("table3.py", "--model", "embedded", "--datasets", "a/data.csv", "b/data.csv")
+    assert code == 1 and "datasets 'a/data.csv' and 'b/data.csv' would share the run directory" in err, err
+    (tmp_path / "afile").write_text("x")
+    code, err = script("neg_tables.py", "--model", "embedded", "--smoke", "--out", "afile")
+    assert code == 1 and err.strip().splitlines() == ["error: --out afile is a file; give a directory for the "
+                                                      "results"], err
     from nslens.synthetic import synthetic_concepts
 
     ds = synthetic_concepts(10, seed=5)

@@ -20,7 +20,7 @@ from ..errors import internal_error_line, is_user_error, save_traceback
 from . import neurons, runs, steps
 from .app import app, console, out_console, progress_display
 
-__all__ = ["COMMANDS", "app", "console", "main", "out_console", "progress_display"]
+__all__ = ["COMMANDS", "app", "console", "main", "out_console", "progress_display", "quiet_libraries"]
 
 COMMANDS = {
     "record": steps.record_cmd, "ranges": steps.ranges_cmd, "erase": steps.erase_cmd,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     (and how to resume), exit 130. Any other exception is an internal error: one line saying so and where its
     traceback was saved, exit 1; ``--debug`` (anywhere on the line) or ``NSLENS_DEBUG=1`` also prints it."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("NSLENS_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No third-party progress bars or chatter around nslens's own output (transformers' weight-loading bar). Set
     through the variables transformers reads when it is imported, so that ``--help`` does not import it."""
     if "transformers" in sys.modules:
