@@ -103,6 +103,42 @@ def load_hf_dataset(name: str, split: str | None = None, label_words: Sequence[s
     )
 
 
+def _is_index(x: Any) -> bool:
+    """A label given as a concept index: an integer, a whole float, or a string of digits."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return float(x).is_integer()
+    return isinstance(x, str) and x.strip().lstrip("-").isdigit()
+
+
+def _file_rows(path: Path, f: Any) -> list[dict[str, Any]]:
+    """The rows of a .csv (a header line), a .jsonl (an object per line) or a .json file (an array of objects, or
+    an object per line): each a dict, or a one-line error naming the line."""
+    if path.suffix == ".csv":
+        return list(csv.DictReader(f))
+    text = f.read()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NsLensError(f"dataset file {path}, line {e.lineno}: not JSON ({e.msg})") from e
+        numbered = list(enumerate(rows, start=1))
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise NsLensError(f"dataset file {path}, line {number}: not JSON ({e.msg})") from e
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise NsLensError(f"dataset file {path}, {'item' if path.suffix == '.json' else 'line'} {number}: a "
+                              f"JSON {type(row).__name__}, not an object with the text and label")
+    return [row for _, row in numbered]
+
+
 def load_local_dataset(
     path: str | Path,
     *,
@@ -125,17 +161,8 @@ def load_local_dataset(
     if path.suffix not in (".csv", ".jsonl", ".json"):
         raise NsLensError(f"unsupported dataset file {path.name!r}; use .csv or .jsonl")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            if path.suffix == ".csv":
-                rows = list(csv.DictReader(f))
-            else:
-                rows = []
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise NsLensError(f"dataset file {path}, line {number}: not JSON ({e.msg})") from e
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            rows = _file_rows(path, f)
     except UnicodeDecodeError as e:
         raise NsLensError(f"dataset file {path} is not UTF-8 text (byte {e.start})") from e
     if not rows:
@@ -144,9 +171,14 @@ def load_local_dataset(
     for col in (text_column, label_column):
         if col not in columns:
             raise NsLensError(f"dataset file {path.name}: missing column {col!r}; columns are {columns}")
+    for col in (text_column, label_column):  # a short CSV row, a JSON row without the key, or a null: concept 'None'
+        bad = [i + 1 for i, r in enumerate(rows) if r.get(col) is None or (col == label_column and r[col] == "")]
+        if bad:
+            raise NsLensError(f"dataset file {path.name}: no {col!r} in rows {bad[:5]}"
+                              + (" ..." if len(bad) > 5 else ""))
     raw = [r[label_column] for r in rows]
-    if all(isinstance(x, int) or (isinstance(x, str) and x.strip().lstrip("-").isdigit()) for x in raw):
-        labels = np.asarray([int(x) for x in raw])
+    if all(_is_index(x) for x in raw):  # 1, 1.0 and "1" are one concept, not three
+        labels = np.asarray([int(float(x)) for x in raw])
         names = list(label_names) if label_names else [str(i) for i in range(int(labels.max()) + 1)]
     else:
         names = list(label_names) if label_names else sorted({str(x) for x in raw})
@@ -326,11 +358,11 @@ def check_dataset_spec(spec: str) -> None:
     dataset_source(spec).check(spec)
 
 
-def load_dataset(spec: str, **kwargs: Any) -> ConceptDataset:
+def load_dataset(spec: str | Path, **kwargs: Any) -> ConceptDataset:
     """One entry point: ``synthetic``, a paper dataset name, ``next:<family>[:<source>]`` (next-token concepts,
     ``nslens.nexttoken``), ``fortunes[:<category>,...]`` (Debian's fortunes categories, ``nslens.fortunes``), a
     local file path, or a spec of a registered source of one's own (``register_dataset_source``)."""
-    return dataset_source(spec).load(spec, **kwargs)
+    return dataset_source(str(spec)).load(str(spec), **kwargs)  # a pathlib.Path names a file too
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str], context: str = "Label:") -> list[int]:

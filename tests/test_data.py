@@ -135,3 +135,31 @@ def test_a_registered_dataset_source_is_asked_after_the_built_ins():
         DATASET_SOURCES.unregister("numbers")
     with pytest.raises(ValueError, match=r"fortunes\[:<category>,\.\.\.\] \(Debian's fortunes\), or a \.csv"):
         load_dataset("numbers:3")
+
+
+def test_local_files_read_as_a_spreadsheet_or_a_json_tool_writes_them(tmp_path):
+    """A byte-order mark hid the 'text' column; a JSON array file was 'missing column'; 1, 1.0 and "1" were three
+    concepts; a pathlib.Path was an unknown dataset."""
+    p = tmp_path / "bom.csv"
+    p.write_bytes("\ufefftext,label\nhello,pos\nbye,neg\n".encode("utf-8"))
+    assert load_dataset(p).texts == ["hello", "bye"]
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps([{"text": "a", "label": 1}, {"text": "b", "label": 1.0}, {"text": "c", "label": "0"}]))
+    ds = load_local_dataset(arr)
+    assert ds.labels.tolist() == [1, 1, 0] and ds.label_names == ["0", "1"]
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"no 'label' in rows \[2\]"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": null, "label": "x"}\n', r"no 'text' in rows \[2\]"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n[1, 2]\n', "line 2: a JSON list, not an object"),
+    ("d.json", '[{"text": "a", "label": "x"}, 3]', "item 2: a JSON int, not an object"),
+    ("d.csv", "text,label\nhello,pos\nshort\n", r"no 'label' in rows \[2\]"),
+    ("d.csv", "text,label\nhello,pos\nbye,\n", r"no 'label' in rows \[2\]"),
+])
+def test_a_row_without_its_text_or_label_is_named(tmp_path, name, text, words):
+    """A JSONL row without a label was an internal KeyError; a null or a short CSV row became concept 'None'."""
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(nslens.NsLensError, match=words):
+        load_local_dataset(p)
