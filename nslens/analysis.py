@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .concepts import concept_labels
 from .errors import NsLensError
 from .figures import plot_activation_patterns, plot_common_neurons, plot_overlap_heatmap
 from .files import write_text
@@ -68,11 +69,24 @@ class NormalityReport:
         return out
 
 
+def _concept_samples(x: np.ndarray, labels: Any, n_concepts: int, every: bool = True) -> np.ndarray:
+    """The samples' labels as concept indices, one per row of ``x``, every concept among them: a label past the
+    names was an IndexError, a concept left out was dropped from the analysis without a word."""
+    labels = concept_labels(labels, n_concepts)
+    if x.ndim != 2 or len(labels) != len(x):
+        raise NsLensError(f"samples [n, d] need one label each: got samples of shape {x.shape} and {len(labels)} "
+                          "labels")
+    if every and len(set(labels.tolist())) != n_concepts:
+        raise NsLensError(f"the samples hold concepts {sorted(set(labels.tolist()))}, not all {n_concepts}")
+    return labels
+
+
 def normality(samples: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> NormalityReport:
     """Skewness, Pearson kurtosis and standardised-KS statistic per concept and neuron (scipy)."""
     from scipy import stats
 
     x = np.asarray(samples, dtype=np.float64)
+    labels = _concept_samples(x, labels, len(label_names))
     c, d = len(label_names), x.shape[1]
     sk, ku, ks = np.zeros((c, d)), np.zeros((c, d)), np.ones((c, d))
     for k in range(c):
@@ -110,8 +124,13 @@ def pairwise_auroc_overlap(samples: np.ndarray, labels: np.ndarray, masks: Seque
     from scipy.stats import rankdata
 
     x = np.asarray(samples, dtype=np.float64)
-    labels = np.asarray(labels)
     c = len(masks)
+    misplaced = [i for i, m in enumerate(masks) if m.meta.get("concept_index", i) != i]
+    if not c or misplaced or len({len(m) for m in masks}) != 1:  # a subset scored concept 2's neurons on concept 0
+        raise NsLensError("the overlap takes one mask per concept, in concept order, all of one size (masks[c] is "
+                          f"concept c's): got {[(m.meta.get('concept_index'), len(m)) for m in masks]} "
+                          "(concept index, neurons)")
+    labels = _concept_samples(x, labels, c, every=False)  # a concept without samples is named per pair below
     k = len(masks[0])
     out = np.full((c, k, c), np.nan)
     for a, mask in enumerate(masks):

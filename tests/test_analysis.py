@@ -97,3 +97,23 @@ def test_bound_samples_nearest_texts():
     assert [t for t, _ in b["upper"]] == ["t3", "t2"]
     with pytest.raises(ValueError, match="neuron 5 is not in the mask"):
         bound_samples(acts, labels, texts, mask, 5)
+
+
+def test_a_subset_of_masks_or_of_concepts_is_refused_not_scored_against_other_concepts(rng):
+    """masks[2:] scored concept 2's neurons on concept 0's samples; normality with three of four names dropped
+    the fourth concept; a label past the names or a length mismatch was an IndexError."""
+    x = rng.normal(size=(80, 6))
+    labels = np.repeat(np.arange(4), 20)
+    masks = [RangeMask([c, 5], [-1.0, -1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0],
+                       {"concept": f"c{c}", "concept_index": c}) for c in range(4)]
+    assert pairwise_auroc_overlap(x, labels, masks).shape == (4, 2, 4)
+    with pytest.raises(NsLensError, match="one mask per concept, in concept order"):
+        pairwise_auroc_overlap(x, labels, masks[2:])
+    with pytest.raises(NsLensError, match="one mask per concept, in concept order"):
+        pairwise_auroc_overlap(x, labels, [])
+    with pytest.raises(NsLensError, match="label 3 is not a concept index: 3 concepts take 0 to 2"):
+        normality(x, labels, ["a", "b", "c"])
+    with pytest.raises(NsLensError, match=r"samples \[n, d\] need one label each"):
+        normality(x, labels[:-1], ["a", "b", "c", "d"])
+    with pytest.raises(NsLensError, match=r"the samples hold concepts \[0, 1, 2\], not all 4"):
+        normality(x[:60], labels[:60], ["a", "b", "c", "d"])
