@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .batching import batches, tokenize
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .intervene import Intervention, apply_in_trace, check_site
 from .models import Site
 from .remote import maybe_retry, trace_args
@@ -45,14 +45,15 @@ class GenerationSettings:
     """Seeds torch before each sampled run (local runs only; ignored for greedy decoding)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise NsLensError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
+        if not isinstance(self.do_sample, bool):  # do_sample="no" is truthy: it sampled
+            raise NsLensError(f"do_sample must be True or False, got {self.do_sample!r}")
+        object.__setattr__(self, "max_new_tokens", int(check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)))
+        object.__setattr__(self, "top_k", int(check_number("top_k", self.top_k, 0, integer=True)))
+        object.__setattr__(self, "seed", int(check_number("seed", self.seed, 0, integer=True)))
+        if not check_number("temperature", self.temperature) > 0:  # inf sampled uniformly
             raise NsLensError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < check_number("top_p", self.top_p) <= 1:
             raise NsLensError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise NsLensError(f"top_k must be a non-negative integer, got {self.top_k!r}")
 
     def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
         """The keyword arguments for transformers' ``generate`` (every one explicit, so a checkpoint's own
@@ -114,6 +115,8 @@ def generate_ids(model: Any, site: Site, prompts: Sequence[str], *,
     """The new token ids per prompt (after the prompt, up to and including an end-of-sequence token; padding
     after it removed), generated with ``interventions`` applied at every step (``None``: the clean model)."""
     settings = settings or GenerationSettings()
+    if not isinstance(settings, GenerationSettings):
+        raise NsLensError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise NsLensError("no prompts to generate from")

@@ -130,10 +130,19 @@ def test_remote_local_equals_local(embedded, site, synth_masks, prompts):
 
 @pytest.mark.parametrize("kwargs, words", [({"max_new_tokens": 0}, "max_new_tokens"),
                                            ({"temperature": 0.0}, "temperature"),
-                                           ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")])
+                                           ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+                                           # each was accepted: "no" is truthy and sampled, inf sampled uniformly
+                                           ({"do_sample": "no"}, "do_sample must be True or False, got 'no'"),
+                                           ({"temperature": float("inf")}, "temperature must be a finite number"),
+                                           ({"temperature": "x"}, "temperature must be a finite number, got 'x'"),
+                                           ({"seed": -1}, "seed must be >= 0, got -1"),
+                                           ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+                                           ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1")])
 def test_bad_settings_are_user_errors(kwargs, words):
     with pytest.raises(NsLensError, match=words):
         GenerationSettings(**kwargs)
+    with pytest.raises(NsLensError, match="settings must be a GenerationSettings, got dict"):
+        generate_ids(None, None, ["a"], settings={"max_new_tokens": 2})
 
 
 def test_no_prompts_is_a_user_error(embedded, site):
