@@ -28,7 +28,7 @@ from .errors import NsLensError
 from .files import write_text
 from .intervene import Intervention, apply_in_trace, check_site
 from .mdtable import cell
-from .models import Site
+from .models import Site, check_token_ids
 from .ops import Operator
 from .ranges import RangeMask
 from .readout import Readout, predict_token
@@ -58,14 +58,9 @@ def _gold_tensor(model: Any, prompts: Sequence[str],
     """The gold token per prompt, refused when it cannot index the logits (it failed inside the trace)."""
     if not len(prompts):
         raise NsLensError("no prompts given")
-    gold = torch.as_tensor(np.asarray(gold_token_ids), dtype=torch.int64)
+    gold = check_token_ids(model, gold_token_ids, "gold token id")
     if len(gold) != len(prompts):
         raise NsLensError(f"{len(prompts)} prompts but {len(gold)} gold labels")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    bad = gold[(gold < 0) | (gold >= vocab)] if isinstance(vocab, int) else gold[gold < 0]
-    if len(bad):
-        size = f" of {vocab} tokens" if isinstance(vocab, int) else ""
-        raise NsLensError(f"gold token id {int(bad[0])} is outside the vocabulary{size}")
     return gold
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .embedded import build_embedded_model, embedded_model_dir
@@ -236,6 +237,21 @@ def model_fingerprint(model: Any) -> str:
             if p.device.type != "meta":
                 h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_token_ids(model: Any, ids: Any, what: str = "token id") -> torch.Tensor:
+    """``ids`` as int64 token ids the model's logits have: -1 indexed the last token without a word, 1.5 was
+    truncated, and one past the vocabulary failed inside a trace as an index error."""
+    arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise NsLensError(f"{what}s must be whole numbers, got {arr.dtype} values {arr.reshape(-1)[:3].tolist()}")
+    t = torch.as_tensor(arr.astype(np.int64))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    bad = t[(t < 0) | (t >= vocab)] if isinstance(vocab, int) else t[t < 0]
+    if len(bad):
+        size = f" of {vocab} tokens" if isinstance(vocab, int) else ""
+        raise NsLensError(f"{what} {int(bad[0])} is outside the vocabulary{size}")
+    return t
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

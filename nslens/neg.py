@@ -31,7 +31,7 @@ import torch
 from .batching import Progress, batches, tokenize
 from .erasure import predict
 from .errors import NsLensError
-from .models import family_of, site_module
+from .models import check_token_ids, family_of, site_module
 from .neurgrad import (
     IG_GRIDS,
     ig_alphas,
@@ -83,6 +83,15 @@ def _norm_gain(norm: Any, offset: float) -> torch.Tensor:
     return offset + w if offset else w
 
 
+def _neuron_ids(ns: NeuronSite, neurons: Sequence[int]) -> torch.Tensor:
+    """``neurons`` as indices of the site's neurons: -1 was the last neuron (LPI) and one past the width an index
+    error."""
+    arr = np.asarray(neurons)
+    if not arr.size or arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= ns.width:
+        raise NsLensError(f"neurons must be whole numbers in [0, {ns.width - 1}], got {arr.reshape(-1)[:5].tolist()}")
+    return torch.as_tensor(arr.astype(np.int64).reshape(-1))
+
+
 def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[int], *,
         norm: str = "final") -> np.ndarray:
     """Log-probability increase (the paper's LPI baseline; Yu and Ananiadou 2024) of each neuron in ``neurons``:
@@ -103,7 +112,8 @@ def lpi(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Sequence[
     check_lpi_norm(norm)
     if next(model._module.parameters()).device.type == "meta":
         raise NsLensError("LPI unembeds locally: it needs local weights (not a remote model)")
-    neurons = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
+    target = int(check_token_ids(model, [target], "target token id")[0])
+    neurons = _neuron_ids(ns, neurons)
     fam = family_of(ns.site)
     pre_mlp = fam.part(site_module(model, ns.site), fam.pre_mlp_norm)
     enc = tokenize(model, [prompt])
@@ -138,9 +148,8 @@ def neg_sweep(model: Any, ns: NeuronSite, prompt: str, target: int, neurons: Seq
     shifts = [float(v) for v in shifts]
     if not shifts or all(v == 0 for v in shifts):
         raise NsLensError("shifts need at least one non-zero value")
-    neurons = [int(j) for j in neurons]
-    if not neurons or max(neurons) >= ns.width or min(neurons) < 0:
-        raise NsLensError(f"neurons must lie in [0, {ns.width - 1}]")
+    target = int(check_token_ids(model, [target], "target token id")[0])
+    neurons = _neuron_ids(ns, neurons).tolist()
     rows = [(j, v) for j in neurons for v in shifts]
     enc = tokenize(model, [prompt])
     base = _shifted_probs(model, ns, enc, target, [(neurons[0], 0.0)], log_prob, remote)[0]

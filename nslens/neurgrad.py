@@ -25,7 +25,7 @@ import torch
 from .batching import Progress, batches, tokenize
 from .erasure import sample_gold
 from .errors import NsLensError
-from .models import Site, family_of
+from .models import Site, check_token_ids, family_of
 from .neurons import NeuronSite, at_least_f32, read_neurons, write_neurons
 from .rank import Ranking
 from .remote import maybe_retry, trace_args
@@ -53,16 +53,18 @@ def _frozen(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _target_matrix(targets: Any, options: Any, n: int) -> torch.Tensor:
+def _target_matrix(model: Any, targets: Any, options: Any, n: int) -> torch.Tensor:
     """``[N, K]`` token ids from exactly one of: per-prompt ``targets`` ([N] or [N, K]) or shared ``options`` [K]."""
     if (targets is None) == (options is None):
         raise NsLensError("give exactly one of targets (per prompt: [N] or [N, K]) and options (shared: [K])")
+    if n == 0:
+        raise NsLensError("no prompts given")
     if options is not None:
-        o = torch.as_tensor(np.asarray(options), dtype=torch.int64)
-        if o.ndim != 1:
+        o = check_token_ids(model, options, "option token id")
+        if o.ndim != 1 or not o.numel():
             raise NsLensError(f"options must be a 1-D list of token ids, got shape {tuple(o.shape)}")
         return o[None, :].expand(n, -1)
-    t = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    t = check_token_ids(model, targets, "target token id")
     t = t[:, None] if t.ndim == 1 else t
     if t.ndim != 2 or t.shape[0] != n:
         raise NsLensError(f"targets must be [N] or [N, K] with N = {n} prompts, got shape {tuple(t.shape)}")
@@ -78,7 +80,7 @@ def neurgrad(model: Any, ns: NeuronSite, prompts: Sequence[str], targets: Any = 
     ``log_prob=True`` differentiates log p instead of p. ``signed=False`` gives the plain computational gradient
     d p / d a (the paper's CG baseline).
     """
-    g, a = last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), None,
+    g, a = last_token_grads(model, ns, prompts, _target_matrix(model, targets, options, len(prompts)), None,
                              batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
                              desc="neurgrad")
     g = g[:, :, 0]
@@ -114,7 +116,7 @@ def integrated_gradients(model: Any, ns: NeuronSite, prompts: Sequence[str], tar
     One trace and one backward per batch: each prompt is tiled steps x targets times, each copy scaled by its alpha.
     """
     alphas = ig_alphas(steps, grid)
-    g, a = last_token_grads(model, ns, prompts, _target_matrix(targets, options, len(prompts)), alphas,
+    g, a = last_token_grads(model, ns, prompts, _target_matrix(model, targets, options, len(prompts)), alphas,
                              batch_size=batch_size, log_prob=log_prob, remote=remote, progress=progress,
                              desc="integrated gradients")
     return (g.mean(2) * a[:, None, :]).numpy().astype(np.float64)

@@ -379,3 +379,25 @@ def test_ig_remote_local_equals_local(embedded, task):
     a = integrated_gradients(embedded, ns, prompts[:2], options=ids[:2], steps=3)
     b = integrated_gradients(embedded, ns, prompts[:2], options=ids[:2], steps=3, remote="local")
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_token_ids_and_neurons_outside_the_model_are_refused(embedded, task):
+    """A target of -1 was the last vocabulary token and LPI's neuron -1 the last neuron, without a word; a float
+    option was truncated; ids past the vocabulary or neurons past the width failed inside as index errors."""
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, -1, "product")
+    vocab = embedded.config.vocab_size
+    with pytest.raises(nslens.NsLensError, match="target token id -1 is outside the vocabulary"):
+        neg_sweep(embedded, ns, prompts[0], -1, [0, 1])
+    with pytest.raises(nslens.NsLensError, match=f"target token id {vocab} is outside the vocabulary of {vocab}"):
+        lpi(embedded, ns, prompts[0], vocab, [0])
+    with pytest.raises(nslens.NsLensError, match=rf"neurons must be whole numbers in \[0, {ns.width - 1}\], got \[-1\]"):
+        lpi(embedded, ns, prompts[0], ids[0], [-1])
+    with pytest.raises(nslens.NsLensError, match=f"got \\[{ns.width}\\]"):
+        neg_sweep(embedded, ns, prompts[0], ids[0], [ns.width])
+    with pytest.raises(nslens.NsLensError, match="option token ids must be whole numbers"):
+        neurgrad(embedded, ns, prompts, options=[1.5])
+    with pytest.raises(nslens.NsLensError, match="no prompts given"):
+        neurgrad(embedded, ns, [], options=ids)
+    with pytest.raises(nslens.NsLensError, match="options must be a 1-D list of token ids"):
+        neurgrad(embedded, ns, prompts, options=[])
