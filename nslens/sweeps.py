@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .erasure import erasure_table
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .models import resolve_site
 from .ops import Operator
 from .ranges import build_range_masks
@@ -125,7 +125,12 @@ def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarr
     prediction rule (``nslens.readout``), the same at every layer (its prior is the clean model's)."""
     ranking = get_ranking(method)
     n_layers = resolve_site(model, 0).n_layers
-    values = list(range(n_layers)) if layers is None else [int(v) for v in layers]
+    if layers is None:
+        values = list(range(n_layers))
+    else:  # each layer once, under its own number: 1.7 ran layer 1, -1 and n - 1 ran one layer twice
+        values = [resolve_site(model, int(check_number("sweep layer", v, integer=True))).layer for v in layers]
+        if not values or len(set(values)) != len(values):
+            raise NsLensError(f"the layer sweep needs distinct layers, got {list(layers)}")
     out = []
     for i, layer in enumerate(values):
         site = resolve_site(model, layer)

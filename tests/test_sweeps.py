@@ -77,3 +77,15 @@ def test_a_sweep_takes_the_runs_own_scores(embedded, site, setup):
     for method, needs in (("probe", "raw samples"), ("neurgrad", "the model")):
         with pytest.raises(ValueError, match=f"the {method} ranking needs {needs}: pass its scores="):
             tau_sweep(embedded, site, rec.stats, *test, taus=[1.0], method=method)
+
+
+@pytest.mark.parametrize("layers, words", [([], r"distinct layers, got \[\]"), ([-1, 3], r"distinct layers, got \[-1, 3\]"),
+                                           ([1.7], "sweep layer must be an integer, got 1.7"),
+                                           ([9], "layer 9 out of range")])
+def test_layer_sweep_layers_are_distinct_whole_layers(embedded, synth, layers, words):
+    """[] gave an empty sweep, 1.7 ran layer 1 labelled 1.0 and -1 with 3 ran the last layer twice."""
+    tr, te = synth["train"], synth["test"]
+    ids = nslens.label_token_ids(embedded.tokenizer, tr.label_words)
+    with pytest.raises(nslens.NsLensError, match=words):
+        layer_sweep(embedded, synth["train_prompts"][:8], tr.labels[:8], tr.label_names, synth["test_prompts"][:4],
+                    te.labels[:4], ids, nslens.zero(), layers=layers)
