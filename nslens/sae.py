@@ -110,7 +110,11 @@ def load_sae_npz(path: str | Path) -> JumpReLUSAE:
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
                 raise NsLensError(f"SAE file {path.name} lacks {missing}; Gemma Scope params.npz has {list(NPZ_KEYS)}")
-            return JumpReLUSAE(*(z[k] for k in NPZ_KEYS), meta={"source": str(path)})
+            arrays = [z[k] for k in NPZ_KEYS]
+            bad = [k for k, a in zip(NPZ_KEYS, arrays) if not np.isfinite(a).all()]
+            if bad:  # every feature then read as zero, without a word
+                raise NsLensError(f"SAE file {path.name} has NaN/inf values in {bad}")
+            return JumpReLUSAE(*arrays, meta={"source": str(path)})
     except NsLensError:
         raise
     except Exception as e:  # a member that cannot be read (truncated archive)
@@ -272,6 +276,14 @@ def build_feature_masks(st: FeatureStats, selection: Sequence[np.ndarray], *, ta
         raise NsLensError(f"unknown ranges_over {ranges_over!r}; choose firing or all")
     mean = st.fire_mean if ranges_over == "firing" else st.mean
     sd = st.std(ranges_over)
+    d_sae = mean.shape[1]
+    if len(selection) != len(st.label_names):  # a shorter selection gave fewer masks than concepts
+        raise NsLensError(f"{len(selection)} feature selections for {len(st.label_names)} concepts; give one each")
+    for c, idx in enumerate(selection):
+        arr = np.asarray(idx)
+        if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= d_sae):
+            raise NsLensError(f"concept {st.label_names[c]!r}: feature indices must lie in [0, {d_sae - 1}], got "
+                              f"{arr.reshape(-1)[:5].tolist()}")
     masks = []
     for c, idx in enumerate(selection):
         mu, sigma = mean[c, idx], sd[c, idx]

@@ -113,6 +113,10 @@ def test_feature_statistics_and_selection_against_numpy(sae, embedded, site, syn
         assert sorted(sel[c].tolist()) == sorted(top.tolist())
     masks = build_feature_masks(st, sel, tau=2.5, ranges_over="firing")
     assert masks[0].meta["basis"] == "sae" and masks[0].meta["d_sae"] == 256
+    with pytest.raises(NsLensError, match="3 feature selections for 4 concepts"):  # it gave three masks
+        build_feature_masks(st, sel[:3])
+    with pytest.raises(NsLensError, match=r"concept 'sports': feature indices must lie in \[0, 255\], got \[256\]"):
+        build_feature_masks(st, [np.array([256])] + list(sel[1:]))
     t31 = feature_table31(st, sel)
     assert t31["per_concept"]["sports"]["ablated"] == len(sel[0]) and t31["d_sae"] == 256
 
@@ -205,6 +209,12 @@ def test_bad_sae_files_are_one_line_errors(tmp_path, sae_file):
             dst.writestr(name, b"\x93NUMPY\x01\x00cut" if name == "W_dec.npy" else src.read(name))
     with pytest.raises(NsLensError, match="SAE file .*member.npz could not be read"):
         load_sae_npz(tmp_path / "member.npz")
+    with np.load(sae_file) as z:  # NaN weights: every feature then read as zero, without a word
+        arrays = {k: z[k] for k in z.files}
+    arrays["W_enc"] = np.full_like(arrays["W_enc"], np.nan)
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(NsLensError, match=r"SAE file nan.npz has NaN/inf values in \['W_enc'\]"):
+        load_sae_npz(tmp_path / "nan.npz")
 
 
 def test_save_npz_is_atomic(sae, tmp_path, monkeypatch):
