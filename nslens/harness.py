@@ -39,6 +39,7 @@ from .lmtasks import (
 )
 from .loglik import LoglikSweep
 from .models import Site, model_fingerprint, model_id
+from .ops import Operator
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -207,6 +208,9 @@ def side_effect_tables(
     include_path, cache_dir, batch_size, remote, num_fewshot, per_pass, desc). Each entry of ``operators`` is an
     operator, or a list with one per mask (per-concept steering vectors). Keyed by operator label."""
     per_mask = [list(op) if isinstance(op, (list, tuple)) else [op] * len(masks) for op in operators]
+    wrong = [type(o).__name__ for p in per_mask for o in p if not isinstance(o, Operator)]
+    if wrong:  # "zero" failed as an AttributeError on its label
+        raise NsLensError(f"operators are nslens operators (nslens.zero(), nslens.dampen(a), ...), got {wrong[0]}")
     if any(len(p) != len(masks) for p in per_mask):
         raise NsLensError(f"an operator list must hold one operator per mask ({len(masks)})")
     if not masks:

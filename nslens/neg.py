@@ -30,7 +30,7 @@ import torch
 
 from .batching import Progress, batches, tokenize
 from .erasure import predict
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .models import check_token_ids, family_of, site_module
 from .neurgrad import (
     IG_GRIDS,
@@ -260,7 +260,10 @@ def linearity_report(model: Any, ns: NeuronSite | Sequence[NeuronSite], prompts:
     if baselines:  # a bad IG grid or LPI normaliser fails before any forward pass
         ig_alphas(ig_steps, ig_grid)
         check_lpi_norm(lpi_norm)
-    targets = [int(t) for t in targets]
+    check_number("n_neurons", n_neurons, 1, integer=True)
+    targets = check_token_ids(model, targets, "target token id").tolist()
+    if not prompts or len(targets) != len(prompts):  # a mismatch failed as a reshape error inside
+        raise NsLensError(f"one target per prompt: got {len(prompts)} prompts and {len(targets)} targets")
     offered = len(prompts)
     if only_correct:
         ok = _answered_correctly(model, sites[0], prompts, targets, remote)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .batching import batches, tokenize
+from .concepts import concept_labels
 from .errors import NsLensError
 from .neurons import read_neurons
 from .remote import maybe_retry, trace_args
@@ -190,17 +191,22 @@ def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str]
     """Train the three NEG probes on the train split, choose sizes on valid, report test accuracy; with
     ``option_probs`` ``[queries, options]`` and ``activations`` ``[queries, neurons]`` (``probe_features``) also the
     LM-Prob and Act baselines on the same test split."""
-    answers = np.asarray(answers, dtype=np.int64)
-    if neg.ndim != 3 or neg.shape[0] != len(answers) or len(queries) != len(answers):
+    neg = np.asarray(neg, dtype=np.float64)
+    if neg.ndim != 3 or not np.isfinite(neg).all():  # NaN NEG gave accuracies without a word
+        raise NsLensError(f"need finite NEG [queries, options, neurons], got shape {neg.shape}")
+    answers = concept_labels(answers, neg.shape[1])  # an answer past the options was an IndexError; 0.5 truncated
+    if neg.shape[0] != len(answers) or len(queries) != len(answers):
         raise NsLensError(f"need NEG [queries, options, neurons] and one answer per query; got {neg.shape}, "
                          f"{len(answers)} answers, {len(queries)} queries")
     tr, va, te = split_queries(queries, seed)
     acc, neurons = {}, {}
     if option_probs is not None:
+        option_probs = np.asarray(option_probs)
         if option_probs.shape != neg.shape[:2]:
             raise NsLensError(f"option_probs must be [queries, options] = {neg.shape[:2]}, got {option_probs.shape}")
         acc["LM-Prob"] = float(np.mean(option_probs[te].argmax(1) == answers[te]))
     if activations is not None:
+        activations = np.asarray(activations)
         if activations.ndim != 2 or activations.shape[0] != len(answers):
             raise NsLensError(f"activations must be [queries, neurons], got {activations.shape}")
         act = ActProbe(neg.shape[1]).fit(activations[tr], answers[tr])

@@ -520,6 +520,8 @@ def test_results_are_never_filed_under_another_name(embedded, site, masks, inc):
         side_effect_table(embedded, site, [masks[0], twin], nslens.zero(), tasks=TASKS, include_path=inc, limit=2)
     with pytest.raises(NsLensError, match="no masks given"):
         side_effect_table(embedded, site, [], nslens.zero(), tasks=TASKS, include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="operators are nslens operators .*got str"):
+        side_effect_table(embedded, site, masks[:1], "zero", tasks=TASKS, include_path=inc, limit=2)
     iv = nslens.Intervention(masks[0], nslens.zero())
     with pytest.raises(NsLensError, match="any but 'clean'"):
         side_effects(embedded, site, {"clean": iv}, tasks=TASKS, include_path=inc, limit=2)

@@ -401,3 +401,13 @@ def test_token_ids_and_neurons_outside_the_model_are_refused(embedded, task):
         neurgrad(embedded, ns, [], options=ids)
     with pytest.raises(nslens.NsLensError, match="options must be a 1-D list of token ids"):
         neurgrad(embedded, ns, prompts, options=[])
+
+
+def test_linearity_report_needs_one_target_per_prompt_and_some_neurons(embedded, task):
+    """4 prompts with 2 targets failed as a reshape error inside; n_neurons 0 as a TypeError."""
+    prompts, ids = task
+    ns = resolve_neuron_site(embedded, -1, "product")
+    with pytest.raises(nslens.NsLensError, match="one target per prompt: got 4 prompts and 2 targets"):
+        linearity_report(embedded, ns, prompts, ids[:2], only_correct=False)
+    with pytest.raises(nslens.NsLensError, match="n_neurons must be >= 1, got 0"):
+        linearity_report(embedded, ns, prompts, ids, n_neurons=0)

@@ -102,3 +102,26 @@ def test_probe_features_under_remote_local_equal_local(embedded, synth):
     remote = probe_features(embedded, ns, prompts, ids, batch_size=4, remote="local")
     for a, b in zip(local, remote):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_answers_that_are_no_option_and_nan_neg_are_refused():
+    """Answers past the options (or -1) gave accuracies or an IndexError, 0.5 was truncated, NaN NEG gave
+    accuracies without a word, and list inputs were an AttributeError."""
+    import numpy as np
+    import pytest
+
+    from nslens.errors import NsLensError
+    from nslens.probes import evaluate_probes
+
+    rng = np.random.default_rng(0)
+    neg = rng.normal(size=(30, 3, 8))
+    queries = [f"q{i}" for i in range(30)]
+    answers = np.arange(30) % 3
+    with pytest.raises(NsLensError, match="label 3 is not a concept index: 3 concepts take 0 to 2"):
+        evaluate_probes(neg, answers + 1, queries)
+    with pytest.raises(NsLensError, match="labels must be a flat list of integer concept indices"):
+        evaluate_probes(neg, answers + 0.5, queries)
+    with pytest.raises(NsLensError, match=r"need finite NEG \[queries, options, neurons\]"):
+        evaluate_probes(np.full_like(neg, np.nan), answers, queries)
+    res = evaluate_probes(neg.tolist(), answers.tolist(), queries)  # lists read as arrays
+    assert set(res.accuracy) >= {"Polar-Probe", "Magn-Probe", "Tree-Probe"}
