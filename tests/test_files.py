@@ -60,21 +60,19 @@ def test_output_stem_drops_only_an_output_extension():
     assert output_stem("dir/table") == Path("dir/table")
 
 
-
-def test_read_json_names_a_damaged_or_foreign_file(tmp_path):
+@pytest.mark.parametrize("text, build, words", [
+    ('{"status": "compl', None, r"summary.json is damaged or not what nslens wrote there \(JSONDecodeError"),
+    ("[1, 2]", None, "summary.json holds a JSON list, not the object nslens writes there"),
+    ('{"nope": 1}', lambda text: dict_only(**json.loads(text)), r"damaged or not what nslens wrote there \(TypeError"),
+])
+def test_read_json_names_a_damaged_or_foreign_file(tmp_path, text, build, words):
     """A truncated summary.json or table was an internal error (JSONDecodeError, a constructor's TypeError)."""
     p = tmp_path / "summary.json"
     p.write_text(json.dumps({"status": "complete", "steps": {}}))
     assert read_json(p) == {"status": "complete", "steps": {}}
-    p.write_text('{"status": "compl')
-    with pytest.raises(NsLensError, match=r"summary.json is damaged or not what nslens wrote there \(JSONDecodeError"):
-        read_json(p)
-    p.write_text("[1, 2]")
-    with pytest.raises(NsLensError, match="summary.json holds a JSON list, not the object nslens writes there"):
-        read_json(p)
-    p.write_text('{"nope": 1}')
-    with pytest.raises(NsLensError, match=r"damaged or not what nslens wrote there \(TypeError"):
-        read_json(p, lambda text: dict_only(**json.loads(text)))
+    p.write_text(text)
+    with pytest.raises(NsLensError, match=words):
+        read_json(p, build)
     with pytest.raises(FileNotFoundError):
         read_json(tmp_path / "missing.json")
 
