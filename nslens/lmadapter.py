@@ -66,6 +66,8 @@ def _built_lm_class() -> type:
                      interventions: Intervention | Sequence[Intervention] | None = None,
                      remote: bool | str = False, batch_size: int = 8, *, sweep: LoglikSweep | None = None,
                      index: int = 0, softmax_dtype: Any = "float32", **kwargs: Any) -> None:
+            if not hasattr(model, "_module") or getattr(model, "tokenizer", None) is None:  # an AttributeError
+                raise NsLensError(f"NsLensLM takes a model loaded with nslens.load_model, got {type(model).__name__}")
             if interventions is not None and site is None:
                 raise NsLensError("an intervention needs its site")
             hf = model._module

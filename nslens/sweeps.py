@@ -59,7 +59,9 @@ class Sweep:
 
 
 def _check(values: Sequence[float], name: str) -> list[float]:
-    vals = [float(v) for v in values]
+    if isinstance(values, (str, int, float)):  # one number was a TypeError, a string its letters
+        raise NsLensError(f"the {name} sweep takes a list of values, got {values!r}")
+    vals = [check_number(f"{name} sweep value", v) for v in values]
     if not vals:
         raise NsLensError(f"{name} sweep needs at least one value")
     return vals

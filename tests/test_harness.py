@@ -531,5 +531,7 @@ def test_results_are_never_filed_under_another_name(embedded, site, masks, inc):
         side_effects(embedded, site, {"a": masks[0]}, tasks=TASKS, include_path=inc, limit=2)
     with pytest.raises(NsLensError, match="tasks is a list of lm-eval task names, got 'nslens_synth_mc'"):
         side_effects(embedded, site, {"a": iv}, tasks="nslens_synth_mc", include_path=inc, limit=2)
+    with pytest.raises(NsLensError, match="NsLensLM takes a model loaded with nslens.load_model, got str"):
+        NsLensLM("embedded")
     with pytest.raises(NsLensError, match="lm-eval limit must be a finite number, got '4'"):
         side_effects(embedded, site, {"a": iv}, tasks=TASKS, include_path=inc, limit="4")

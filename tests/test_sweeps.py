@@ -89,3 +89,12 @@ def test_layer_sweep_layers_are_distinct_whole_layers(embedded, synth, layers, w
     with pytest.raises(nslens.NsLensError, match=words):
         layer_sweep(embedded, synth["train_prompts"][:8], tr.labels[:8], tr.label_names, synth["test_prompts"][:4],
                     te.labels[:4], ids, nslens.zero(), layers=layers)
+
+
+def test_fraction_and_tau_sweeps_take_lists_of_numbers(embedded, site, setup):
+    """fractions=0.3 was a TypeError and ['a'] a ValueError from float()."""
+    rec, test = setup
+    with pytest.raises(nslens.NsLensError, match="the fraction sweep takes a list of values, got 0.3"):
+        fraction_sweep(embedded, site, rec.stats, *test, fractions=0.3)
+    with pytest.raises(nslens.NsLensError, match="tau sweep value must be a finite number, got 'a'"):
+        tau_sweep(embedded, site, rec.stats, *test, taus=["a"])
