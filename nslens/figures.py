@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import NsLensError
 from .files import atomic_path
 from .ranges import RangeMask
 from .sweeps import Sweep
@@ -25,11 +26,21 @@ def _plt():
     return plt
 
 
+#: the figure formats a path may name by its suffix (none: PNG)
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` in the format its name says: ``h.pdf`` held PNG data."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        if fmt not in FIGURE_FORMATS:
+            raise NsLensError(f"figure {path}: unknown format {fmt!r}; name it .{', .'.join(FIGURE_FORMATS)}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=fmt)
+    finally:
+        _plt().close(fig)
     return path
 
 

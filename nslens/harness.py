@@ -123,6 +123,10 @@ def side_effects(
     lm_eval = require_lm_eval()
     if limit is not None and not (check_number("lm-eval limit", limit) > 0):
         raise NsLensError(f"limit must be > 0, got {limit}")
+    if batch_size != "auto":  # lm-eval's own "auto"; 0 was accepted
+        check_number("batch_size", batch_size, 1, integer=True)
+    if num_fewshot is not None:
+        check_number("num_fewshot", num_fewshot, 0, integer=True)
     if not tasks or isinstance(tasks, str):  # a string was its letters: "unknown lm-eval task 'n'"
         raise NsLensError(f"tasks is a list of lm-eval task names, got {tasks!r}")
     include_path = with_generated_tasks(model, include_path, tasks)

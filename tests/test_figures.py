@@ -49,3 +49,16 @@ def test_figures_render_headless(tmp_path, rng):
         px = np.round(pixels(p), 2)
         drawn = {tuple(c) for c in px if not (c.min() > 0.95 or c.max() < 0.05)}
         assert len(drawn) > 20, p.name
+
+
+def test_a_figure_is_written_in_the_format_its_name_says(tmp_path):
+    """h.pdf held PNG data; an unknown suffix is named."""
+    import pytest
+
+    from nslens.errors import NsLensError
+
+    assert plot_overlap_heatmap(np.eye(3), ["a", "b", "c"], tmp_path / "h.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in plot_overlap_heatmap(np.eye(3), ["a", "b", "c"], tmp_path / "h.svg").read_bytes()[:500]
+    with pytest.raises(NsLensError, match=r"unknown format 'jpgx'; name it .png, .pdf, .svg"):
+        plot_overlap_heatmap(np.eye(3), ["a", "b", "c"], tmp_path / "h.jpgx")
+    assert not (tmp_path / "h.jpgx").exists()

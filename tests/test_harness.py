@@ -533,5 +533,9 @@ def test_results_are_never_filed_under_another_name(embedded, site, masks, inc):
         side_effects(embedded, site, {"a": iv}, tasks="nslens_synth_mc", include_path=inc, limit=2)
     with pytest.raises(NsLensError, match="NsLensLM takes a model loaded with nslens.load_model, got str"):
         NsLensLM("embedded")
+    with pytest.raises(NsLensError, match="batch_size must be >= 1, got 0"):
+        side_effects(embedded, site, {"a": iv}, tasks=TASKS, include_path=inc, limit=2, batch_size=0)
+    with pytest.raises(NsLensError, match="num_fewshot must be >= 0, got -1"):
+        side_effects(embedded, site, {"a": iv}, tasks=TASKS, include_path=inc, limit=2, num_fewshot=-1)
     with pytest.raises(NsLensError, match="lm-eval limit must be a finite number, got '4'"):
         side_effects(embedded, site, {"a": iv}, tasks=TASKS, include_path=inc, limit="4")
