@@ -47,6 +47,10 @@ def _save(fig, path: str | Path) -> Path:
 def plot_overlap_heatmap(matrix: np.ndarray, names: Sequence[str], path: str | Path,
                          title: str = "Overlap of top salient neurons") -> Path:
     """A concept x concept heatmap of ``matrix`` (the overlap of their top salient neurons), written to ``path``."""
+    matrix = np.asarray(matrix)
+    if matrix.shape != (len(names), len(names)):  # an IndexError while labelling the cells
+        raise NsLensError(f"the heatmap needs a {len(names)} x {len(names)} matrix for {len(names)} names, got "
+                          f"{matrix.shape}")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.6 * len(names)))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -74,6 +78,9 @@ def _kde(ax, x: np.ndarray, label: str) -> None:
 def plot_activation_patterns(samples: np.ndarray, labels: np.ndarray, names: Sequence[str], scores: np.ndarray,
                              masks: Sequence[RangeMask], concept: int, path: str | Path) -> Path:
     """Per-concept KDEs of the top, middle and bottom ranked neuron for ``concept``; its range is shaded."""
+    if not (isinstance(concept, (int, np.integer)) and 0 <= concept < min(len(names), len(masks), len(scores))):
+        raise NsLensError(f"concept must be an index in [0, {len(names) - 1}] (one per name, mask and score row), "
+                          f"got {concept!r}")
     plt = _plt()
     order = np.argsort(-scores[concept], kind="stable")
     picks = {"top": int(order[0]), "middle": int(order[len(order) // 2]), "bottom": int(order[-1])}

@@ -24,7 +24,7 @@ import torch
 
 from .batching import Progress, batches, tokenize
 from .erasure import sample_gold
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .models import Site, check_token_ids, family_of
 from .neurons import NeuronSite, at_least_f32, read_neurons, write_neurons
 from .rank import Ranking
@@ -96,6 +96,7 @@ def ig_alphas(steps: int, grid: str = "linspace") -> torch.Tensor:
     both ends included; ``right`` is the right Riemann sum k / steps, k = 1 .. steps."""
     if grid not in IG_GRIDS:
         raise NsLensError(f"unknown IG grid {grid!r}; choose one of {', '.join(IG_GRIDS)}")
+    steps = int(check_number("IG steps", steps, integer=True))  # "x" or 2.5 was a TypeError in the comparison
     if grid == "linspace":
         if steps < 2:
             raise NsLensError(f"steps must be >= 2 on the linspace grid (it holds both 0 and 1), got {steps}")

@@ -192,7 +192,7 @@ def evaluate_probes(neg: np.ndarray, answers: np.ndarray, queries: Sequence[str]
     ``option_probs`` ``[queries, options]`` and ``activations`` ``[queries, neurons]`` (``probe_features``) also the
     LM-Prob and Act baselines on the same test split."""
     neg = np.asarray(neg, dtype=np.float64)
-    if neg.ndim != 3 or not np.isfinite(neg).all():  # NaN NEG gave accuracies without a word
+    if neg.ndim != 3 or not neg.shape[2] or not np.isfinite(neg).all():  # NaN NEG gave accuracies without a word
         raise NsLensError(f"need finite NEG [queries, options, neurons], got shape {neg.shape}")
     answers = concept_labels(answers, neg.shape[1])  # an answer past the options was an IndexError; 0.5 truncated
     if neg.shape[0] != len(answers) or len(queries) != len(answers):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .batching import Progress, batches, tokenize
-from .errors import NsLensError
+from .errors import NsLensError, check_number
 from .files import atomic_path, write_text
 from .mdtable import cell
 from .models import Site, model_id, read_site
@@ -248,7 +248,7 @@ def record_features(model: Any, site: Site, sae: JumpReLUSAE, prompts: Sequence[
 
 def check_feature_selection(min_fire: float, top: float) -> None:
     """``min_fire`` and ``top`` are shares in (0, 1]: checked with the configuration, before any model loads."""
-    if not 0 < min_fire <= 1 or not 0 < top <= 1:
+    if not 0 < check_number("min_fire", min_fire) <= 1 or not 0 < check_number("top", top) <= 1:
         raise NsLensError(f"min_fire and top must be in (0, 1], got {min_fire} and {top}")
 
 

@@ -62,3 +62,20 @@ def test_a_figure_is_written_in_the_format_its_name_says(tmp_path):
     with pytest.raises(NsLensError, match=r"unknown format 'jpgx'; name it .png, .pdf, .svg"):
         plot_overlap_heatmap(np.eye(3), ["a", "b", "c"], tmp_path / "h.jpgx")
     assert not (tmp_path / "h.jpgx").exists()
+
+
+def test_a_matrix_or_concept_that_does_not_fit_the_names_is_refused(tmp_path, rng):
+    """Both were an IndexError while drawing."""
+    import pytest
+
+    from nslens.errors import NsLensError
+
+    with pytest.raises(NsLensError, match=r"needs a 3 x 3 matrix for 3 names, got \(2, 2\)"):
+        plot_overlap_heatmap(np.eye(2), ["a", "b", "c"], tmp_path / "h.png")
+    x, labels = rng.normal(size=(30, 4)), np.repeat(np.arange(3), 10)
+    masks = [RangeMask(torch.tensor([0]), [-1.0], [1.0], [0.0], [0.4], {}) for _ in range(3)]
+    with pytest.raises(NsLensError, match=r"concept must be an index in \[0, 2\]"):
+        plot_activation_patterns(x, labels, ["a", "b", "c"], np.ones((3, 4)), masks, 9, tmp_path / "p.png")
+    assert plot_activation_patterns(x, labels, ["a", "b", "c"], np.ones((3, 4)), masks, np.int64(1),
+                                    tmp_path / "p.png").exists()
+    assert not (tmp_path / "h.png").exists()

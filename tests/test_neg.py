@@ -411,3 +411,12 @@ def test_linearity_report_needs_one_target_per_prompt_and_some_neurons(embedded,
         linearity_report(embedded, ns, prompts, ids[:2], only_correct=False)
     with pytest.raises(nslens.NsLensError, match="n_neurons must be >= 1, got 0"):
         linearity_report(embedded, ns, prompts, ids, n_neurons=0)
+
+
+def test_ig_steps_that_are_no_whole_number_are_refused():
+    """"x" and 2.5 were a TypeError in the comparison."""
+    with pytest.raises(nslens.NsLensError, match="IG steps must be an integer, got 'x'"):
+        ig_alphas("x")
+    with pytest.raises(nslens.NsLensError, match="IG steps must be an integer, got 2.5"):
+        ig_alphas(2.5, "right")
+

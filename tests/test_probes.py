@@ -123,5 +123,7 @@ def test_answers_that_are_no_option_and_nan_neg_are_refused():
         evaluate_probes(neg, answers + 0.5, queries)
     with pytest.raises(NsLensError, match=r"need finite NEG \[queries, options, neurons\]"):
         evaluate_probes(np.full_like(neg, np.nan), answers, queries)
+    with pytest.raises(NsLensError, match=r"need finite NEG \[queries, options, neurons\], got shape \(30, 3, 0\)"):
+        evaluate_probes(neg[:, :, :0], answers, queries)  # no neurons: sklearn's error
     res = evaluate_probes(neg.tolist(), answers.tolist(), queries)  # lists read as arrays
     assert set(res.accuracy) >= {"Polar-Probe", "Magn-Probe", "Tree-Probe"}

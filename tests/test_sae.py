@@ -113,6 +113,8 @@ def test_feature_statistics_and_selection_against_numpy(sae, embedded, site, syn
         assert sorted(sel[c].tolist()) == sorted(top.tolist())
     masks = build_feature_masks(st, sel, tau=2.5, ranges_over="firing")
     assert masks[0].meta["basis"] == "sae" and masks[0].meta["d_sae"] == 256
+    with pytest.raises(NsLensError, match="min_fire must be a finite number, got 'x'"):
+        select_features(st, min_fire="x")
     with pytest.raises(NsLensError, match="3 feature selections for 4 concepts"):  # it gave three masks
         build_feature_masks(st, sel[:3])
     with pytest.raises(NsLensError, match=r"concept 'sports': feature indices must lie in \[0, 255\], got \[256\]"):
