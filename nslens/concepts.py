@@ -20,7 +20,14 @@ import numpy as np
 
 from .errors import NsLensError, check_number
 
-__all__ = ["ConceptDataset", "FewShotPrompter", "concept_labels"]
+__all__ = ["ConceptDataset", "FewShotPrompter", "check_test_size", "concept_labels"]
+
+
+def check_test_size(test_size: Any) -> float:
+    """The test share of a split: a number strictly between 0 and 1 (a run config's and ``split``'s)."""
+    if not 0.0 < check_number("test_size", test_size) < 1.0:
+        raise NsLensError(f"test_size must be in (0, 1), got {test_size}")
+    return float(test_size)
 
 
 def concept_labels(labels: Any, n_concepts: int) -> np.ndarray:
@@ -121,8 +128,7 @@ class ConceptDataset:
         """Seeded stratified train/test split (scikit-learn)."""
         from sklearn.model_selection import train_test_split  # heavy (about 1 s): only the split needs it
 
-        if not 0.0 < check_number("test_size", test_size) < 1.0:
-            raise NsLensError(f"test_size must be in (0, 1), got {test_size}")
+        check_test_size(test_size)
         check_number("seed", seed, 0, integer=True)
         n, c = len(self), len(np.unique(self.labels))
         n_test = math.ceil(test_size * n)  # scikit-learn's count; each side needs a sample of every concept

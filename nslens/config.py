@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .concepts import check_test_size
 from .data import check_dataset_spec
 from .erasure import CACC_AVERAGES
 from .errors import NsLensError, check_choice, check_number
@@ -278,7 +279,7 @@ class RunConfig:
     """How logits become a prediction: argmax (greedy token, the paper's), labels (best label token) or calibrated
     (best label token after the prompt's content-free prior; ``nslens.readout``)."""
     max_correct_per_class: int = 2000
-    """Cap per concept when only_correct is set."""
+    """Cap per concept when only_correct is set (at least 2: the training split needs two of each concept)."""
     cacc_average: str = "class"
     """CAcc/CConf over the other concepts: class (mean of per-concept values, the paper's) or pooled samples."""
     batch_size: int = 16
@@ -334,8 +335,7 @@ class RunConfig:
         check_choice("positions", self.positions, INTERVENE_POSITIONS)
         if self.quantize is not None:
             check_choice("quantize mode", self.quantize, QUANTIZE_MODES)
-        if not 0.0 < check_number("test_size", self.test_size) < 1.0:
-            raise NsLensError(f"test_size must be in (0, 1), got {self.test_size}")
+        check_test_size(self.test_size)
         for section in SECTIONS:
             getattr(self, section).validate()
         # leace reads the flat names of its settings

@@ -47,9 +47,8 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):  # do_sample="no" is truthy: it sampled
             raise NsLensError(f"do_sample must be True or False, got {self.do_sample!r}")
-        object.__setattr__(self, "max_new_tokens", int(check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)))
-        object.__setattr__(self, "top_k", int(check_number("top_k", self.top_k, 0, integer=True)))
-        object.__setattr__(self, "seed", int(check_number("seed", self.seed, 0, integer=True)))
+        for name, least in (("max_new_tokens", 1), ("top_k", 0), ("seed", 0)):
+            object.__setattr__(self, name, int(check_number(name, getattr(self, name), least, integer=True)))
         if not check_number("temperature", self.temperature) > 0:  # inf sampled uniformly
             raise NsLensError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 < check_number("top_p", self.top_p) <= 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +81,10 @@ def check_site(site: Site | None, interventions: Any) -> None:
     if isinstance(interventions, Intervention):
         interventions.mask.validate(site.describe(), source=f"the mask of concept {interventions.mask.concept!r}")
         return
-    for iv in interventions.values() if isinstance(interventions, dict) else interventions:
+    if not isinstance(interventions, (Mapping, list, tuple)):  # a string would recurse into its letters forever
+        raise NsLensError(f"interventions are Intervention objects (one, a list or a mapping of them), got "
+                          f"{type(interventions).__name__}")
+    for iv in interventions.values() if isinstance(interventions, Mapping) else interventions:
         check_site(site, iv)
 
 

@@ -128,14 +128,14 @@ def layer_sweep(model: Any, train_prompts: Sequence[str], train_labels: np.ndarr
     ranking = get_ranking(method)
     n_layers = resolve_site(model, 0).n_layers
     if layers is None:
-        values = list(range(n_layers))
+        sites = [resolve_site(model, layer) for layer in range(n_layers)]
     else:  # each layer once, under its own number: 1.7 ran layer 1, -1 and n - 1 ran one layer twice
-        values = [resolve_site(model, int(check_number("sweep layer", v, integer=True))).layer for v in layers]
-        if not values or len(set(values)) != len(values):
+        sites = [resolve_site(model, int(check_number("sweep layer", v, integer=True))) for v in layers]
+        if not sites or len({s.layer for s in sites}) != len(sites):
             raise NsLensError(f"the layer sweep needs distinct layers, got {list(layers)}")
+    values = [s.layer for s in sites]
     out = []
-    for i, layer in enumerate(values):
-        site = resolve_site(model, layer)
+    for i, site in enumerate(sites):
         rec = record(model, site, train_prompts, train_labels, label_names, batch_size=batch_size, remote=remote,
                      **({"keep_samples": True} if ranking.needs_samples else {}))
         if ranking.needs_model:

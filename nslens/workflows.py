@@ -54,7 +54,7 @@ def check_writable(path: str | Path, *, file: bool = False, stem: bool = False) 
     that exists takes no new file, or the path is a directory where the output is one file (``file``) or
     ``<stem>.md``, ``.json``, ... files (``stem``: ``-o nt/`` wrote ``nt.md`` beside the folder). Nothing is made
     here, so a command that fails later leaves no empty folders behind; the writers make the missing ones."""
-    if stem and (Path(path).is_dir() or str(path).endswith(("/", os.sep))):
+    if stem and (Path(path).is_dir() or str(path).endswith(("/", os.sep))):  # Path() drops a trailing separator
         raise NsLensError(f"cannot write {path}: it is a directory; give a name for the files in it, such as "
                           f"{Path(path) / 'table'} (for table.md, table.json, ...)")
     path = Path(path)
@@ -242,12 +242,17 @@ def one_source(ranges: str | Path | None, bundle: str | Path | None) -> None:
         raise NsLensError("give the range masks (--ranges) or a bundle (--bundle), one of them")
 
 
-def read_sources(ranges: str | Path | None, bundle: str | Path | None) -> tuple[list[RangeMask] | None,
-                                                                             Bundle | None]:
+def read_sources(ranges: str | Path | None, bundle: str | Path | None, concepts: Sequence[str] | None = None
+                 ) -> tuple[list[RangeMask] | None, Bundle | None]:
     """The one source of interventions a command names, read in full before the model loads (so that a typo in
-    ``--ranges`` or a damaged bundle costs no model load): the masks of ``ranges`` or the bundle."""
+    ``--ranges``, in ``concepts`` or a damaged bundle costs no model load): the masks of ``ranges`` or the
+    bundle."""
     one_source(ranges, bundle)
-    return (load_masks(ranges) if ranges is not None else None), (load_bundle(bundle) if bundle is not None else None)
+    if bundle is not None:
+        return None, load_bundle(bundle)
+    masks = load_masks(ranges)
+    _select(masks, concepts, str(ranges))  # the concepts asked for are among them
+    return masks, None
 
 
 def read_prompts(prompts: Sequence[str], path: str | Path | None) -> list[str]:
@@ -312,9 +317,7 @@ def generate_with_options(cfg: RunConfig, prompts: Sequence[str], settings: Gene
         raise NsLensError("no prompts: give --prompt (repeatable) or --prompts-file")
     if out is not None:
         check_writable(out, file=True)
-    masks, read = read_sources(ranges, bundle)  # before the model loads, with the concepts asked for
-    if masks is not None:
-        _select(masks, concepts, str(ranges))
+    masks, read = read_sources(ranges, bundle, concepts)  # before the model loads
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, bundle=read, concepts=concepts,
                                            gated=gated, allow_other_model=allow_other_model, progress=progress,
@@ -334,8 +337,7 @@ def bundle_from_masks(cfg: RunConfig, ranges: str | Path, out: str | Path, *, co
     """A bundle (``nslens.bundle``) of the masks in ``ranges`` with the config's operator, for the config's
     model."""
     check_bundle_dir(out)  # before the model loads, with the masks and the concepts asked for
-    masks = load_masks(ranges)
-    _select(masks, concepts, str(ranges))
+    masks, _ = read_sources(ranges, None, concepts)
     model, site = _model_site(cfg)
     ivs, site = interventions_from_options(cfg, model, site, ranges=ranges, concepts=concepts, gated=gated,
                                            allow_other_model=allow_other_model, progress=progress, masks=masks)

@@ -175,3 +175,5 @@ def test_an_intervention_for_another_site_or_of_wrong_parts_is_refused_before_an
         with applied(embedded, site, Intervention(wide, zero())):
             pass
     predict(embedded, site, prompts, gold, interventions=Intervention(m, zero()))  # its own site is fine
+    with pytest.raises(nslens.NsLensError, match="interventions are Intervention objects .*got str"):
+        predict(embedded, site, prompts, gold, interventions="zero")  # recursed into its letters without end

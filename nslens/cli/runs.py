@@ -104,12 +104,14 @@ def sweep_cmd(
     from nslens.pipeline import RunConfig
     from nslens.workflows import sweep_run
 
-    try:
-        vals = [float(v) for v in values.split(",") if v.strip()] if values is not None else []
-    except ValueError:
-        vals = []
-    if values is not None and not vals:  # an empty --values fell back to the config's values
-        raise NsLensError(f"--values must be comma-separated numbers, got {values!r}")
+    vals: list[float] = []  # none given: the config's sweep values
+    if values is not None:
+        try:
+            vals = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            vals = []
+        if not vals:  # an empty --values fell back to the config's values
+            raise NsLensError(f"--values must be comma-separated numbers, got {values!r}")
     cfg = RunConfig.from_file(config)
     with progress_display() as cb:
         result = sweep_run(cfg, param, vals, out, progress=cb, overwrite=overwrite)
@@ -158,10 +160,9 @@ def explore_cmd(run: Path = typer.Argument(..., help="Run directory (from `nslen
                 out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the page (default: "
                                                 "<run>/explorer.html).")) -> None:
     """(Re)write a run's explorer.html: one self-contained page to browse its tables, neurons and ranges."""
-    from nslens.explorer import check_page_path, write_explorer
+    from nslens.explorer import write_explorer
     from nslens.workflows import check_writable
 
     if out is not None:
         check_writable(out, file=True)
-        check_page_path(out)
-    done("wrote", write_explorer(run, out))
+    done("wrote", write_explorer(run, out))  # it checks the page path before any work
